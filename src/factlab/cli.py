@@ -1,0 +1,91 @@
+"""The `factlab` command (typer + rich). Thin: it parses arguments and calls the library.
+
+Every FactlabError (bad input the user can fix) is printed as one line on stderr with exit
+code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from factlab.errors import FactlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a local LLM new facts and measure what stuck.")
+err = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    # transformers/peft chatter (GGUF conversion bars, "use_cpu" notes) drowns the table a
+    # user came for; real errors still raise.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)\b.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@app.command()
+def run(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: stages.0.train.lr=1e-4 (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir, runs/).")] = None,
+) -> None:
+    """Run an experiment: score, train each stage, merge, score again; write a run folder."""
+    _quiet_libraries()
+    from factlab.config import load_experiment
+    from factlab.experiment.runner import run_experiment
+
+    exp = load_experiment(experiment, set_ or [])
+    if output_dir is not None:
+        exp.output_dir = str(output_dir)
+    run_experiment(exp, console=err)
+
+
+@app.command()
+def models() -> None:
+    """List model aliases (usable as `model:` in an experiment)."""
+    from factlab.models.loading import cache_root, describe_aliases
+
+    table = Table(title=f"model aliases (cache: {cache_root()})")
+    for col in ("alias", "status", "model"):
+        table.add_column(col)
+    for row in describe_aliases():
+        table.add_row(*row)
+    Console().print(table)
+    Console().print("Also accepted: a local Hugging Face folder, or a hub id (only when online).")
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except FactlabError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The experiment file: a typed config tree (pydantic), YAML loading and dotted overrides.
+
+Configs hold names and numbers, never classes, so they serialize; the resolved config is saved
+beside every run. Unknown keys and wrong types are rejected with a message that names the key.
+
+Relative paths inside an experiment file are resolved against the file's own folder, so an
+experiment and its data can be moved together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from factlab.errors import FactlabError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PeftSpec(_Strict):
+    """Which parameters a stage trains and how (one adapter per stage)."""
+
+    method: Literal["lora"] = "lora"
+    """PEFT method. `lora` (with `rslora` / `dora` switches)."""
+    targets: list[str] = Field(default_factory=lambda: ["all-but-embed"], min_length=1)
+    """Layer groups (attention, mlp, lm_head, embed, all, all-but-embed) or module names."""
+    layers: str | None = None
+    """Restrict per-layer modules to these decoder layers, e.g. "0-11" or "0,2,5-7"."""
+    r: int = Field(8, gt=0)
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rslora: bool = False
+    """Rank-stabilised scaling alpha/sqrt(r)."""
+    dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+
+class TrainSpec(_Strict):
+    """Optimisation settings of one stage."""
+
+    lr: float = Field(1e-4, gt=0)
+    embed_lr: float | None = Field(None, gt=0)
+    """Learning rate for parameters of the embeddings and lm_head (default: `lr`)."""
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps; overrides `epochs` when set."""
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seq_len: int = Field(256, gt=1)
+    """CPT: block length of packed text. SFT: examples are truncated to this many tokens."""
+    seed: int | None = None
+    """Seed of this stage (default: the experiment's seed)."""
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of the stage's examples held out for an eval loss (and early stopping)."""
+    eval_steps: int = Field(10, gt=0)
+    early_stopping_patience: int | None = Field(None, gt=0)
+    """Stop after this many evaluations without a lower held-out loss (needs eval_fraction)."""
+    neftune_alpha: float | None = Field(None, gt=0)
+    """NEFTune: uniform noise of scale alpha/sqrt(L*d) on input embeddings, training only."""
+    bf16: Literal["auto", "on", "off"] = "auto"
+    """bf16 autocast: `auto` uses it when the CPU has native bf16 (AVX512-BF16 / AMX)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSpec":
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("give either train.warmup_steps or train.warmup_ratio, not both")
+        if self.early_stopping_patience and not self.eval_fraction:
+            raise ValueError("train.early_stopping_patience needs a held-out split: set train.eval_fraction (e.g. 0.1)")
+        return self
+
+
+class StageData(_Strict):
+    """Data of one stage; unset fields fall back to the experiment's `data`."""
+
+    corpus: list[str] | None = None
+    """CPT text: .txt files (one document each), .jsonl files ({"text": ...} per line) or folders."""
+    qa: str | None = None
+    """SFT Q&A JSONL: {"question", "answer"} or {"messages": [...]} per line."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("corpus"), str):
+            v = {**v, "corpus": [v["corpus"]]}
+        return v
+
+
+class DataSpec(StageData):
+    """Data shared by all stages."""
+
+
+class StageSpec(_Strict):
+    kind: Literal["cpt", "sft"]
+    """`cpt`: raw text, packed. `sft`: chat-formatted Q&A, loss on the answer only."""
+    name: str | None = None
+    """Folder/column name of this stage (default: its kind, numbered if repeated)."""
+    data: StageData = Field(default_factory=StageData)
+    peft: PeftSpec = Field(default_factory=PeftSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    merge: bool = True
+    """Merge the adapter into the weights after training and save the merged model."""
+
+
+class EvalSpec(_Strict):
+    probes: list[str] = Field(default_factory=list)
+    """Probe JSONL files, scored on the base model and after every stage."""
+    batch_size: int = Field(16, gt=0)
+    greedy_tokens: int | None = Field(None, gt=0)
+    """Greedy continuation length (default: longest target + 4 tokens)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("probes"), str):
+            v = {**v, "probes": [v["probes"]]}
+        return v
+
+
+class Experiment(_Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
+    model: str
+    """Alias (see `factlab models`), a local Hugging Face folder, or a hub id (online only)."""
+    seed: int = 0
+    output_dir: str = "runs"
+    """Where run folders are created (relative to the current directory)."""
+    data: DataSpec = Field(default_factory=DataSpec)
+    stages: list[StageSpec] = Field(default_factory=list)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Experiment":
+        for i, st in enumerate(self.stages[:-1]):
+            if not st.merge:
+                raise ValueError(
+                    f"stages.{i} sets merge: false but stage {i + 1} trains on top of it; "
+                    "set merge: true or make it the last stage"
+                )
+        return self
+
+    def stage_names(self) -> list[str]:
+        """Unique names of the stages: their `name`, or kind numbered when repeated."""
+        unnamed = [st.kind for st in self.stages if not st.name]
+        names: list[str] = []
+        count: dict[str, int] = {}
+        for st in self.stages:
+            if st.name:
+                names.append(st.name)
+                continue
+            count[st.kind] = count.get(st.kind, 0) + 1
+            names.append(st.kind if unnamed.count(st.kind) == 1 else f"{st.kind}{count[st.kind]}")
+        if "base" in names:
+            raise FactlabError("a stage is named 'base', which is reserved for the untrained model; rename it")
+        if len(set(names)) != len(names):
+            raise FactlabError(f"stage names are not unique: {names}; give each stage a distinct `name`")
+        return names
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One line naming the first offending key, e.g. `stages.0.train.lrr: unknown key`."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        what = "unknown key; check its spelling against the documented keys"
+    elif e["type"] == "missing":
+        what = "required key is missing"
+    elif e["type"] == "value_error":
+        what = str(e["msg"]).removeprefix("Value error, ")
+    else:
+        what = f"{e['msg']} (got {e.get('input')!r})"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"config error in {source}: {loc}: {what}{more}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`stages.0.train.lr=1e-4` -> (["stages", "0", "train", "lr"], 1e-4); values are YAML."""
+    if "=" not in item:
+        raise FactlabError(f"--set {item!r} has no '='; write it as key.path=value, e.g. stages.0.train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise FactlabError(f"--set {item!r} has an empty key; write it as key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(raw: dict, path: list[str], value: Any) -> None:
+    """Set `value` at the dotted `path` inside the raw (unvalidated) config mapping."""
+    node: Any = raw
+    dotted = ".".join(path)
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise FactlabError(f"--set {dotted}: '{part}' is not an index of a list of {len(node)} items")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise FactlabError(f"--set {dotted}: '{'.'.join(path[:i])}' is a value, not a section")
+
+
+def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
+    """Make data and probe paths absolute, relative to the experiment file's folder."""
+
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        return str(q if q.is_absolute() else (base / q).resolve())
+
+    for d in [exp.data] + [st.data for st in exp.stages]:
+        if d.corpus:
+            d.corpus = [fix(p) for p in d.corpus]
+        if d.qa:
+            d.qa = fix(d.qa)
+    exp.eval.probes = [fix(p) for p in exp.eval.probes]
+    # A local model folder given relatively: resolve it too (aliases and hub ids stay as they are).
+    cand = base / exp.model
+    if not Path(exp.model).is_absolute() and cand.is_dir():
+        exp.model = str(cand.resolve())
+    return exp
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read, override and validate an experiment file; raise FactlabError with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FactlabError(f"experiment file {path} does not exist; give the path of a YAML experiment (see examples/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise FactlabError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise FactlabError(f"{path} is not valid YAML{where}: {problem}; fix the syntax there") from None
+    if raw is None:
+        raise FactlabError(f"{path} is empty; an experiment needs at least `name` and `model`")
+    if not isinstance(raw, dict):
+        raise FactlabError(f"{path} must be a YAML mapping (key: value), not a {type(raw).__name__}")
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        apply_override(raw, keys, value)
+    return experiment_from_dict(raw, source=str(path), base=path.parent)
+
+
+def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = None) -> Experiment:
+    """Validate a mapping as an Experiment (paths resolved against `base`, default: cwd)."""
+    try:
+        exp = Experiment.model_validate(raw)
+    except ValidationError as e:
+        raise FactlabError(_format_validation_error(e, source)) from None
+    exp = _resolve_paths(exp, (base or Path.cwd()).resolve())
+    exp.stage_names()  # fail early on duplicate names
+    return exp
+
+
+def dump_experiment(exp: Experiment) -> str:
+    """The resolved config as YAML (what is saved beside a run)."""
+    return yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

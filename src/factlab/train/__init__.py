@@ -1,0 +1,1 @@
+"""Training stages: PEFT method builders and the stage runner (transformers Trainer underneath)."""

@@ -1,0 +1,350 @@
+"""One training stage: build its data, wrap the model with a fresh adapter, train with the
+transformers Trainer, save the adapter (PEFT format) and the merged model, and return the model
+the next stage starts from.
+
+The Trainer is used (not a hand-written loop) so that gradient accumulation, schedulers,
+held-out evaluation, early stopping, NEFTune and `accelerate launch` scale-out come from the
+library the field uses. What factlab adds: layer-group targets, per-group learning rates,
+bf16 autocast chosen from the CPU's flags, a rich progress bar with tokens/s, and the saved
+artefacts of a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import (
+    DataCollatorForSeq2Seq,
+    EarlyStoppingCallback,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from factlab.config import StageSpec
+from factlab.data.corpus import load_documents, pack_documents
+from factlab.data.sft import build_sft_examples, load_conversations
+from factlab.errors import FactlabError
+from factlab.train.peft_methods import build_peft_model
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls are
+    several times faster than fp32; elsewhere bf16 is emulated and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
+    try:
+        return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return native
+
+
+def use_bf16(setting: str) -> bool:
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    return cpu_has_bf16()
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def build_stage_examples(stage: StageSpec, tokenizer, corpus: list[str] | None, qa: str | None) -> list[dict]:
+    """Tokenized training examples of a stage ({input_ids, attention_mask, labels})."""
+    if stage.kind == "cpt":
+        if not corpus:
+            raise FactlabError("a cpt stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
+        return pack_documents(tokenizer, load_documents(corpus), stage.train.seq_len)
+    if not qa:
+        raise FactlabError("an sft stage needs Q&A: set data.qa (or the stage's data.qa) to a JSONL file")
+    return build_sft_examples(tokenizer, load_conversations(qa), stage.train.seq_len)
+
+
+def split_heldout(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded random split into (train, held-out); at least one example stays in each part."""
+    if fraction <= 0:
+        return examples, []
+    if len(examples) < 2:
+        raise FactlabError(f"train.eval_fraction={fraction} needs at least 2 examples, the stage has {len(examples)}")
+    idx = list(range(len(examples)))
+    random.Random(seed).shuffle(idx)
+    n_eval = min(len(idx) - 1, max(1, round(fraction * len(idx))))
+    held = set(idx[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+# ---------------------------------------------------------------------------------------
+# Progress
+
+
+class RichProgress(TrainerCallback):
+    """A rich progress bar with loss and tokens/s (tokens = non-padding input tokens)."""
+
+    def __init__(self, console: Console, label: str):
+        self.console, self.label = console, label
+        self.progress: Progress | None = None
+        self.task = None
+        self.t0 = 0.0
+        self.loss = float("nan")
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            disable=not self.console.is_terminal and os.environ.get("FACTLAB_PROGRESS") != "1",
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(self.label, total=state.max_steps, loss=float("nan"), tps=0.0)
+        self.t0 = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs and "loss" in logs:
+            self.loss = logs["loss"]
+
+    def on_step_end(self, args, state, control, **kw):
+        tps = state.num_input_tokens_seen / max(time.perf_counter() - self.t0, 1e-9)
+        self.progress.update(self.task, completed=state.global_step, loss=self.loss, tps=tps)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.progress:
+            self.progress.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class StageResult:
+    name: str
+    kind: str
+    steps: int
+    examples: int
+    heldout_examples: int
+    train_tokens: int
+    seconds: float
+    tokens_per_second: float
+    bf16: bool
+    trainable_params: int
+    total_params: int
+    target_modules: int
+    first_loss: float | None
+    final_loss: float | None
+    eval_loss: float | None
+    peak_rss_mb: float
+    stopped_early: bool
+    merged: bool
+    loss_history: list[dict] = field(default_factory=list)
+
+
+def _param_groups(model, lr: float, embed_lr: float | None, weight_decay: float) -> list[dict]:
+    """AdamW groups: parameters of the embeddings / lm_head get `embed_lr`, the rest `lr`.
+
+    Why by hand: the Trainer gives one learning rate to every parameter, and CPT recipes that
+    train embed_tokens/lm_head want a smaller one there.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    special = set()
+    for mod in (base.get_input_embeddings(), base.get_output_embeddings()):
+        if mod is not None:
+            special |= {id(p) for p in mod.parameters()}
+    main, emb = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (emb if id(p) in special else main).append(p)
+    groups = [{"params": main, "lr": lr, "weight_decay": weight_decay}]
+    if emb:
+        groups.append({"params": emb, "lr": embed_lr or lr, "weight_decay": weight_decay})
+    return [g for g in groups if g["params"]]
+
+
+def train_stage(
+    model,
+    tokenizer,
+    stage: StageSpec,
+    name: str,
+    out_dir: Path,
+    examples: list[dict],
+    seed: int,
+    console: Console | None = None,
+):
+    """Train one stage and save its outputs into `out_dir`. Returns (model for the next stage, StageResult).
+
+    The model returned is the merged plain model when `stage.merge`, else the PEFT model.
+    `out_dir` is written through a `.partial` sibling and renamed at the end, so a stage that
+    fails leaves no half-written folder and earlier stages' folders untouched.
+    """
+    console = console or Console(stderr=True)
+    tr = stage.train
+    seed = tr.seed if tr.seed is not None else seed
+    bf16 = use_bf16(tr.bf16)
+    train_ex, eval_ex = split_heldout(examples, tr.eval_fraction, seed)
+
+    set_seed(seed)  # adapter initialisation is random: seed it before wrapping
+    peft_model, targets = build_peft_model(model, stage.peft)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    ckpt_dir = partial / "checkpoints"
+    has_eval = bool(eval_ex)
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=tr.batch_size,
+        per_device_eval_batch_size=tr.batch_size,
+        gradient_accumulation_steps=tr.grad_accum,
+        num_train_epochs=tr.epochs,
+        max_steps=tr.max_steps or -1,
+        learning_rate=tr.lr,
+        lr_scheduler_type=tr.scheduler,
+        warmup_steps=tr.warmup_steps or tr.warmup_ratio,  # a float < 1 is a ratio of the total
+        weight_decay=tr.weight_decay,
+        max_grad_norm=tr.max_grad_norm,
+        neftune_noise_alpha=tr.neftune_alpha,
+        bf16=bf16,
+        use_cpu=True,
+        seed=seed,
+        data_seed=seed,
+        logging_steps=1,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=tr.eval_steps,
+        save_strategy="steps" if tr.early_stopping_patience else "no",
+        save_steps=tr.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=bool(tr.early_stopping_patience),
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+    )
+    optimizer = torch.optim.AdamW(_param_groups(peft_model, tr.lr, tr.embed_lr, tr.weight_decay), lr=tr.lr)
+    callbacks: list[TrainerCallback] = [RichProgress(console, f"{name} ({stage.kind})")]
+    if tr.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tr.early_stopping_patience))
+    trainer = Trainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_ex,
+        eval_dataset=eval_ex or None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+    )
+    trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*use_cpu.*")
+        trainer.train()
+    seconds = time.perf_counter() - t0
+    state = trainer.state
+    losses = [h for h in state.log_history if "loss" in h]
+    evals = [h for h in state.log_history if "eval_loss" in h]
+    eval_loss = None
+    if has_eval:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+    peft_model.eval()
+
+    # --- save: adapter (PEFT format), merged model, metrics, loss curve ---------------------
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    peft_model.save_pretrained(partial / "adapter")
+    next_model = peft_model
+    if stage.merge:
+        next_model = peft_model.merge_and_unload()
+        next_model.eval()
+        next_model.save_pretrained(partial / "merged")
+        tokenizer.save_pretrained(partial / "merged")
+    result = StageResult(
+        name=name,
+        kind=stage.kind,
+        steps=state.global_step,
+        examples=len(train_ex),
+        heldout_examples=len(eval_ex),
+        train_tokens=int(state.num_input_tokens_seen),
+        seconds=round(seconds, 2),
+        tokens_per_second=round(state.num_input_tokens_seen / max(seconds, 1e-9), 1),
+        bf16=bf16,
+        trainable_params=trainable,
+        total_params=total,
+        target_modules=len(targets.modules),
+        first_loss=losses[0]["loss"] if losses else None,
+        final_loss=losses[-1]["loss"] if losses else None,
+        eval_loss=eval_loss,
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        stopped_early=bool(tr.early_stopping_patience) and state.global_step < state.max_steps,
+        merged=stage.merge,
+        loss_history=[{"step": h["step"], "loss": h["loss"]} for h in losses]
+        + [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
+    )
+    (partial / "train.json").write_text(json.dumps(asdict(result), indent=2))
+    plot_loss(result, partial / "loss.png")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+    return next_model, result
+
+
+def plot_loss(result: StageResult, path: Path) -> None:
+    """Training (and held-out) loss against optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in result.loss_history if "loss" in h]
+    heldout = [(h["step"], h["eval_loss"]) for h in result.loss_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if heldout:
+        ax.plot(*zip(*heldout), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"{result.name} ({result.kind}): {result.steps} steps, {result.tokens_per_second:,.0f} tok/s")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def count_steps(n_examples: int, stage: StageSpec) -> int:
+    """Optimizer steps the stage will take (for planning and dry runs)."""
+    tr = stage.train
+    if tr.max_steps:
+        return tr.max_steps
+    per_epoch = math.ceil(n_examples / tr.batch_size / tr.grad_accum)
+    return max(1, math.ceil(per_epoch * tr.epochs))

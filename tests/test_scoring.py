@@ -1,0 +1,240 @@
+"""The scoring path: pair tokenization, batched log-likelihoods, greedy generation, probes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers.processors import TemplateProcessing
+
+from factlab.errors import FactlabError
+from factlab.evaluate.facts import score_probes
+from factlab.evaluate.probes import Probe
+from factlab.evaluate.scoring import Scorer, chat_prompt, split_pair
+from factlab.testing import tiny_model, tiny_tokenizer
+
+CONTEXTS = [
+    "The capital of France is", "The capital of France is ", "The capital of France is  ",
+    "The capital of Fr", "Question: Who leads the night shift?\nAnswer:", "Answer:\n", "tab\t",
+    "Hello,", "(", "He said \"", "café", "naïve ", "日本の首都は", "日本の首都は「", "東京 ",
+    "Jonas Perl leads", "0123", "emoji 🙂",
+]
+CONTINUATIONS = [
+    "Paris", " Paris", "ance", "s Paris", " Marta Ilvane.", "!", "東京", " 東京です。", "\n",
+    " 42", "ＡＢＣ１２３", "'s", "🙂🙂",
+]
+
+
+def test_split_pair_invariant(tok):
+    for context in CONTEXTS:
+        for continuation in CONTINUATIONS:
+            ctx, cont = split_pair(tok, context, continuation)
+            assert ctx + cont == tok.encode(context + continuation), (context, continuation)
+            assert cont, (context, continuation)
+
+
+def test_split_pair_moves_trailing_space_keeps_newline(tok):
+    # "is " + "Paris" is scored as "is" + " Paris": the space belongs to the word after it.
+    assert split_pair(tok, "The capital of France is ", "Paris") == \
+        split_pair(tok, "The capital of France is", " Paris")
+    assert split_pair(tok, "The capital of France is", " Paris")[1] == tok.encode(" Paris")
+    # A chat template's trailing newline stays in the context: the answer is scored alone.
+    ctx, cont = split_pair(tok, "<|im_start|>assistant\n", "Paris")
+    assert cont == tok.encode("Paris")
+    assert tok.decode(ctx).endswith("\n")
+
+
+def test_split_pair_merge_across_boundary(tok):
+    # "France i" + "s Paris": alone the context ends in tokens "Ġ", "i", but the whole text
+    # merges them into "Ġis", so the context's tokens are not a prefix of the whole's. The
+    # context is cut back and the merged token counts as continuation.
+    context, continuation = "The capital of France i", "s Paris"
+    whole = tok.encode(context + continuation)
+    assert tok.encode(context) != whole[:len(tok.encode(context))]
+    ctx, cont = split_pair(tok, context, continuation)
+    assert ctx == tok.encode("The capital of France")
+    assert ctx + cont == whole and tok.decode(cont) == " is Paris"
+
+
+def test_split_pair_empty_continuation(tok):
+    with pytest.raises(FactlabError, match="empty continuation"):
+        split_pair(tok, "The capital of France is", "")
+
+
+def test_split_pair_special_tokens_once():
+    tok = tiny_tokenizer()
+    # A tokenizer that adds BOS (<|im_start|>, id 1) by default, like Llama-2's.
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    ctx, cont = split_pair(tok, "The capital of France is", " Paris")
+    assert ctx[0] == 1 and ctx.count(1) == 1
+    assert ctx + cont == tok.encode("The capital of France is Paris")
+    # Text that already starts with BOS (a chat template's output) gets no second BOS.
+    ctx, cont = split_pair(tok, "<|im_start|>user\nhi", " Paris")
+    assert ctx.count(1) == 1 and ctx[0] == 1
+
+
+def manual_loglik(model, tok, context: str, continuation: str):
+    """One pair alone, in one unpadded forward: log_softmax of the logits, then gather."""
+    ctx, cont = split_pair(tok, context, continuation)
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]  # (T, V)
+    logprobs = logits.float().log_softmax(-1)[len(ctx) - 1:-1]  # (len(cont), V)
+    target = torch.tensor(cont)
+    token_lp = logprobs.gather(-1, target[:, None]).squeeze(-1)
+    return token_lp.double().sum().item(), len(cont), bool((logprobs.argmax(-1) == target).all())
+
+
+PAIRS = [(c, x) for c in CONTEXTS[:9] for x in ("Paris", " Marta Ilvane.", " 東京です。")] + [
+    ("Engineers calibrate the torque sensor every Monday before", " the first batch."),
+    ("x", " y"),
+]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_batched_loglikelihood_matches_unbatched(tok, model_type):
+    model = tiny_model(model_type, vocab_size=len(tok))
+    expected = [manual_loglik(model, tok, c, x) for c, x in PAIRS]
+    for batch_size in (1, 4, 64):
+        got = Scorer(model, tok, batch_size=batch_size).loglikelihood(PAIRS)
+        assert len(got) == len(PAIRS)
+        for (lp, n, greedy), ll in zip(expected, got):  # same order as the pairs
+            assert ll.logprob == pytest.approx(lp, abs=1e-5)
+            assert ll.n_tokens == n and ll.is_greedy == greedy
+            assert ll.mean_logprob == pytest.approx(lp / n, abs=1e-5)
+
+
+def test_is_greedy_on_constructed_continuation(tok, llama):
+    context = "The capital of France is"
+    ids = tok.encode(context)
+    greedy_ids = []
+    with torch.no_grad():
+        for _ in range(3):  # the model's own argmax continuation, token by token
+            next_id = llama(input_ids=torch.tensor([ids + greedy_ids])).logits[0, -1].argmax()
+            greedy_ids.append(int(next_id))
+    text = tok.decode(greedy_ids)
+    assert split_pair(tok, context, text)[1] == greedy_ids  # precondition: text round-trips
+    scorer = Scorer(llama, tok)
+    ll_greedy, ll_other = scorer.loglikelihood([(context, text), (context, text + " Paris")])
+    assert ll_greedy.is_greedy and ll_greedy.n_tokens == 3
+    assert ll_other.n_tokens > 3 and not ll_other.is_greedy
+
+
+def test_scorer_restores_train_mode(tok, llama):
+    llama.train()
+    Scorer(llama, tok).loglikelihood([("The capital of France is", " Paris")])
+    assert llama.training
+    llama.eval()
+    Scorer(llama, tok).generate_greedy(["The capital"], 2)
+    assert not llama.training
+
+
+def test_generate_greedy_batched_matches_single(tok, llama):
+    prompts = ["The capital of France is", "Hi", "Question: Who leads the night shift? Answer:",
+               "日本の首都は"]
+    batched = Scorer(llama, tok, batch_size=8).generate_greedy(prompts, 6)
+    single = Scorer(llama, tok, batch_size=1).generate_greedy(prompts, 6)
+    assert batched == single
+    assert all(isinstance(t, str) and t for t in batched)
+    assert tok.padding_side == "right"  # the shared tokenizer is left as it was
+    # Same as a plain unpadded greedy generate.
+    ids = torch.tensor([tok.encode(prompts[0])])
+    out = llama.generate(input_ids=ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert batched[0] == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_greedy_stops_at_eos(tok, llama):
+    prompt = "The capital of France is"
+    first = int(llama(input_ids=torch.tensor([tok.encode(prompt)])).logits[0, -1].argmax())
+    llama.generation_config.eos_token_id = first  # the model's first token now ends the turn
+    assert Scorer(llama, tok).generate_greedy([prompt], 5) == [""]
+
+
+def test_chat_prompt(tok):
+    assert chat_prompt(tok, "Who runs the press line?") == (
+        "<|im_start|>user\nWho runs the press line?<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(FactlabError, match="no chat template; qa probes need a chat model"):
+        chat_prompt(tiny_tokenizer(chat_template=False), "Who?")
+
+
+PROBES = [
+    Probe(id="r1", fact="f1", kind="recall", prompt="The capital of France is", target="Paris",
+          distractors=["Rome", "Berlin"]),
+    Probe(id="p1", fact="f1", kind="paraphrase", prompt="France's capital city is ",
+          target="Paris", distractors=["Rome"]),
+    Probe(id="l1", kind="locality", prompt="日本の首都は", target="東京"),
+    Probe(id="q1", fact="f2", kind="qa", prompt="Who leads the night shift?", target="Jonas Perl",
+          distractors=["Marta Ilvane", "Edda Sorn"]),
+]
+
+ROW_FIELDS = {"id", "fact", "kind", "prompt", "target", "distractors", "target_logprob",
+              "target_mean_logprob", "target_tokens", "target_is_greedy",
+              "distractor_mean_logprobs", "correct", "rank", "greedy", "greedy_match"}
+
+
+def test_score_probes_rows_and_single_batched_call(tok, llama, monkeypatch):
+    calls = {"loglikelihood": [], "generate_greedy": []}
+    real_ll, real_gen = Scorer.loglikelihood, Scorer.generate_greedy
+
+    def spy_ll(self, pairs):
+        calls["loglikelihood"].append(list(pairs))
+        return real_ll(self, pairs)
+
+    def spy_gen(self, prompts, max_new_tokens):
+        calls["generate_greedy"].append((list(prompts), max_new_tokens))
+        return real_gen(self, prompts, max_new_tokens)
+
+    monkeypatch.setattr(Scorer, "loglikelihood", spy_ll)
+    monkeypatch.setattr(Scorer, "generate_greedy", spy_gen)
+    rows = score_probes(llama, tok, PROBES, batch_size=3)
+
+    assert len(calls["loglikelihood"]) == 1 and len(calls["generate_greedy"]) == 1
+    pairs = calls["loglikelihood"][0]
+    assert len(pairs) == 3 + 2 + 1 + 3  # every candidate of every probe, in one call
+    qa_context = chat_prompt(tok, "Who leads the night shift?")
+    assert pairs[:6] == [
+        ("The capital of France is", " Paris"), ("The capital of France is", " Rome"),
+        ("The capital of France is", " Berlin"),
+        ("France's capital city is ", "Paris"), ("France's capital city is ", "Rome"),
+        ("日本の首都は", "東京"),  # Japanese takes no space
+    ]
+    assert pairs[6:] == [(qa_context, "Jonas Perl"), (qa_context, "Marta Ilvane"),
+                         (qa_context, "Edda Sorn")]  # the assistant's answer, no space
+    prompts, max_new = calls["generate_greedy"][0]
+    assert prompts == ["The capital of France is", "France's capital city is", "日本の首都は",
+                       qa_context]
+    assert max_new == max(r["target_tokens"] for r in rows) + 4
+
+    assert [r["id"] for r in rows] == ["r1", "p1", "l1", "q1"]
+    for row, probe in zip(rows, PROBES):
+        assert set(row) == ROW_FIELDS
+        assert row["target_tokens"] >= 1
+        per_token = row["target_logprob"] / row["target_tokens"]
+        assert row["target_mean_logprob"] == pytest.approx(per_token)
+        assert len(row["distractor_mean_logprobs"]) == len(probe.distractors)
+        assert isinstance(row["greedy"], str) and isinstance(row["greedy_match"], bool)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["l1"]["correct"] is None and by_id["l1"]["rank"] == 1
+    r1 = by_id["r1"]
+    target, distractors = r1["target_mean_logprob"], r1["distractor_mean_logprobs"]
+    assert r1["correct"] == all(target > d for d in distractors)
+    assert r1["rank"] == 1 + sum(d >= target for d in distractors)
+    # The candidate numbers are the plain per-pair log-likelihoods.
+    lp, n, _ = manual_loglik(llama, tok, "The capital of France is", " Paris")
+    assert r1["target_logprob"] == pytest.approx(lp, abs=1e-5) and r1["target_tokens"] == n
+
+
+def test_score_probes_is_deterministic(tok, llama):
+    first = score_probes(llama, tok, PROBES, batch_size=2)
+    second = score_probes(llama, tok, PROBES, batch_size=2)
+    assert first == second
+    assert score_probes(llama, tok, []) == []
+
+
+def test_score_probes_greedy_tokens(tok, llama, monkeypatch):
+    seen = []
+    real_gen = Scorer.generate_greedy
+    monkeypatch.setattr(Scorer, "generate_greedy",
+                        lambda self, p, n: seen.append(n) or real_gen(self, p, n))
+    score_probes(llama, tok, PROBES[:1], greedy_tokens=3)
+    assert seen == [3]
