@@ -112,7 +112,8 @@ def test_summary_table_renders_stages_and_cells():
     text = console.export_text()
     assert "base" in text and "cpt" in text and "facts" in text
     lo, hi = wilson_interval(1, 2)
-    assert f"0.50 [{lo:.2f},{hi:.2f}] n=2" in text
+    assert f"0.50 [{lo:.2f},{hi:.2f}]" in text
+    assert "accuracy (2)" in text
     assert "1.00 [" in text and "greedy match" in text
-    assert [c.header for c in table.columns] == ["kind", "metric", "base", "cpt"]
+    assert [c.header for c in table.columns] == ["kind", "metric (n)", "base", "cpt"]
     assert table.row_count == 6  # (accuracy, greedy match) x (recall, locality, all)

@@ -29,6 +29,11 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|peft|torch)\b.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -69,8 +69,8 @@ class TrainSpec(_Strict):
     """Stop after this many evaluations without a lower held-out loss (needs eval_fraction)."""
     neftune_alpha: float | None = Field(None, gt=0)
     """NEFTune: uniform noise of scale alpha/sqrt(L*d) on input embeddings, training only."""
-    bf16: Literal["auto", "on", "off"] = "auto"
-    """bf16 autocast: `auto` uses it when the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    bf16: bool | Literal["auto"] = "auto"
+    """bf16 autocast: true, false, or `auto` = when the CPU has native bf16 (AVX512-BF16 / AMX)."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
@@ -174,7 +174,8 @@ class Experiment(_Strict):
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     """One line naming the first offending key, e.g. `stages.0.train.lrr: unknown key`."""
-    e = err.errors()[0]
+    # A misspelt key shows up twice (unknown key + missing key): name the typo first.
+    e = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
     if e["type"] == "extra_forbidden":
         what = "unknown key; check its spelling against the documented keys"

@@ -142,22 +142,24 @@ def summarize(rows: Sequence[Mapping]) -> dict[str, dict]:
 def _fmt_rate(rs: Mapping | None) -> str:
     if not rs or rs["n"] == 0:
         return "-"
-    return f"{rs['rate']:.2f} [{rs['ci_low']:.2f},{rs['ci_high']:.2f}] n={rs['n']}"
+    return f"{rs['rate']:.2f} [{rs['ci_low']:.2f},{rs['ci_high']:.2f}]"
 
 
 def summary_table(summaries: Mapping[str, Mapping[str, Mapping]], title: str) -> Table:
     """A rich table of ``{stage: summarize(rows)}``: one column per stage, and per probe kind
-    a row for candidate accuracy and one for greedy match, as "rate [95% CI] n=N"."""
+    a row for candidate accuracy and one for greedy match, as "rate [95% CI]"; n is in the
+    metric column (the same probes are scored at every stage)."""
     table = Table(title=title)
     table.add_column("kind")
-    table.add_column("metric")
+    table.add_column("metric (n)")
     for stage in summaries:
         table.add_column(stage, justify="right")
     kinds = _kind_order(k for s in summaries.values() for k in s)
     for i, kind in enumerate(kinds):
         for metric, label in (("accuracy", "accuracy"), ("greedy_match", "greedy match")):
-            cells = [_fmt_rate(s.get(kind, {}).get(metric)) for s in summaries.values()]
-            table.add_row(kind if metric == "accuracy" else "", label, *cells,
+            stats = [s.get(kind, {}).get(metric) for s in summaries.values()]
+            n = max((st["n"] for st in stats if st), default=0)
+            table.add_row(kind if metric == "accuracy" else "", f"{label} ({n})", *map(_fmt_rate, stats),
                           style="bold" if kind == "all" else None,
                           end_section=metric == "greedy_match" and i < len(kinds) - 1)
     return table

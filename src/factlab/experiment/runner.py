@@ -31,7 +31,7 @@ from factlab.evaluate.facts import score_probes, summarize, summary_table
 from factlab.evaluate.probes import Probe, load_probes
 from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
-from factlab.train.stage import build_stage_examples, train_stage
+from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -76,6 +76,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[:3]
         raise FactlabError(f"probe ids repeat across the probe files: {dup}; make ids unique")
+    raw_data = [load_stage_data(st, *_stage_inputs(exp, i)) for i, st in enumerate(exp.stages)]
     model_path = resolve_model(exp.model, console)
     model, tokenizer = load_model(model_path)
     if any(st.kind == "sft" for st in exp.stages):
@@ -83,10 +84,9 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     if any(p.kind == "qa" for p in probes):
         require_chat_template(tokenizer, "qa probes")
     stage_examples = []
-    for i, st in enumerate(exp.stages):
+    for st, raw in zip(exp.stages, raw_data):
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here
-        corpus, qa = _stage_inputs(exp, i)
-        stage_examples.append(build_stage_examples(st, tokenizer, corpus, qa))
+        stage_examples.append(build_stage_examples(st, tokenizer, raw))
 
     # --- the run ------------------------------------------------------------------------------
     run_dir = run_dir or new_run_dir(Path(exp.output_dir), exp.name)

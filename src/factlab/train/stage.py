@@ -12,7 +12,6 @@ artefacts of a stage.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import resource
@@ -58,27 +57,31 @@ def cpu_has_bf16() -> bool:
         return native
 
 
-def use_bf16(setting: str) -> bool:
-    if setting == "on":
-        return True
-    if setting == "off":
-        return False
-    return cpu_has_bf16()
+def use_bf16(setting: bool | str) -> bool:
+    return cpu_has_bf16() if setting == "auto" else bool(setting)
 
 
 # ---------------------------------------------------------------------------------------
 # Data
 
 
-def build_stage_examples(stage: StageSpec, tokenizer, corpus: list[str] | None, qa: str | None) -> list[dict]:
-    """Tokenized training examples of a stage ({input_ids, attention_mask, labels})."""
+def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None) -> list:
+    """Read a stage's raw data (documents or conversations); needs no model, so bad files are
+    reported before anything is loaded or written."""
     if stage.kind == "cpt":
         if not corpus:
             raise FactlabError("a cpt stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
-        return pack_documents(tokenizer, load_documents(corpus), stage.train.seq_len)
+        return load_documents(corpus)
     if not qa:
         raise FactlabError("an sft stage needs Q&A: set data.qa (or the stage's data.qa) to a JSONL file")
-    return build_sft_examples(tokenizer, load_conversations(qa), stage.train.seq_len)
+    return load_conversations(qa)
+
+
+def build_stage_examples(stage: StageSpec, tokenizer, raw: list) -> list[dict]:
+    """Tokenized training examples ({input_ids, attention_mask, labels}) from load_stage_data()."""
+    if stage.kind == "cpt":
+        return pack_documents(tokenizer, raw, stage.train.seq_len)
+    return build_sft_examples(tokenizer, raw, stage.train.seq_len)
 
 
 def split_heldout(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -281,7 +284,10 @@ def train_stage(
 
     # --- save: adapter (PEFT format), merged model, metrics, loss curve ---------------------
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    peft_model.save_pretrained(partial / "adapter")
+    # save_embedding_layers=False: PEFT would otherwise copy the full embedding/lm_head
+    # matrices into the adapter whenever they are targeted (~110 MB for SmolLM2); the vocab
+    # is never resized here, so the LoRA factors alone reproduce the adapter on the base.
+    peft_model.save_pretrained(partial / "adapter", save_embedding_layers=False)
     next_model = peft_model
     if stage.merge:
         next_model = peft_model.merge_and_unload()
@@ -339,12 +345,3 @@ def plot_loss(result: StageResult, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def count_steps(n_examples: int, stage: StageSpec) -> int:
-    """Optimizer steps the stage will take (for planning and dry runs)."""
-    tr = stage.train
-    if tr.max_steps:
-        return tr.max_steps
-    per_epoch = math.ceil(n_examples / tr.batch_size / tr.grad_accum)
-    return max(1, math.ceil(per_epoch * tr.epochs))
