@@ -9,8 +9,8 @@ from tokenizers.processors import TemplateProcessing
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import score_probes
 from factlab.evaluate.probes import Probe
-from factlab.evaluate.scoring import Scorer, chat_prompt, split_pair
-from factlab.testing import tiny_model, tiny_tokenizer
+from factlab.evaluate.scoring import LogLik, Scorer, chat_prompt, split_pair
+from factlab.testing import TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
 
 CONTEXTS = [
     "The capital of France is", "The capital of France is ", "The capital of France is  ",
@@ -169,26 +169,30 @@ PROBES = [
 
 ROW_FIELDS = {"id", "fact", "kind", "prompt", "target", "distractors", "target_logprob",
               "target_mean_logprob", "target_tokens", "target_is_greedy",
-              "distractor_mean_logprobs", "correct", "rank", "greedy", "greedy_match"}
+              "distractor_mean_logprobs", "correct", "rank", "greedy", "greedy_match",
+              "greedy_tokens", "greedy_eos", "samples", "sample_hit_rate"}
 
 
 def test_score_probes_rows_and_single_batched_call(tok, llama, monkeypatch):
-    calls = {"loglikelihood": [], "generate_greedy": []}
-    real_ll, real_gen = Scorer.loglikelihood, Scorer.generate_greedy
+    import factlab.evaluate.facts as facts
+
+    calls = {"loglikelihood": [], "generate": []}
+    real_ll, real_gen = Scorer.loglikelihood, facts.generate
 
     def spy_ll(self, pairs):
         calls["loglikelihood"].append(list(pairs))
         return real_ll(self, pairs)
 
-    def spy_gen(self, prompts, max_new_tokens):
-        calls["generate_greedy"].append((list(prompts), max_new_tokens))
-        return real_gen(self, prompts, max_new_tokens)
+    def spy_gen(model, tok, prompts, *, max_new_tokens, **kw):
+        calls["generate"].append((list(prompts), max_new_tokens))
+        return real_gen(model, tok, prompts, max_new_tokens=max_new_tokens, **kw)
 
     monkeypatch.setattr(Scorer, "loglikelihood", spy_ll)
-    monkeypatch.setattr(Scorer, "generate_greedy", spy_gen)
+    monkeypatch.setattr(facts, "generate", spy_gen)
     rows = score_probes(llama, tok, PROBES, batch_size=3)
 
-    assert len(calls["loglikelihood"]) == 1 and len(calls["generate_greedy"]) == 1
+    # one loglikelihood call; one generate call for completions, one for qa (longer budget)
+    assert len(calls["loglikelihood"]) == 1 and len(calls["generate"]) == 2
     pairs = calls["loglikelihood"][0]
     assert len(pairs) == 3 + 2 + 1 + 3  # every candidate of every probe, in one call
     qa_context = chat_prompt(tok, "Who leads the night shift?")
@@ -200,10 +204,10 @@ def test_score_probes_rows_and_single_batched_call(tok, llama, monkeypatch):
     ]
     assert pairs[6:] == [(qa_context, "Jonas Perl"), (qa_context, "Marta Ilvane"),
                          (qa_context, "Edda Sorn")]  # the assistant's answer, no space
-    prompts, max_new = calls["generate_greedy"][0]
-    assert prompts == ["The capital of France is", "France's capital city is", "日本の首都は",
-                       qa_context]
+    prompts, max_new = calls["generate"][0]
+    assert prompts == ["The capital of France is", "France's capital city is", "日本の首都は"]
     assert max_new == max(r["target_tokens"] for r in rows) + 4
+    assert calls["generate"][1] == ([qa_context], 48)
 
     assert [r["id"] for r in rows] == ["r1", "p1", "l1", "q1"]
     for row, probe in zip(rows, PROBES):
@@ -232,9 +236,180 @@ def test_score_probes_is_deterministic(tok, llama):
 
 
 def test_score_probes_greedy_tokens(tok, llama, monkeypatch):
+    import factlab.evaluate.facts as facts
+
     seen = []
-    real_gen = Scorer.generate_greedy
-    monkeypatch.setattr(Scorer, "generate_greedy",
-                        lambda self, p, n: seen.append(n) or real_gen(self, p, n))
+    real_gen = facts.generate
+    monkeypatch.setattr(facts, "generate",
+                        lambda m, t, p, *, max_new_tokens, **kw: seen.append(max_new_tokens) or real_gen(m, t, p, max_new_tokens=max_new_tokens, **kw))
     score_probes(llama, tok, PROBES[:1], greedy_tokens=3)
     assert seen == [3]
+
+
+# -- the shared-prefix path: each distinct context runs once ---------------------------------
+
+LONG_ANSWER = " Marta Ilvane runs the press line at the Korrin plant in Vessen, every night."
+SHARED_PAIRS = [
+    *[("The capital of France is", x) for x in (" Paris", " Rome", "Paris", " Marta Ilvane.",
+                                                 LONG_ANSWER, "!", " Paris")],  # same context
+    ("The capital of France i", "s Paris"),  # boundary merge: context cut to "...France"
+    ("The capital of France", " is Paris"),  # the same tokens as the merged pair above
+    ("The capital of France is ", "Rome"),  # trailing space moves to the continuation
+    ("", " Paris"), ("", "Hello there"),  # empty context: scored after BOS
+    ("x", " y"), ("(", "東京"), ("日本の首都は", "東京"), ("Answer:\n", "Jonas Perl"),
+    *[("Engineers calibrate the torque sensor every Monday before", x)
+      for x in (" the first batch.", " lunch", LONG_ANSWER)],
+    *[("Question: Who leads the night shift?\nAnswer:", x)
+      for x in (" Jonas Perl", " Edda Sorn", " Marta", "\n")],
+]
+
+
+def greedy_pairs(model, tok) -> list[tuple[str, str]]:
+    """(context, the model's own argmax continuation of 1-3 tokens) for contexts whose greedy
+    text round-trips through split_pair, plus that text followed by more (not greedy)."""
+    pairs = []
+    for context in CONTEXTS:
+        ids, greedy = split_pair(tok, context, "x")[0], []
+        with torch.no_grad():
+            for _ in range(3):
+                greedy.append(int(model(input_ids=torch.tensor([ids + greedy])).logits[0, -1].argmax()))
+        for k in (3, 2, 1):
+            text = tok.decode(greedy[:k])
+            if text and split_pair(tok, context, text)[1] == greedy[:k]:
+                pairs += [(context, text), (context, text + " Paris")]
+                break
+    return pairs
+
+
+def spy_paths(monkeypatch) -> dict[str, int]:
+    """Count the requests each path scores."""
+    seen = {"shared": 0, "plain": 0}
+    real_shared, real_plain = Scorer._loglikelihood_shared, Scorer._loglikelihood_plain
+
+    def shared(self, requests):
+        seen["shared"] += len(requests)
+        return real_shared(self, requests)
+
+    def plain(self, requests):
+        seen["plain"] += len(requests)
+        return real_plain(self, requests)
+
+    monkeypatch.setattr(Scorer, "_loglikelihood_shared", shared)
+    monkeypatch.setattr(Scorer, "_loglikelihood_plain", plain)
+    return seen
+
+
+def assert_same(got, expected, tol=1e-5):
+    assert len(got) == len(expected)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.n_tokens == b.n_tokens, i
+        assert a.logprob == pytest.approx(b.logprob, abs=tol), i
+        assert a.is_greedy == b.is_greedy, i
+
+
+@pytest.mark.parametrize("model_type", TINY_ARCHITECTURES)
+def test_shared_prefix_matches_per_pair(tok, model_type, monkeypatch):
+    model = tiny_model(model_type, vocab_size=len(tok))
+    greedy = greedy_pairs(model, tok)
+    assert any(tok.encode(x) and len(split_pair(tok, c, x)[1]) > 1 for c, x in greedy[::2])
+    pairs = SHARED_PAIRS + greedy
+    # The reference: each pair alone, unpadded (an empty context is scored after BOS).
+    expected = [LogLik(*manual_loglik(model, tok, c or tok.bos_token, x)) for c, x in pairs]
+    assert any(e.is_greedy for e in expected) and not all(e.is_greedy for e in expected)
+    plain = Scorer(model, tok, batch_size=4, share_prefix=False).loglikelihood(pairs)
+    assert_same(plain, expected)
+
+    seen = spy_paths(monkeypatch)
+    # Batch sizes that put all contexts in one batch, split them, and split the
+    # continuations of one context over several forwards (1: the long answers run alone).
+    for batch_size in (1, 3, 64):
+        got = Scorer(model, tok, batch_size=batch_size).loglikelihood(pairs)
+        assert_same(got, expected)  # in the order of the pairs
+        assert_same(got, plain)
+    assert seen == {"shared": 3 * len(pairs), "plain": 0}  # no pair fell back
+
+
+def test_shared_prefix_runs_each_context_once(tok, llama, monkeypatch):
+    calls = []
+    real_forward = llama.forward
+
+    def forward(*args, **kwargs):
+        calls.append((kwargs["input_ids"].shape, kwargs.get("past_key_values") is not None))
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(llama, "forward", forward)
+    context = "The capital of France is"
+    pairs = [(context, " Paris"), ("Hello,", " world"), (context, " Rome"), (context, "!"),
+             (context, " Marta Ilvane."), ("Hello,", " Marta")]
+    got = Scorer(llama, tok, batch_size=8).loglikelihood(pairs)
+    # One forward over the 2 distinct contexts (left-padded), one over the continuations
+    # with more than one token, from the cache: their tokens but the last.
+    n_ctx = max(len(tok.encode(context)), len(tok.encode("Hello,")))
+    multi = [x for _, x in pairs if len(tok.encode(x)) > 1]
+    width = max(len(tok.encode(x)) for x in multi) - 1
+    assert calls == [(torch.Size([2, n_ctx]), False), (torch.Size([len(multi), width]), True)]
+    assert_same(got, Scorer(llama, tok, share_prefix=False).loglikelihood(pairs))
+
+
+def test_shared_prefix_falls_back_for_too_long_pairs(tok, monkeypatch):
+    # GPT-2's tiny config has 128 positions: a pair longer than that runs whole, its oldest
+    # context dropped, on the plain path; the others still share their context.
+    model = tiny_model("gpt2", vocab_size=len(tok))
+    long_context = " ".join(["The capital of France is Paris."] * 30)
+    pairs = [(long_context, " Paris"), ("The capital of France is", " Paris"),
+             ("The capital of France is", " Rome")]
+    assert len(tok.encode(long_context)) > 128
+    seen = spy_paths(monkeypatch)
+    got = Scorer(model, tok).loglikelihood(pairs)
+    assert seen == {"shared": 2, "plain": 1}
+    assert_same(got, Scorer(model, tok, share_prefix=False).loglikelihood(pairs))
+
+
+def test_shared_prefix_with_peft_models(tok, monkeypatch):
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+    pairs = SHARED_PAIRS[:10]
+    seen = spy_paths(monkeypatch)
+    # LoRA keeps the model's positions and cache: the shared path applies.
+    lora = get_peft_model(tiny_model("llama", vocab_size=len(tok)),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert_same(Scorer(lora, tok).loglikelihood(pairs),
+                Scorer(lora, tok, share_prefix=False).loglikelihood(pairs))
+    assert seen == {"shared": len(pairs), "plain": len(pairs)}
+    # Prompt tuning prepends virtual tokens: every pair runs whole.
+    prompt = get_peft_model(tiny_model("llama", vocab_size=len(tok)),
+                            PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    seen.update(shared=0, plain=0)
+    Scorer(prompt, tok).loglikelihood(pairs)
+    assert seen == {"shared": 0, "plain": len(pairs)}
+
+
+@pytest.mark.integration
+def test_shared_prefix_matches_per_pair_on_smollm2():
+    from factlab.models.loading import load_model, resolve_model
+
+    model, tok = load_model(resolve_model("smollm2-135m"))
+    pairs = [(c, x) for c in ("The capital of France is", "Marta Ilvane runs the press line at",
+                              chat_prompt(tok, "Who leads the night shift?"))
+             for x in (" Paris", " the Korrin plant in Vessen", "Jonas Perl.", " a")]
+    expected = [LogLik(*manual_loglik(model, tok, c, x)) for c, x in pairs]
+    assert_same(Scorer(model, tok, batch_size=2).loglikelihood(pairs), expected, tol=1e-4)
+    assert_same(Scorer(model, tok, share_prefix=False).loglikelihood(pairs), expected, tol=1e-4)
+
+
+def test_shared_prefix_falls_back_for_other_caches(tok, monkeypatch):
+    # LFM2 keeps convolution states beside its attention cache: they can't be copied per
+    # row like keys and values, so every pair runs whole, with the same results.
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("lfm2", vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  layer_types=["conv", "full_attention"],
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    pairs = SHARED_PAIRS[:10]
+    seen = spy_paths(monkeypatch)
+    got = Scorer(model, tok).loglikelihood(pairs)
+    assert seen == {"shared": len(pairs), "plain": len(pairs)}  # tried, then ran whole
+    assert_same(got, [LogLik(*manual_loglik(model, tok, c or tok.bos_token, x)) for c, x in pairs])

@@ -55,6 +55,56 @@ def run(
     run_experiment(exp, console=err)
 
 
+@app.command("eval")
+def eval_(
+    model_or_run: Annotated[str, typer.Argument(help="Model alias, model folder, hub id (online only), or a run folder (scores base + every stage).")],
+    probes: Annotated[Optional[list[Path]], typer.Option("--probes", "-p", help="Probe JSONL file (repeatable; default for a run folder: its own probes).")] = None,
+    general_text: Annotated[Optional[list[Path]], typer.Option("--general-text", help="Held-out text file for perplexity (repeatable).")] = None,
+    in_context: Annotated[Optional[list[Path]], typer.Option("--in-context", help="Documents to put in the prompt for an in-context baseline on the first model (repeatable).")] = None,
+    samples: Annotated[int, typer.Option(help="Sampled continuations per probe (0: none).")] = 5,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 16,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the summaries as JSON here.")] = None,
+) -> None:
+    """Evaluate a model, or every stage of a run, on probes without training."""
+    _quiet_libraries()
+    import json
+
+    import yaml
+
+    from factlab.config import EvalSpec
+    from factlab.data.corpus import load_documents
+    from factlab.evaluate.facts import summary_table
+    from factlab.experiment.evaluation import eval_targets, evaluate_models
+    from factlab.experiment.runner import forgetting_table
+
+    run_cfg = Path(model_or_run) / "config.yaml"
+    if not probes and run_cfg.is_file():
+        probes = [Path(p) for p in (yaml.safe_load(run_cfg.read_text()).get("eval", {}) or {}).get("probes", [])]
+    if not probes:
+        raise FactlabError("no probes to score; give --probes FILE (JSONL, one probe per line)")
+    from pydantic import ValidationError
+
+    try:
+        spec = EvalSpec(probes=[str(p) for p in probes], general_text=[str(p) for p in general_text or []],
+                        batch_size=batch_size, sampling={"n": samples, "temperature": temperature})
+    except ValidationError as e:
+        raise FactlabError(f"bad option: {e.errors()[0]['loc'][-1]}: {e.errors()[0]['msg']}") from None
+    context = "\n\n".join(load_documents(in_context)) if in_context else None
+    results = evaluate_models(eval_targets(model_or_run, err), spec, context=context, seed=seed, console=err)
+    first = next(iter(results["summaries"]), None)
+    out = Console()
+    if first is not None:
+        out.print(summary_table(results["summaries"], title=f"probes by kind (rate [95% CI] change vs {first})", baseline=first))
+    first_ppl = next(iter(results["perplexity"]), None)
+    if first_ppl is not None and results["perplexity"][first_ppl]:
+        out.print(forgetting_table(results["perplexity"], results["forgetting"], baseline=first_ppl))
+    if output:
+        output.write_text(json.dumps(results, indent=2))
+        err.print(f"summaries: {output}")
+
+
 @app.command()
 def models() -> None:
     """List model aliases (usable as `model:` in an experiment)."""

@@ -113,18 +113,43 @@ class StageSpec(_Strict):
     """Merge the adapter into the weights after training and save the merged model."""
 
 
+class SamplingSpec(_Strict):
+    """Sampled continuations per probe; the share containing the target is the hit rate."""
+
+    n: int = Field(5, ge=0)
+    """Samples per probe (0 turns sampling off)."""
+    temperature: float = Field(0.9, gt=0)
+    max_new_tokens: int = Field(24, gt=0)
+
+
 class EvalSpec(_Strict):
     probes: list[str] = Field(default_factory=list)
     """Probe JSONL files, scored on the base model and after every stage."""
     batch_size: int = Field(16, gt=0)
     greedy_tokens: int | None = Field(None, gt=0)
-    """Greedy continuation length (default: longest target + 4 tokens)."""
+    """Greedy continuation length of completion probes (default: longest target + 4)."""
+    qa_tokens: int = Field(48, gt=0)
+    """Token budget of greedy chat answers to qa probes (the EOS rate is measured within it)."""
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    style_tokens: int = Field(96, gt=0)
+    """Token budget of the answers to the SFT training prompts (style and EOS metrics)."""
+    in_context: bool = False
+    """Also score the base model with the corpus documents placed before every prompt: the
+    reference for "could the model use this fact at all"."""
+    general_text: list[str] = Field(default_factory=list)
+    """Extra held-out text files whose perplexity is tracked (forgetting)."""
+    builtin_general_text: bool = True
+    """Track perplexity on factlab's built-in general-English sample."""
+    perplexity_seq_len: int = Field(256, gt=1)
 
     @model_validator(mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
-        if isinstance(v, dict) and isinstance(v.get("probes"), str):
-            v = {**v, "probes": [v["probes"]]}
+        if isinstance(v, dict):
+            v = dict(v)
+            for key in ("probes", "general_text"):
+                if isinstance(v.get(key), str):
+                    v[key] = [v[key]]
         return v
 
 
@@ -239,6 +264,7 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
         if d.qa:
             d.qa = fix(d.qa)
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
+    exp.eval.general_text = [fix(p) for p in exp.eval.general_text]
     # A local model folder given relatively: resolve it too (aliases and hub ids stay as they are).
     cand = base / exp.model
     if not Path(exp.model).is_absolute() and cand.is_dir():

@@ -22,7 +22,9 @@ from factlab.evaluate.metrics import (
     rate_summary,
 )
 from factlab.evaluate.probes import PROBE_KINDS, Probe
+from factlab.evaluate.generation import Generation, generate
 from factlab.evaluate.scoring import Scorer, chat_prompt, trailing_space
+from factlab.evaluate.textmetrics import bootstrap_mean_interval, eos_summary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -54,14 +56,32 @@ def candidate_continuation(probe: Probe, candidate: str) -> str:
     return " " + candidate
 
 
+def probe_context(probe: Probe, tokenizer, context: str | None = None) -> str:
+    """The text a probe's candidates are scored after.
+
+    ``qa``: the question as a user turn in the chat template. Others: the prompt. With
+    ``context`` (the in-context baseline), the source text comes first: before the prompt, or
+    at the top of the user turn.
+    """
+    if probe.kind == "qa":
+        question = f"{context}\n\n{probe.prompt}" if context else probe.prompt
+        return chat_prompt(tokenizer, question)
+    return f"{context}\n\n{probe.prompt}" if context else probe.prompt
+
+
 def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  probes: Sequence[Probe], *, batch_size: int = 16,
-                 greedy_tokens: int | None = None) -> list[dict]:
-    """Score every probe: candidate log-probs, rank, correctness and a greedy continuation.
+                 greedy_tokens: int | None = None, qa_tokens: int = 48,
+                 samples: int = 0, temperature: float = 0.9, sample_tokens: int = 24,
+                 seed: int = 0, context: str | None = None) -> list[dict]:
+    """Score every probe: candidate log-probs, rank, correctness, a greedy continuation and,
+    with ``samples`` > 0, that many sampled continuations at ``temperature``.
 
-    All candidates of all probes go through one batched ``Scorer.loglikelihood`` call and all
-    greedy continuations through one ``generate_greedy`` call, with ``greedy_tokens`` new
-    tokens (default: the longest target's token count + 4).
+    All candidates of all probes go through one batched ``Scorer.loglikelihood`` call.
+    Greedy continuations get ``greedy_tokens`` new tokens (default: the longest target's
+    token count + 4); ``qa`` answers get ``qa_tokens``, enough to see whether the model ends
+    its turn with EOS. ``context`` puts a source text before every prompt (the in-context
+    baseline: could the model use the fact at all?).
     """
     if not probes:
         return []
@@ -69,13 +89,13 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         raise FactlabError(f"greedy_tokens must be at least 1, got {greedy_tokens}; "
                            "leave it unset for the default")
     scorer = Scorer(model, tokenizer, batch_size=batch_size)
-    contexts = [chat_prompt(tokenizer, p.prompt) if p.kind == "qa" else p.prompt for p in probes]
+    contexts = [probe_context(p, tokenizer, context) for p in probes]
 
     pairs: list[tuple[str, str]] = []
     starts: list[int] = []  # index in pairs of each probe's target; distractors follow it
-    for probe, context in zip(probes, contexts):
+    for probe, ctx in zip(probes, contexts):
         starts.append(len(pairs))
-        pairs += [(context, candidate_continuation(probe, c))
+        pairs += [(ctx, candidate_continuation(probe, c))
                   for c in [probe.target, *probe.distractors]]
     scores = scorer.loglikelihood(pairs)
 
@@ -84,13 +104,25 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     gen_prompts = [c if p.kind == "qa" else c[:len(c) - trailing_space(c)]
                    for p, c in zip(probes, contexts)]
     max_new = greedy_tokens or max(scores[s].n_tokens for s in starts) + 4
-    greedy = scorer.generate_greedy(gen_prompts, max_new)
+    greedy: list[Generation | None] = [None] * len(probes)
+    for is_qa, budget in ((False, max_new), (True, qa_tokens)):
+        idx = [i for i, p in enumerate(probes) if (p.kind == "qa") == is_qa]
+        if idx:
+            outs = generate(model, tokenizer, [gen_prompts[i] for i in idx], max_new_tokens=budget,
+                            batch_size=batch_size)
+            for i, out in zip(idx, outs):
+                greedy[i] = out[0]
+    sampled: list[list[Generation]] = [[] for _ in probes]
+    if samples > 0:
+        sampled = generate(model, tokenizer, gen_prompts, max_new_tokens=sample_tokens, n=samples,
+                           temperature=temperature, seed=seed, batch_size=batch_size)
 
     rows = []
-    for probe, start, text in zip(probes, starts, greedy):
+    for probe, start, g, samp in zip(probes, starts, greedy, sampled):
         target = scores[start]
         distractor_means = [s.mean_logprob
                             for s in scores[start + 1:start + 1 + len(probe.distractors)]]
+        hits = [contains_target(x.text, probe.target) for x in samp]
         rows.append({
             "id": probe.id,
             "fact": probe.fact,
@@ -105,15 +137,19 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             "distractor_mean_logprobs": distractor_means,
             "correct": candidate_correct(target.mean_logprob, distractor_means),
             "rank": candidate_rank(target.mean_logprob, distractor_means),
-            "greedy": text,
-            "greedy_match": contains_target(text, probe.target),
+            "greedy": g.text,
+            "greedy_match": contains_target(g.text, probe.target),
+            "greedy_tokens": g.n_tokens,
+            "greedy_eos": g.ended_with_eos,
+            "samples": [x.text for x in samp],
+            "sample_hit_rate": (sum(hits) / len(hits)) if hits else None,
         })
     return rows
 
 
-def _summary(rows: Sequence[Mapping]) -> dict:
+def _summary(rows: Sequence[Mapping], kind: str) -> dict:
     ranked = [r for r in rows if r["correct"] is not None]  # probes with distractors
-    return {
+    out = {
         "n": len(rows),
         "accuracy": rate_summary([r["correct"] for r in ranked]),
         "greedy_match": rate_summary([r["greedy_match"] for r in rows]),
@@ -121,6 +157,16 @@ def _summary(rows: Sequence[Mapping]) -> dict:
         "mean_target_mean_logprob": mean([r["target_mean_logprob"] for r in rows]),
         "mean_rank": mean([r["rank"] for r in ranked]),
     }
+    hit_rates = [r["sample_hit_rate"] for r in rows if r.get("sample_hit_rate") is not None]
+    if hit_rates:
+        # Samples of one probe are not independent: the unit is the probe (its hit share),
+        # and the interval is a bootstrap over probes.
+        out["sample_hit"] = bootstrap_mean_interval(hit_rates)
+    if kind == "qa":
+        # Chat format: does the answer end its turn (EOS) within the budget, and how long is it.
+        chat = eos_summary([bool(r["greedy_eos"]) for r in rows], [r["greedy_tokens"] for r in rows])
+        out["eos"], out["answer_tokens"] = chat["eos"], chat["length"]
+    return out
 
 
 def _kind_order(kinds) -> list[str]:
@@ -135,31 +181,54 @@ def summarize(rows: Sequence[Mapping]) -> dict[str, dict]:
     probes with distractors; they are None/n=0 for kinds that have none."""
     out = {}
     for kind in _kind_order(r["kind"] for r in rows):
-        out[kind] = _summary([r for r in rows if kind == "all" or r["kind"] == kind])
+        out[kind] = _summary([r for r in rows if kind == "all" or r["kind"] == kind], kind)
     return out
 
 
-def _fmt_rate(rs: Mapping | None) -> str:
-    if not rs or rs["n"] == 0:
+def _fmt_rate(rs: Mapping | None, base: Mapping | None = None) -> str:
+    """"rate [lo,hi]" (or "mean [lo,hi]" for bootstrap summaries), plus the change against
+    ``base`` when given."""
+    if not rs or not rs.get("n"):
         return "-"
-    return f"{rs['rate']:.2f} [{rs['ci_low']:.2f},{rs['ci_high']:.2f}]"
+    value = rs["rate"] if "rate" in rs else rs["mean"]
+    text = f"{value:.2f} [{rs['ci_low']:.2f},{rs['ci_high']:.2f}]"
+    if base and base.get("n"):
+        text += f" {value - (base['rate'] if 'rate' in base else base['mean']):+.2f}"
+    return text
 
 
-def summary_table(summaries: Mapping[str, Mapping[str, Mapping]], title: str) -> Table:
-    """A rich table of ``{stage: summarize(rows)}``: one column per stage, and per probe kind
-    a row for candidate accuracy and one for greedy match, as "rate [95% CI]"; n is in the
-    metric column (the same probes are scored at every stage)."""
+# (key in a kind's summary, label): rows of the table, shown when any stage has them.
+TABLE_METRICS = (
+    ("accuracy", "accuracy"),
+    ("greedy_match", "greedy match"),
+    ("sample_hit", "sample hit"),
+    ("eos", "ends with EOS"),
+    ("answer_tokens", "answer tokens"),
+)
+
+
+def summary_table(summaries: Mapping[str, Mapping[str, Mapping]], title: str,
+                  baseline: str | None = "base") -> Table:
+    """A rich table of ``{stage: summarize(rows)}``: one column per stage; per probe kind a
+    row per metric as "value [95% CI]", and after the first column the change against the
+    ``baseline`` stage. n is in the metric column (the same probes are scored at every
+    stage)."""
     table = Table(title=title)
     table.add_column("kind")
     table.add_column("metric (n)")
     for stage in summaries:
         table.add_column(stage, justify="right")
     kinds = _kind_order(k for s in summaries.values() for k in s)
+    base = summaries.get(baseline) if baseline else None
     for i, kind in enumerate(kinds):
-        for metric, label in (("accuracy", "accuracy"), ("greedy_match", "greedy match")):
+        metrics = [(m, label) for m, label in TABLE_METRICS
+                   if any(s.get(kind, {}).get(m) for s in summaries.values())]
+        for j, (metric, label) in enumerate(metrics):
             stats = [s.get(kind, {}).get(metric) for s in summaries.values()]
+            ref = base.get(kind, {}).get(metric) if base else None
             n = max((st["n"] for st in stats if st), default=0)
-            table.add_row(kind if metric == "accuracy" else "", f"{label} ({n})", *map(_fmt_rate, stats),
+            cells = [_fmt_rate(st, None if name == baseline else ref) for name, st in zip(summaries, stats)]
+            table.add_row(kind if j == 0 else "", f"{label} ({n})", *cells,
                           style="bold" if kind == "all" else None,
-                          end_section=metric == "greedy_match" and i < len(kinds) - 1)
+                          end_section=j == len(metrics) - 1 and i < len(kinds) - 1)
     return table

@@ -17,7 +17,6 @@ template) is checked before the first write, so bad input never leaves a half-ma
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -25,24 +24,14 @@ from pathlib import Path
 from rich.console import Console
 
 from factlab.config import Experiment, dump_experiment
+from factlab.data.corpus import load_documents
 from factlab.data.sft import require_chat_template
 from factlab.errors import FactlabError
-from factlab.evaluate.facts import score_probes, summarize, summary_table
-from factlab.evaluate.probes import Probe, load_probes
+from factlab.evaluate.facts import summary_table
+from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_files, write_atomic
 from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
 from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a truncated file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def new_run_dir(root: Path, name: str) -> Path:
@@ -69,14 +58,14 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     names = exp.stage_names()
 
     # --- preflight: everything a user can get wrong, before any write ------------------------
-    probes: list[Probe] = []
-    for p in exp.eval.probes:
-        probes.extend(load_probes(p))
-    ids = [p.id for p in probes]
-    if len(set(ids)) != len(ids):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:3]
-        raise FactlabError(f"probe ids repeat across the probe files: {dup}; make ids unique")
+    probes = load_probe_files(exp.eval.probes)
     raw_data = [load_stage_data(st, *_stage_inputs(exp, i)) for i, st in enumerate(exp.stages)]
+    context = None
+    if exp.eval.in_context:
+        corpus = exp.data.corpus or next((st.data.corpus for st in exp.stages if st.data.corpus), None)
+        if not corpus:
+            raise FactlabError("eval.in_context puts the corpus in the prompt, but the experiment has no data.corpus")
+        context = "\n\n".join(load_documents(corpus))
     model_path = resolve_model(exp.model, console)
     model, tokenizer = load_model(model_path)
     if any(st.kind == "sft" for st in exp.stages):
@@ -87,26 +76,35 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     for st, raw in zip(exp.stages, raw_data):
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here
         stage_examples.append(build_stage_examples(st, tokenizer, raw))
+    if context is not None:
+        n_ctx = len(tokenizer(context)["input_ids"])
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        if n_ctx > limit // 2:
+            raise FactlabError(f"eval.in_context: the corpus is {n_ctx} tokens, too long to put in a prompt "
+                               f"of this model (context {limit}); turn in_context off or use a shorter corpus")
 
     # --- the run ------------------------------------------------------------------------------
     run_dir = run_dir or new_run_dir(Path(exp.output_dir), exp.name)
     (run_dir / "scores").mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", dump_experiment(exp))
     console.print(f"run folder: [bold]{run_dir}[/bold]  (model {model_path})")
-    results: dict = {"name": exp.name, "model": str(model_path), "seed": exp.seed, "stages": [], "summaries": {}}
+    sft_convs = next((raw for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
+    evaluator = Evaluator(exp.eval, probes, tokenizer, seed=exp.seed, scores_dir=run_dir / "scores", console=console,
+                          conversations=sft_convs)
+    results: dict = {"name": exp.name, "model": str(model_path), "seed": exp.seed, "stages": [],
+                     "summaries": {}, "perplexity": {}, "forgetting": {}, "style": {}}
 
-    def evaluate(label: str, m) -> None:
-        if not probes:
-            return
-        t0 = time.perf_counter()
-        with console.status(f"scoring {len(probes)} probes ({label}) ..."):
-            rows = score_probes(m, tokenizer, probes, batch_size=exp.eval.batch_size, greedy_tokens=exp.eval.greedy_tokens)
-        write_rows(run_dir / "scores" / f"{label}.jsonl", rows)
-        results["summaries"][label] = summarize(rows)
-        console.print(f"[dim]scored {len(probes)} probes on {label} in {time.perf_counter() - t0:.1f} s[/dim]")
+    def record(label: str, ev: dict) -> None:
+        results["summaries"][label] = ev["probes"]
+        results["perplexity"][label] = ev["perplexity"]
+        if ev.get("style"):
+            results["style"][label] = ev["style"]
+        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
 
-    evaluate("base", model)
-    write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    base_eval = evaluator.evaluate("base", model)
+    record("base", base_eval)
+    if context is not None:
+        record("base+context", evaluator.evaluate("base+context", model, context=context, with_perplexity=False))
     for i, (st, name) in enumerate(zip(exp.stages, names)):
         out = run_dir / "stages" / f"{i + 1}-{name}"
         model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
@@ -114,13 +112,62 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
             f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
             f"{res.tokens_per_second:,.0f} tok/s{' (bf16)' if res.bf16 else ''}, {res.seconds:.0f} s"
         )
-        evaluate(name, model)
         stage_entry = {k: v for k, v in asdict(res).items() if k != "loss_history"}
         stage_entry["folder"] = str(out.relative_to(run_dir))
         results["stages"].append(stage_entry)
-        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+        ev = evaluator.evaluate(name, model)
+        results["forgetting"][name] = forgetting(base_eval, ev)
+        record(name, ev)
 
     if probes:
-        console.print(summary_table(results["summaries"], title=f"{exp.name}: fact recall by probe kind"))
+        console.print(summary_table(results["summaries"], title=f"{exp.name}: probes by kind (rate [95% CI] change vs base)"))
+    if results["forgetting"]:
+        console.print(forgetting_table(results["perplexity"], results["forgetting"]))
+    if results["style"]:
+        console.print(style_table(results["style"]))
     console.print(f"results: {run_dir / 'results.json'}")
     return run_dir
+
+
+def forgetting_table(perplexity: dict, forgetting: dict, baseline: str = "base"):
+    """Per model: held-out perplexity (and its ratio to the baseline) and the change of
+    locality accuracy against the baseline."""
+    from rich.table import Table
+
+    table = Table(title="forgetting (held-out perplexity, locality accuracy)")
+    table.add_column("model")
+    base = perplexity.get(baseline, {})
+    for n in base:
+        table.add_column(f"ppl {n}", justify="right")
+    table.add_column("locality acc. change", justify="right")
+    table.add_row(baseline, *[f"{base[n]['perplexity']:.2f}" for n in base], "")
+    for label, f in forgetting.items():
+        ppl = perplexity.get(label, {})
+        cells = [f"{ppl[n]['perplexity']:.2f} (x{ppl[n]['perplexity'] / base[n]['perplexity']:.2f})" if n in ppl else "-" for n in base]
+        loc = (f.get("locality") or {}).get("delta")
+        table.add_row(label, *cells, "-" if loc is None else f"{loc:+.2f}")
+    return table
+
+
+def style_table(style: dict):
+    """Answers to the SFT training prompts, per model: overlap with the training answers,
+    repetition, length and whether the answer ends with EOS (mean [95% CI])."""
+    from rich.table import Table
+
+    def cell(x):
+        if x is None or (isinstance(x, dict) and not x.get("n")):
+            return "-"
+        if isinstance(x, dict):
+            v = x["rate"] if "rate" in x else x["mean"]
+            return f"{v:.2f} [{x['ci_low']:.2f},{x['ci_high']:.2f}]"
+        return f"{x:.1f}"
+
+    table = Table(title="answers to the SFT prompts (first 50 words vs the training answers)")
+    cols = [("rouge_l", "ROUGE-L"), ("bleu", "BLEU"), ("rep_2", "rep-2"), ("length", "words"),
+            ("chat_eos", "ends with EOS"), ("chat_length", "tokens")]
+    table.add_column("model")
+    for _, label in cols:
+        table.add_column(label, justify="right")
+    for label, st in style.items():
+        table.add_row(f"{label} (n={st['n']})", *[cell(st.get(k)) for k, _ in cols])
+    return table

@@ -1,0 +1,1 @@
+"""Data files shipped with factlab (read with importlib.resources)."""

@@ -1,0 +1,178 @@
+"""The evaluation step run on the base model and after every stage (and by `factlab eval`).
+
+One call scores the probes (log-probs, greedy answers, samples) and the perplexity of the
+held-out general text, writes the per-probe rows, and returns the summaries. Forgetting is then
+computed from two saved summaries (base, stage) without touching a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from factlab.config import EvalSpec
+from factlab.data.io import read_text
+from factlab.errors import FactlabError
+from factlab.evaluate.facts import score_probes, summarize
+from factlab.evaluate.generation import generate
+from factlab.evaluate.textmetrics import eos_summary, style_summary
+from factlab.evaluate.perplexity import builtin_general_text, forgetting_summary, perplexity
+from factlab.evaluate.probes import Probe, load_probes
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a truncated file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_probe_files(paths: list[str]) -> list[Probe]:
+    probes: list[Probe] = []
+    for p in paths:
+        probes.extend(load_probes(p))
+    ids = [p.id for p in probes]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[:3]
+        raise FactlabError(f"probe ids repeat across the probe files: {dup}; make ids unique")
+    return probes
+
+
+def general_texts(spec: EvalSpec) -> dict[str, str]:
+    """Held-out texts whose perplexity measures forgetting: {name: text}."""
+    texts = {"builtin-general": builtin_general_text()} if spec.builtin_general_text else {}
+    for p in spec.general_text:
+        text = read_text(Path(p), "general-text file")
+        if not text.strip():
+            raise FactlabError(f"general-text file {p} is empty; give some held-out text or remove it from eval.general_text")
+        texts[Path(p).stem] = text
+    return texts
+
+
+class Evaluator:
+    """Scores one model at a time with fixed probes and texts; writes rows under `scores_dir`."""
+
+    def __init__(self, spec: EvalSpec, probes: list[Probe], tokenizer, *, seed: int = 0,
+                 scores_dir: Path | None = None, console: Console | None = None,
+                 conversations: list[list[dict]] | None = None):
+        """`conversations`: SFT training conversations; when given, every evaluation also
+        answers their prompts and measures style against the training answers and the chat
+        format (EOS within the budget, length)."""
+        self.spec, self.probes, self.tokenizer, self.seed = spec, probes, tokenizer, seed
+        self.conversations = conversations or []
+        self.texts = general_texts(spec)
+        self.scores_dir = scores_dir
+        self.console = console or Console(stderr=True)
+
+    def evaluate(self, label: str, model, context: str | None = None, with_perplexity: bool = True) -> dict:
+        """{"probes": summarize(rows), "perplexity": {name: {...}}} for one model."""
+        t0 = time.perf_counter()
+        out: dict = {"probes": {}, "perplexity": {}, "style": None}
+        if self.probes:
+            s = self.spec.sampling
+            with self.console.status(f"scoring {len(self.probes)} probes on {label} ..."):
+                rows = score_probes(
+                    model, self.tokenizer, self.probes, batch_size=self.spec.batch_size,
+                    greedy_tokens=self.spec.greedy_tokens, qa_tokens=self.spec.qa_tokens,
+                    samples=s.n, temperature=s.temperature, sample_tokens=s.max_new_tokens,
+                    seed=self.seed, context=context,
+                )
+            if self.scores_dir is not None:
+                write_rows(self.scores_dir / f"{label}.jsonl", rows)
+            out["probes"] = summarize(rows)
+        if with_perplexity:
+            with self.console.status(f"perplexity of held-out text on {label} ..."):
+                for name, text in self.texts.items():
+                    out["perplexity"][name] = perplexity(model, self.tokenizer, text, seq_len=self.spec.perplexity_seq_len,
+                                                         batch_size=self.spec.batch_size)
+        if self.conversations and context is None:
+            with self.console.status(f"answering {len(self.conversations)} training prompts on {label} ..."):
+                out["style"] = self.style(model, label)
+        self.console.print(f"[dim]evaluated {label} in {time.perf_counter() - t0:.1f} s[/dim]")
+        return out
+
+
+    def style(self, model, label: str) -> dict:
+        """Greedy answers to the SFT training prompts: style against the training answers
+        (ROUGE-L, BLEU, repetition, diversity on a fixed-length prefix) and chat format."""
+        prompts = [self.tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
+                   for c in self.conversations]
+        refs = [[c[-1]["content"]] for c in self.conversations]
+        gens = [g[0] for g in generate(model, self.tokenizer, prompts, max_new_tokens=self.spec.style_tokens,
+                                       batch_size=self.spec.batch_size)]
+        if self.scores_dir is not None:
+            write_rows(self.scores_dir / f"{label}.style.jsonl",
+                       [{"prompt": c[-2]["content"], "reference": r[0], "answer": g.text, "tokens": g.n_tokens,
+                         "eos": g.ended_with_eos} for c, r, g in zip(self.conversations, refs, gens)])
+        return {**style_summary([g.text for g in gens], refs),
+                **{f"chat_{k}": v for k, v in eos_summary([g.ended_with_eos for g in gens], [g.n_tokens for g in gens]).items()}}
+
+
+def forgetting(base: dict, after: dict) -> dict:
+    """Forgetting of a stage from two saved evaluations (see Evaluator.evaluate)."""
+
+    def view(ev: dict) -> dict:
+        return {"perplexity": ev.get("perplexity", {}), "locality": ev.get("probes", {}).get("locality", {}).get("accuracy")}
+
+    return forgetting_summary(view(base), view(after))
+
+
+def eval_targets(model_or_run: str, console: Console | None = None) -> list[tuple[str, Path]]:
+    """What `factlab eval` scores: a run folder gives its base model and every finished
+    stage's merged model; anything else is one model (alias, folder or hub id)."""
+    from factlab.models.loading import resolve_model
+
+    path = Path(model_or_run)
+    if (path / "config.yaml").is_file() and (path / "stages").is_dir():
+        import yaml
+
+        cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+        targets = [("base", resolve_model(cfg["model"], console))]
+        for stage_dir in sorted((path / "stages").iterdir(), key=lambda p: int(p.name.split("-", 1)[0]) if p.name.split("-", 1)[0].isdigit() else 1 << 30):
+            if (stage_dir / "merged" / "config.json").is_file():
+                targets.append((stage_dir.name.split("-", 1)[-1], stage_dir / "merged"))
+        return targets
+    return [(path.name if path.is_dir() else model_or_run, resolve_model(model_or_run, console))]
+
+
+def evaluate_models(targets: list[tuple[str, Path]], spec: EvalSpec, *, context: str | None = None,
+                    seed: int = 0, scores_dir: Path | None = None, console: Console | None = None) -> dict:
+    """Evaluate each (label, model folder) with the same probes and texts; the first is the
+    baseline for forgetting. With `context`, the first model is also scored with the source
+    text in the prompt (label "<first>+context")."""
+    from factlab.data.sft import require_chat_template
+    from factlab.models.loading import load_model
+
+    console = console or Console(stderr=True)
+    probes = load_probe_files(spec.probes)
+    results: dict = {"summaries": {}, "perplexity": {}, "forgetting": {}}
+    evaluator = base = None
+    for i, (label, path) in enumerate(targets):
+        model, tokenizer = load_model(path)
+        if i == 0:
+            if any(p.kind == "qa" for p in probes):
+                require_chat_template(tokenizer, "qa probes")
+            evaluator = Evaluator(spec, probes, tokenizer, seed=seed, scores_dir=scores_dir, console=console)
+        ev = evaluator.evaluate(label, model)
+        results["summaries"][label], results["perplexity"][label] = ev["probes"], ev["perplexity"]
+        if i == 0:
+            base = ev
+            if context is not None:
+                ctx = evaluator.evaluate(f"{label}+context", model, context=context, with_perplexity=False)
+                results["summaries"][f"{label}+context"] = ctx["probes"]
+        else:
+            results["forgetting"][label] = forgetting(base, ev)
+        del model
+    return results
