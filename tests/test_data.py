@@ -95,3 +95,32 @@ def test_load_conversations_formats_and_errors(tmp_path):
         p.write_text(bad + "\n")
         with pytest.raises(FactlabError, match=expected):
             load_conversations(p)
+
+
+def test_replay_ratio_and_determinism(tok):
+    from factlab.config import StageSpec
+    from factlab.train.stage import StageData, build_stage_examples
+
+    convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(20)]
+    docs = ["Marta Ilvane runs the press line. " * 3, "Jonas Perl leads the night shift. " * 3]
+    for ratio in (0.0, 0.2, 0.5, 1.0, 3.0):
+        st = StageSpec.model_validate({"kind": "sft", "data": {"replay": {"ratio": ratio}}, "train": {"seq_len": 48}})
+        ex = build_stage_examples(st, tok, StageData(convs, docs), seed=1)
+        replay = [e for e in ex if -100 not in e["labels"]]  # replay blocks are trained on every token
+        assert abs(len(replay) - ratio * 20) <= 1 and len(ex) - len(replay) == 20
+        again = build_stage_examples(st, tok, StageData(convs, docs), seed=1)
+        assert again == ex
+    other = build_stage_examples(st, tok, StageData(convs, docs), seed=2)
+    assert other != ex  # a different seed draws other blocks
+
+
+def test_replay_source_corpus_needs_a_corpus(tmp_path):
+    from factlab.config import StageSpec
+    from factlab.errors import FactlabError
+    from factlab.train.stage import load_stage_data
+
+    st = StageSpec.model_validate({"kind": "sft", "data": {"replay": {"source": "corpus", "ratio": 0.5}}})
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    with pytest.raises(FactlabError, match="replay source 'corpus' needs data.corpus"):
+        load_stage_data(st, None, str(qa))

@@ -116,4 +116,4 @@ def test_summary_table_renders_stages_and_cells():
     assert "accuracy (2)" in text
     assert "1.00 [" in text and "greedy match" in text
     assert [c.header for c in table.columns] == ["kind", "metric (n)", "base", "cpt"]
-    assert table.row_count == 6  # (accuracy, greedy match) x (recall, locality, all)
+    assert table.row_count == 9  # (accuracy, greedy match, target log-prob) x (recall, locality, all)

@@ -81,14 +81,30 @@ class TrainSpec(_Strict):
         return self
 
 
-class StageData(_Strict):
-    """Data of one stage; unset fields fall back to the experiment's `data`."""
+class ReplaySpec(_Strict):
+    """Plain-text LM examples mixed into a stage (e.g. CPT text during SFT) against forgetting."""
+
+    source: list[str] = Field(default_factory=lambda: ["corpus"])
+    """`corpus` (the experiment's corpus) and/or text files or folders, like data.corpus."""
+    ratio: float = Field(0.2, ge=0.0)
+    """Replay blocks per training example of the stage: 0.2 adds one block per five examples
+    (rounded; at least one when > 0)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        if isinstance(v, dict) and isinstance(v.get("source"), str):
+            v = {**v, "source": [v["source"]]}
+        return v
+
+
+class DataSpec(_Strict):
+    """Data shared by all stages (a stage's own `data` overrides it)."""
 
     corpus: list[str] | None = None
     """CPT text: .txt files (one document each), .jsonl files ({"text": ...} per line) or folders."""
     qa: str | None = None
     """SFT Q&A JSONL: {"question", "answer"} or {"messages": [...]} per line."""
-
     @model_validator(mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
@@ -97,8 +113,11 @@ class StageData(_Strict):
         return v
 
 
-class DataSpec(StageData):
-    """Data shared by all stages."""
+class StageData(DataSpec):
+    """Data of one stage; unset fields fall back to the experiment's `data`."""
+
+    replay: ReplaySpec | None = None
+    """Mix plain text into this stage (see ReplaySpec)."""
 
 
 class StageSpec(_Strict):
@@ -263,6 +282,8 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
             d.corpus = [fix(p) for p in d.corpus]
         if d.qa:
             d.qa = fix(d.qa)
+        if getattr(d, "replay", None):
+            d.replay.source = [p if p == "corpus" else fix(p) for p in d.replay.source]
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
     exp.eval.general_text = [fix(p) for p in exp.eval.general_text]
     # A local model folder given relatively: resolve it too (aliases and hub ids stay as they are).

@@ -156,6 +156,8 @@ def _summary(rows: Sequence[Mapping], kind: str) -> dict:
         "mean_target_logprob": mean([r["target_logprob"] for r in rows]),
         "mean_target_mean_logprob": mean([r["target_mean_logprob"] for r in rows]),
         "mean_rank": mean([r["rank"] for r in ranked]),
+        # the target's mean log-prob per token, averaged over probes, with a bootstrap interval
+        "target_logprob": bootstrap_mean_interval([r["target_mean_logprob"] for r in rows]),
     }
     hit_rates = [r["sample_hit_rate"] for r in rows if r.get("sample_hit_rate") is not None]
     if hit_rates:
@@ -201,6 +203,7 @@ def _fmt_rate(rs: Mapping | None, base: Mapping | None = None) -> str:
 TABLE_METRICS = (
     ("accuracy", "accuracy"),
     ("greedy_match", "greedy match"),
+    ("target_logprob", "target log-prob/token"),
     ("sample_hit", "sample hit"),
     ("eos", "ends with EOS"),
     ("answer_tokens", "answer tokens"),

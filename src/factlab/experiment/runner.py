@@ -75,7 +75,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     stage_examples = []
     for st, raw in zip(exp.stages, raw_data):
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here
-        stage_examples.append(build_stage_examples(st, tokenizer, raw))
+        stage_examples.append(build_stage_examples(st, tokenizer, raw, seed=st.train.seed if st.train.seed is not None else exp.seed))
     if context is not None:
         n_ctx = len(tokenizer(context)["input_ids"])
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
@@ -88,7 +88,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     (run_dir / "scores").mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "config.yaml", dump_experiment(exp))
     console.print(f"run folder: [bold]{run_dir}[/bold]  (model {model_path})")
-    sft_convs = next((raw for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
+    sft_convs = next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
     evaluator = Evaluator(exp.eval, probes, tokenizer, seed=exp.seed, scores_dir=run_dir / "scores", console=console,
                           conversations=sft_convs)
     results: dict = {"name": exp.name, "model": str(model_path), "seed": exp.seed, "stages": [],

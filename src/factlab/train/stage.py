@@ -65,23 +65,63 @@ def use_bf16(setting: bool | str) -> bool:
 # Data
 
 
-def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None) -> list:
-    """Read a stage's raw data (documents or conversations); needs no model, so bad files are
-    reported before anything is loaded or written."""
+@dataclass
+class StageData:
+    """A stage's raw inputs: documents (cpt) or conversations (sft), and replay documents."""
+
+    main: list
+    replay_docs: list[str] = field(default_factory=list)
+
+
+def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None) -> StageData:
+    """Read a stage's raw data; needs no model, so bad files are reported before anything is
+    loaded or written. `corpus` is also what a replay source named "corpus" means."""
     if stage.kind == "cpt":
         if not corpus:
             raise FactlabError("a cpt stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
-        return load_documents(corpus)
-    if not qa:
-        raise FactlabError("an sft stage needs Q&A: set data.qa (or the stage's data.qa) to a JSONL file")
-    return load_conversations(qa)
+        main = load_documents(corpus)
+    else:
+        if not qa:
+            raise FactlabError("an sft stage needs Q&A: set data.qa (or the stage's data.qa) to a JSONL file")
+        main = load_conversations(qa)
+    replay_docs: list[str] = []
+    rp = stage.data.replay
+    if rp and rp.ratio > 0:
+        for src in rp.source:
+            if src == "corpus":
+                if not corpus:
+                    raise FactlabError("replay source 'corpus' needs data.corpus; set it or name replay files instead")
+                replay_docs += load_documents(corpus)
+            else:
+                replay_docs += load_documents([src])
+    return StageData(main, replay_docs)
 
 
-def build_stage_examples(stage: StageSpec, tokenizer, raw: list) -> list[dict]:
-    """Tokenized training examples ({input_ids, attention_mask, labels}) from load_stage_data()."""
+def replay_blocks(tokenizer, docs: list[str], n_examples: int, ratio: float, seq_len: int, seed: int) -> list[dict]:
+    """round(ratio * n_examples) packed LM blocks of `docs` (at least one when ratio > 0),
+    drawn without replacement while they last, then again, with a seeded RNG."""
+    if ratio <= 0 or not docs:
+        return []
+    blocks = pack_documents(tokenizer, docs, seq_len)
+    want = max(1, round(ratio * n_examples))
+    rng = random.Random(seed)
+    out: list[dict] = []
+    while len(out) < want:
+        out += rng.sample(blocks, min(len(blocks), want - len(out)))
+    return out
+
+
+def build_stage_examples(stage: StageSpec, tokenizer, data: StageData, seed: int = 0) -> list[dict]:
+    """Tokenized training examples ({input_ids, attention_mask, labels}) from load_stage_data(),
+    with replay blocks appended (the Trainer shuffles)."""
     if stage.kind == "cpt":
-        return pack_documents(tokenizer, raw, stage.train.seq_len)
-    return build_sft_examples(tokenizer, raw, stage.train.seq_len)
+        examples = pack_documents(tokenizer, data.main, stage.train.seq_len)
+    else:
+        examples = build_sft_examples(tokenizer, data.main, stage.train.seq_len)
+    if stage.data.replay:
+        examples += replay_blocks(tokenizer, data.replay_docs, len(examples), stage.data.replay.ratio,
+                                  stage.train.seq_len, seed)
+    return examples
 
 
 def split_heldout(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
