@@ -122,7 +122,9 @@ def test_summary_table_shows_change_against_base(tok):
     console = Console(record=True, width=200)
     console.print(summary_table({"base": base, "cpt": after}, title="t"))
     text = console.export_text()
-    assert "1.00 [0.30,1.00] +0.50" in text and "0.50 [0.10,0.90]" in text
+    cpt_cell = [line for line in text.splitlines() if "1.00 [0.30,1.00]" in line]
+    assert cpt_cell and "0.50 [0.10,0.90]" in cpt_cell[0]
+    assert "+0.50" in text.splitlines()[text.splitlines().index(cpt_cell[0]) + 1]
 
 
 def test_factlab_eval_on_a_model_folder(tmp_path, tok, monkeypatch, capsys):

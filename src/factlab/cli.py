@@ -18,7 +18,8 @@ from rich.table import Table
 from factlab.errors import FactlabError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a local LLM new facts and measure what stuck.")
-err = Console(stderr=True)
+# Outside a terminal (CI logs, a file) rich would wrap tables at 80 columns; give them room.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _quiet_libraries() -> None:
@@ -119,9 +120,21 @@ def models() -> None:
     Console().print("Also accepted: a local Hugging Face folder, or a hub id (only when online).")
 
 
+def _register_subcommands() -> None:
+    from factlab.cli_data import data_app
+
+    app.add_typer(data_app, name="data")
+
+
+_register_subcommands()
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False returns (not raises) a typer.Exit's code: pass it on.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except FactlabError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -109,13 +109,13 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         idx = [i for i, p in enumerate(probes) if (p.kind == "qa") == is_qa]
         if idx:
             outs = generate(model, tokenizer, [gen_prompts[i] for i in idx], max_new_tokens=budget,
-                            batch_size=batch_size)
+                            batch_size=max(64, batch_size))
             for i, out in zip(idx, outs):
                 greedy[i] = out[0]
     sampled: list[list[Generation]] = [[] for _ in probes]
     if samples > 0:
         sampled = generate(model, tokenizer, gen_prompts, max_new_tokens=sample_tokens, n=samples,
-                           temperature=temperature, seed=seed, batch_size=batch_size)
+                           temperature=temperature, seed=seed, batch_size=max(80, batch_size))
 
     rows = []
     for probe, start, g, samp in zip(probes, starts, greedy, sampled):
@@ -195,7 +195,7 @@ def _fmt_rate(rs: Mapping | None, base: Mapping | None = None) -> str:
     value = rs["rate"] if "rate" in rs else rs["mean"]
     text = f"{value:.2f} [{rs['ci_low']:.2f},{rs['ci_high']:.2f}]"
     if base and base.get("n"):
-        text += f" {value - (base['rate'] if 'rate' in base else base['mean']):+.2f}"
+        text += f"\n{value - (base['rate'] if 'rate' in base else base['mean']):+.2f}"
     return text
 
 

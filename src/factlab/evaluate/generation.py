@@ -45,13 +45,15 @@ def generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
-    batch_size: int = 16,
+    batch_size: int = 64,
 ) -> list[list[Generation]]:
     """`n` generations per prompt, in the order of `prompts`.
 
     temperature 0 means greedy (then `n` must be 1). Sampling is seeded: the generator is reset
     to `seed` before every batch, and batches are formed in a fixed order (longest prompt
-    first), so the same call gives the same samples on CPU.
+    first), so the same call gives the same samples on CPU. `batch_size` counts sequences
+    (prompts x n): decoding a small model on a CPU is bound by memory traffic per step, so
+    wide batches are much faster (45 prompts x 5 samples on SmolLM2: 46 s at 16, 18 s at 80).
     """
     if max_new_tokens < 1:
         raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")

@@ -77,7 +77,11 @@ class Evaluator:
         self.console = console or Console(stderr=True)
 
     def evaluate(self, label: str, model, context: str | None = None, with_perplexity: bool = True) -> dict:
-        """{"probes": summarize(rows), "perplexity": {name: {...}}} for one model."""
+        """{"probes": summarize(rows), "perplexity": {name: {...}}, "style": {...} | None}.
+
+        With `context` (the in-context baseline) no samples are drawn: sampling after a prompt
+        of a whole corpus is the slowest part and adds little to that reference.
+        """
         t0 = time.perf_counter()
         out: dict = {"probes": {}, "perplexity": {}, "style": None}
         if self.probes:
@@ -86,7 +90,7 @@ class Evaluator:
                 rows = score_probes(
                     model, self.tokenizer, self.probes, batch_size=self.spec.batch_size,
                     greedy_tokens=self.spec.greedy_tokens, qa_tokens=self.spec.qa_tokens,
-                    samples=s.n, temperature=s.temperature, sample_tokens=s.max_new_tokens,
+                    samples=0 if context else s.n, temperature=s.temperature, sample_tokens=s.max_new_tokens,
                     seed=self.seed, context=context,
                 )
             if self.scores_dir is not None:
@@ -110,8 +114,7 @@ class Evaluator:
         prompts = [self.tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
                    for c in self.conversations]
         refs = [[c[-1]["content"]] for c in self.conversations]
-        gens = [g[0] for g in generate(model, self.tokenizer, prompts, max_new_tokens=self.spec.style_tokens,
-                                       batch_size=self.spec.batch_size)]
+        gens = [g[0] for g in generate(model, self.tokenizer, prompts, max_new_tokens=self.spec.style_tokens)]
         if self.scores_dir is not None:
             write_rows(self.scores_dir / f"{label}.style.jsonl",
                        [{"prompt": c[-2]["content"], "reference": r[0], "answer": g.text, "tokens": g.n_tokens,

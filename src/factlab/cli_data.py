@@ -1,0 +1,259 @@
+"""``factlab data ...``: build and check knowledge data (thin; the work is in factlab.data).
+
+Registered by cli.py as ``app.add_typer(data_app, name="data")``. Each command turns a
+FactlabError into one ``error: ...`` line on stderr and exit code 2 itself, so the sub-app
+behaves the same when invoked alone (tests, embedding). It exits with ``SystemExit``, not
+``typer.Exit``: ``cli.main`` runs the app with ``standalone_mode=False``, where click
+*returns* an Exit's code instead of raising it, and the process would end with 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from factlab.errors import FactlabError
+
+data_app = typer.Typer(help="Build and check knowledge data.", no_args_is_help=True, add_completion=False)
+
+
+def _err() -> Console:
+    # Created per call: CliRunner swaps sys.stderr, and one line must stay one line.
+    return Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _user_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FactlabError as e:
+            _err().print(f"[red]error:[/red] {escape(str(e))}")
+            raise SystemExit(2) from None
+
+    return wrapper
+
+
+def _refuse_non_empty(path: Path, force: bool, what: str = "output") -> None:
+    if path.is_dir() and any(path.iterdir()) and not force:
+        raise FactlabError(f"{what} folder {path} is not empty; choose a new folder or pass --force to overwrite")
+    if path.is_file() and not force:
+        raise FactlabError(f"{what} {path} exists; choose another path or pass --force to overwrite")
+
+
+# --------------------------------------------------------------------------------------------
+# synth
+# --------------------------------------------------------------------------------------------
+
+
+@data_app.command()
+@_user_errors
+def synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (must be new or empty).")],
+    facts: Annotated[int, typer.Option("--facts", "-n", help="Number of facts (links for --kind chain).")] = 100,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same files byte for byte.")] = 0,
+    lang: Annotated[str, typer.Option(help="Language of names and templates: en or ja.")] = "en",
+    paraphrases: Annotated[int, typer.Option(help="Documents per entity, each worded differently.")] = 1,
+    kind: Annotated[str, typer.Option(help="world (people, organizations, places, machines), chain (A causes B ...) or containment (A is in B).")] = "world",
+    heldout: Annotated[float, typer.Option(help="Share of subjects kept out of the Q&A and asked as qa probes.")] = 0.5,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite factlab's files in a non-empty folder.")] = False,
+) -> None:
+    """Generate a fictional fact world: corpus, Q&A, probes, facts and a summary."""
+    from factlab.data.synth import synth_chain, synth_containment, synth_world, write_world
+
+    makers = {"world": synth_world, "chain": synth_chain, "containment": synth_containment}
+    if kind not in makers:
+        raise FactlabError(f"unknown --kind {kind!r}; use one of {', '.join(makers)}")
+    _refuse_non_empty(out, force)
+    world = makers[kind](facts, seed=seed, lang=lang, paraphrases=paraphrases, heldout=heldout)
+    paths = write_world(world, out, overwrite=force)
+    s = world.summary()
+    table = Table(title=f"{kind} ({lang}, seed {seed}): {s['n_facts']} facts")
+    table.add_column("file")
+    table.add_column("contents")
+    table.add_row(str(paths["corpus"]), f"{s['counts']['documents']} documents")
+    table.add_row(str(paths["qa"]), f"{s['counts']['qa']} Q&A pairs (split=train facts)")
+    table.add_row(str(paths["probes"]), ", ".join(f"{k} {v}" for k, v in s["counts"]["probes"].items()))
+    table.add_row(str(paths["facts"]), ", ".join(f"{k} {v}" for k, v in s["counts"]["split"].items()))
+    table.add_row(str(paths["summary"]), "counts, decoys, notes")
+    Console().print(table)
+
+
+# --------------------------------------------------------------------------------------------
+# substitute
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_about(items: list[str], mapping: dict[str, str]) -> str | dict[str, str] | None:
+    """``--probes-about PHRASE`` (all names) or ``--probes-about OLD=PHRASE`` (one name)."""
+    if not items:
+        return None
+    per_key: dict[str, str] = {}
+    for item in items:
+        old, sep, phrase = item.partition("=")
+        if sep and old.strip() in mapping and phrase.strip():
+            per_key[old.strip()] = phrase.strip()
+        elif len(items) == 1:
+            return item
+        else:
+            raise FactlabError(f"--probes-about {item!r}: with several phrases write OLD=PHRASE, OLD one of {', '.join(mapping)}")
+    return per_key
+
+
+@data_app.command()
+@_user_errors
+def substitute(
+    corpus: Annotated[Path, typer.Argument(help="Corpus file (.txt/.md/.jsonl) or folder of them.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file (for a file) or folder (for a folder).")],
+    map_: Annotated[Optional[list[str]], typer.Option("--map", "-m", help="OLD=NEW, e.g. Romeo=Bob (repeatable).")] = None,
+    probes_about: Annotated[Optional[list[str]], typer.Option("--probes-about", help="Phrase the new name completes, e.g. \"Juliet was in love with\" (or OLD=PHRASE per name); writes probes.")] = None,
+    probes_out: Annotated[Optional[Path], typer.Option("--probes-out", help="Where to write the probes (default: probes.jsonl beside the output).")] = None,
+    name: Annotated[Optional[list[str]], typer.Option("--name", help="Other names to use as wrong answers in the probes (repeatable).")] = None,
+    keep_lowercase: Annotated[bool, typer.Option("--keep-lowercase", help="Leave lower-case matches alone (for names that are also words: Will, Rose).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing output.")] = False,
+) -> None:
+    """Swap names in a corpus (word-boundary aware, case preserving) and print counts per name."""
+    from factlab.data.substitute import parse_mapping, substitute_path, substitution_probes
+
+    mapping = parse_mapping(map_ or [])
+    if not mapping:
+        raise FactlabError("no substitutions given; pass --map OLD=NEW (e.g. --map Romeo=Bob)")
+    # A file written into an existing folder keeps its name; the probes go beside the
+    # output file, or beside the output folder (inside it they would be read as corpus).
+    target = out / corpus.name if corpus.is_file() and out.is_dir() else out
+    if target.resolve() == corpus.resolve():
+        raise FactlabError(f"--out {out} is the input; write the substituted corpus to a new path")
+    _refuse_non_empty(target, force)
+    about = _parse_about(probes_about or [], mapping)
+    probes = substitution_probes(mapping, about=about, names=name or []) if about else None
+    ppath = probes_out or target.parent / "probes.jsonl"
+    if probes is not None:
+        _refuse_non_empty(ppath, force, "probe file")
+    counts = substitute_path(corpus, target, mapping, lowercase=not keep_lowercase)
+    table = Table(title=f"substitutions in {corpus} -> {target}")
+    for col in ("name", "replacement", "count"):
+        table.add_column(col, justify="right" if col == "count" else "left")
+    for old, new in mapping.items():
+        table.add_row(old, new, str(counts[old]))
+    Console().print(table)
+    for old, c in counts.items():
+        if c == 0:
+            _err().print(f"warning: {escape(old)!s} was not found in the corpus; check the spelling")
+    if probes is not None:
+        ppath.parent.mkdir(parents=True, exist_ok=True)
+        ppath.write_bytes("".join(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in probes).encode("utf-8"))
+        Console().print(f"{len(probes)} probes: {ppath}")
+
+
+# --------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------
+
+
+def _read_corpus_raw(paths: list[Path]) -> tuple[list[str], list[str]]:
+    """Documents and their labels, keeping empty ones (load_documents drops them, and the
+    check wants to count them)."""
+    from factlab.data.io import iter_jsonl, read_text
+
+    docs, names = [], []
+    for p in paths:
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".md"))
+            if not files:
+                raise FactlabError(f"corpus folder {p} has no .txt, .md or .jsonl files")
+        elif p.is_file():
+            files = [p]
+        else:
+            raise FactlabError(f"corpus {p} does not exist; check the path")
+        for f in files:
+            if f.suffix == ".jsonl":
+                for lineno, obj in iter_jsonl(f, "corpus file"):
+                    if not isinstance(obj.get("text"), str):
+                        raise FactlabError(f"{f}:{lineno}: corpus lines need a string field \"text\"")
+                    docs.append(obj["text"])
+                    names.append(f"{f}:{lineno}")
+            else:
+                docs.append(read_text(f, "corpus file"))
+                names.append(str(f))
+    return docs, names
+
+
+@data_app.command()
+@_user_errors
+def check(
+    corpus: Annotated[Optional[list[Path]], typer.Option("--corpus", "-c", help="Corpus file or folder (repeatable).")] = None,
+    qa: Annotated[Optional[list[Path]], typer.Option("--qa", help="Training Q&A JSONL (repeatable).")] = None,
+    probes: Annotated[Optional[list[Path]], typer.Option("--probes", "-p", help="Probe JSONL (repeatable).")] = None,
+    max_len: Annotated[Optional[int], typer.Option("--max-len", help="Model context in tokens: warn about longer lines.")] = None,
+    tokenizer: Annotated[Optional[Path], typer.Option("--tokenizer", help="Local tokenizer folder for exact token counts (else estimated).")] = None,
+    min_chars: Annotated[int, typer.Option("--min-chars", help="Shortest text searched for leakage.")] = 20,
+    show: Annotated[int, typer.Option("--show", help="Leak rows to show.")] = 20,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when there is any warning or leak (for CI).")] = False,
+) -> None:
+    """Check a corpus, Q&A and probes; report warnings and probes leaked into training data."""
+    from factlab.data.checks import check_corpus, check_probes, check_qa, find_leakage
+    from factlab.data.sft import load_conversations
+    from factlab.evaluate.probes import load_probes
+
+    if not (corpus or qa or probes):
+        raise FactlabError("nothing to check; give --corpus, --qa and/or --probes")
+    # Read everything first: unreadable input is an error (exit 2) before any report.
+    docs, names = _read_corpus_raw(corpus) if corpus else ([], [])
+    if corpus and not any(d.strip() for d in docs):
+        raise FactlabError(f"the corpus is empty ({', '.join(map(str, corpus))}); give files with some text")
+    pairs = []
+    for path in qa or []:
+        for msgs in load_conversations(path):
+            user = [m["content"] for m in msgs if m["role"] == "user"]
+            pairs.append({"question": user[-1] if user else "", "answer": msgs[-1]["content"]})
+    probe_list = [p for path in probes or [] for p in load_probes(path)]
+    tok = None
+    if tokenizer is not None:
+        if not tokenizer.is_dir():
+            raise FactlabError(f"--tokenizer {tokenizer} is not a folder; give a local Hugging Face model or tokenizer folder")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+
+    rows: list[tuple[str, str]] = []
+    if corpus:
+        rows += [("corpus", w) for w in check_corpus(docs, tok, max_len, names)]
+    if qa:
+        rows += [("qa", w) for w in check_qa(pairs)]
+    if probes:
+        rows += [("probes", w) for w in check_probes(probe_list)]
+    train_texts = docs + [f"{p['question']}\n{p['answer']}" for p in pairs]
+    leaks = find_leakage(train_texts, probe_list, min_chars=min_chars) if probe_list and train_texts else []
+
+    console = Console()
+    checked = ", ".join(f"{n} {what}" for n, what in ((len(docs), "documents"), (len(pairs), "Q&A pairs"),
+                                                      (len(probe_list), "probes")) if n)
+    if rows:
+        table = Table(title=f"warnings ({checked})")
+        table.add_column("data")
+        table.add_column("warning")
+        for src, w in rows:
+            table.add_row(src, w)
+        console.print(table)
+    else:
+        console.print(f"no warnings ({checked})")
+    if leaks:
+        table = Table(title=f"leakage: {len(leaks)} probe texts found in the training data")
+        for col in ("probe", "kind", "reason", "text"):
+            table.add_column(col)
+        for leak in leaks[:show]:
+            table.add_row(leak["probe"], leak["kind"], leak["reason"], leak["text"][:80])
+        console.print(table)
+        if len(leaks) > show:
+            console.print(f"... and {len(leaks) - show} more (--show N)")
+    elif probe_list and train_texts:
+        console.print("no leakage: no probe text found in the training data")
+    if strict and (rows or leaks):
+        raise SystemExit(1)
