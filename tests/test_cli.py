@@ -56,7 +56,7 @@ def run_cli(monkeypatch, capsys, *args):
 def test_end_to_end_run_folder(project, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "run", project / "exp.yaml")
     assert code == 0, err
-    (run,) = (project / "runs").iterdir()
+    (run,) = [p for p in (project / "runs").iterdir() if p.is_dir()]
     assert (run / "config.yaml").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["stages"][0]["peft"]["targets"] == ["all"]
     results = json.loads((run / "results.json").read_text())
@@ -73,7 +73,7 @@ def test_end_to_end_run_folder(project, monkeypatch, capsys):
 def test_set_override_reaches_the_run(project, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "run", project / "exp.yaml", "--set", "stages.0.train.max_steps=1", "--set", "stages=[]")
     assert code == 0, err
-    (run,) = (project / "runs").iterdir()
+    (run,) = [p for p in (project / "runs").iterdir() if p.is_dir()]
     assert yaml.safe_load((run / "config.yaml").read_text())["stages"] == []
 
 
@@ -132,7 +132,7 @@ def test_failure_midway_keeps_earlier_stages(project, monkeypatch, capsys):
     monkeypatch.setattr(runner, "train_stage", fail_on_sft)
     with pytest.raises(RuntimeError):
         run_cli(monkeypatch, capsys, "run", project / "exp.yaml")
-    (run,) = (project / "runs").iterdir()
+    (run,) = [p for p in (project / "runs").iterdir() if p.is_dir()]
     results = json.loads((run / "results.json").read_text())  # still valid JSON
     assert [s["name"] for s in results["stages"]] == ["cpt"] and "cpt" in results["summaries"]
     assert (run / "stages" / "1-cpt" / "merged" / "model.safetensors").is_file()

@@ -39,11 +39,21 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+def _store(path: Optional[Path], output_dir: str | Path):
+    from factlab.experiment.store import RunStore
+
+    return RunStore(path or Path(output_dir) / "factlab.db")
+
+
+StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite); default: <output_dir>/factlab.db, i.e. runs/factlab.db.")]
+
+
 @app.command()
 def run(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: stages.0.train.lr=1e-4 (repeatable).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir, runs/).")] = None,
+    store: StoreOpt = None,
 ) -> None:
     """Run an experiment: score, train each stage, merge, score again; write a run folder."""
     _quiet_libraries()
@@ -53,7 +63,88 @@ def run(
     exp = load_experiment(experiment, set_ or [])
     if output_dir is not None:
         exp.output_dir = str(output_dir)
-    run_experiment(exp, console=err)
+    run_experiment(exp, console=err, store=_store(store, exp.output_dir))
+
+
+
+@app.command()
+def sweep(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file with a `sweep:` block.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key before expanding (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and exit.")] = False,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Run every point of an experiment's sweep grid; a restarted sweep skips finished points."""
+    _quiet_libraries()
+    from factlab.config import load_experiment
+    from factlab.experiment.sweep import expand_sweep, run_sweep
+
+    exp = load_experiment(experiment, set_ or [])
+    if output_dir is not None:
+        exp.output_dir = str(output_dir)
+    if not exp.sweep:
+        raise FactlabError(f"{experiment} has no sweep: block; add one (dotted key: [values]) or use `factlab run`")
+    points = expand_sweep(exp)
+    if dry_run:
+        table = Table(title=f"sweep {exp.name}: {len(points)} runs")
+        table.add_column("#")
+        table.add_column("folder")
+        table.add_column("overrides")
+        for p in points:
+            table.add_row(str(p.index), p.folder, p.label)
+        Console().print(table)
+        return
+    run_sweep(exp, _store(store, exp.output_dir), console=err)
+    Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
+
+
+@app.command()
+def runs(
+    sweep_name: Annotated[Optional[str], typer.Option("--sweep", help="Only runs of this sweep.")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Only runs of this experiment name.")] = None,
+    status: Annotated[Optional[str], typer.Option("--status", help="running, done or failed.")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """List runs in the store."""
+    import json
+
+    rows = _store(store, "runs").runs(name=name, sweep=sweep_name, status=status)
+    table = Table(title=f"{len(rows)} runs")
+    for col in ("run folder", "sweep", "point", "status", "minutes", "tok/s"):
+        table.add_column(col)
+    for r in rows:
+        point = " ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(r["point"] or "{}").items())
+        table.add_row(r["run_dir"], r["sweep"] or "", point, r["status"],
+                      f"{r['seconds'] / 60:.1f}" if r["seconds"] else "", f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "")
+    Console().print(table)
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to put side by side.")],
+    stage: Annotated[Optional[str], typer.Option(help="Stage to compare (default: each run's last).")] = None,
+) -> None:
+    """Side-by-side table of runs: probe accuracy per kind (with intervals) and forgetting."""
+    from factlab.report.tables import compare_table, load_run
+
+    Console().print(compare_table([load_run(d) for d in run_dirs], stage=stage))
+
+
+@app.command()
+def report(
+    source: Annotated[list[str], typer.Argument(help="A sweep name (from the store) or run folders.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output file.")] = Path("report.html"),
+    fmt: Annotated[str, typer.Option("--format", help="html (one self-contained file) or md (tables; plots as PNG files beside).")] = "html",
+    probe: Annotated[Optional[list[str]], typer.Option("--probe", help="Probe id whose sampled answers to show (repeatable; default: a few).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Build a report from stored runs without re-running models."""
+    from factlab.report.build import build_report, resolve_runs
+
+    run_dirs = resolve_runs(source, _store(store, "runs"))
+    path = build_report(run_dirs, output, fmt=fmt, probes=probe or [])
+    err.print(f"report: {path}")
 
 
 @app.command("eval")

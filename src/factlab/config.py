@@ -23,23 +23,45 @@ class _Strict(BaseModel):
 
 
 class PeftSpec(_Strict):
-    """Which parameters a stage trains and how (one adapter per stage)."""
+    """Which parameters a stage trains and how (one adapter per stage).
 
-    method: Literal["lora"] = "lora"
-    """PEFT method. `lora` (with `rslora` / `dora` switches)."""
+    Methods (factlab.train.peft_methods): lora, rslora, dora, ia3 (use targets; merge),
+    prompt_tuning, prefix_tuning, p_tuning (virtual tokens; ignore targets/layers/r/alpha/dropout;
+    cannot merge, so they must be the last stage) and full (the targeted modules' own weights,
+    no adapter; `all` = every parameter). Fields a method does not use are ignored.
+    """
+
+    method: str = "lora"
+    """PEFT method: lora, rslora, dora, ia3, prompt_tuning, prefix_tuning, p_tuning, full."""
     targets: list[str] = Field(default_factory=lambda: ["all-but-embed"], min_length=1)
     """Layer groups (attention, mlp, lm_head, embed, all, all-but-embed) or module names."""
     layers: str | None = None
     """Restrict per-layer modules to these decoder layers, e.g. "0-11" or "0,2,5-7"."""
     r: int = Field(8, gt=0)
-    """LoRA rank."""
+    """LoRA rank (lora, rslora, dora)."""
     alpha: float = Field(16.0, gt=0)
     """LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """LoRA dropout."""
     rslora: bool = False
-    """Rank-stabilised scaling alpha/sqrt(r)."""
+    """Rank-stabilised scaling alpha/sqrt(r) (LoRA family; `method: rslora` is the same)."""
     dora: bool = False
-    """Weight-decomposed LoRA (DoRA)."""
+    """Weight-decomposed LoRA (LoRA family; `method: dora` is the same)."""
+    num_virtual_tokens: int = Field(20, gt=0)
+    """Virtual tokens of prompt_tuning, prefix_tuning and p_tuning."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "PeftSpec":
+        # Lazy import: the registry lives with the builders in factlab.train.peft_methods.
+        from factlab.train.peft_methods import LORA_FAMILY, methods
+
+        if self.method not in methods():
+            raise ValueError(f"unknown PEFT method '{self.method}' in peft.method; use one of: {', '.join(methods())}")
+        for switch in ("rslora", "dora"):
+            if getattr(self, switch) and self.method not in LORA_FAMILY:
+                raise ValueError(f"peft.{switch} applies to the LoRA methods ({', '.join(LORA_FAMILY)}), "
+                                 f"not to {self.method}; remove it")
+        return self
 
 
 class TrainSpec(_Strict):
@@ -47,7 +69,10 @@ class TrainSpec(_Strict):
 
     lr: float = Field(1e-4, gt=0)
     embed_lr: float | None = Field(None, gt=0)
-    """Learning rate for parameters of the embeddings and lm_head (default: `lr`)."""
+    """Learning rate for parameters of the input embeddings and lm_head (default: `lr`);
+    `head_lr`, when set, takes over for lm_head."""
+    head_lr: float | None = Field(None, gt=0)
+    """Learning rate for parameters of the output head lm_head (default: `embed_lr`, then `lr`)."""
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     """Optimizer steps; overrides `epochs` when set."""
@@ -68,7 +93,14 @@ class TrainSpec(_Strict):
     early_stopping_patience: int | None = Field(None, gt=0)
     """Stop after this many evaluations without a lower held-out loss (needs eval_fraction)."""
     neftune_alpha: float | None = Field(None, gt=0)
-    """NEFTune: uniform noise of scale alpha/sqrt(L*d) on input embeddings, training only."""
+    """NEFTune: uniform noise in [-a, a], a = alpha/sqrt(L*d) (L: the batch's padded length,
+    d: hidden size), added to the input token embeddings in training steps only."""
+    l2_to_base: float = Field(0.0, ge=0.0)
+    """Forgetting control: adds l2_to_base * sum ||W_merged - W_base||_F^2 over the changed
+    weights to the training loss (see factlab.train.regularizers). Not for prompt methods."""
+    max_update_norm: float | None = Field(None, gt=0)
+    """Forgetting control: cap on the global L2 norm of each optimizer step's parameter update;
+    a larger update is scaled back onto the cap (see factlab.train.regularizers)."""
     bf16: bool | Literal["auto"] = "auto"
     """bf16 autocast: true, false, or `auto` = when the CPU has native bf16 (AVX512-BF16 / AMX)."""
 
@@ -100,6 +132,10 @@ class ReplaySpec(_Strict):
 
 class DataSpec(_Strict):
     """Data shared by all stages (a stage's own `data` overrides it)."""
+
+    substitute: dict[str, str] = Field(default_factory=dict)
+    """Counterfactual edit of the corpus as it is read, e.g. {Romeo: Bob}: word-boundary aware
+    and case preserving (see factlab.data.substitute); applies to CPT text and replay."""
 
     corpus: list[str] | None = None
     """CPT text: .txt files (one document each), .jsonl files ({"text": ...} per line) or folders."""
@@ -183,9 +219,18 @@ class Experiment(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     stages: list[StageSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    sweep: dict[str, Any] = Field(default_factory=dict)
+    """Grid for `factlab sweep`: dotted key -> list of values (every combination is one run),
+    plus `repeat: N` to run each point with seeds seed, seed+1, ... (`factlab run` ignores it)."""
 
     @model_validator(mode="after")
     def _check(self) -> "Experiment":
+        for key, values in self.sweep.items():
+            if key == "repeat":
+                if not isinstance(values, int) or values < 1:
+                    raise ValueError(f"sweep.repeat must be a positive integer, got {values!r}")
+            elif not isinstance(values, list) or not values:
+                raise ValueError(f"sweep.{key} must be a non-empty list of values, e.g. [1.0e-4, 5.0e-4]")
         for i, st in enumerate(self.stages[:-1]):
             if not st.merge:
                 raise ValueError(

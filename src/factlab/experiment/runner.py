@@ -29,6 +29,7 @@ from factlab.data.sft import require_chat_template
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import summary_table
 from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_files, write_atomic
+from factlab.experiment.store import RunStore
 from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
 from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
@@ -52,20 +53,29 @@ def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None
     return st.data.corpus or exp.data.corpus, st.data.qa or exp.data.qa
 
 
-def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Path | None = None) -> Path:
-    """Run every stage of `exp`; return the run folder."""
+def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Path | None = None,
+                   store: RunStore | None = None, sweep: str | None = None, point: dict | None = None) -> Path:
+    """Run every stage of `exp`; return the run folder. With a `store`, the run is indexed
+    there: `running` when its folder is created, `done` with its metrics at the end, `failed`
+    with the error if it raises."""
     console = console or Console(stderr=True)
     names = exp.stage_names()
 
     # --- preflight: everything a user can get wrong, before any write ------------------------
     probes = load_probe_files(exp.eval.probes)
-    raw_data = [load_stage_data(st, *_stage_inputs(exp, i)) for i, st in enumerate(exp.stages)]
+    raw_data = [load_stage_data(st, *_stage_inputs(exp, i), substitute=st.data.substitute or exp.data.substitute)
+                for i, st in enumerate(exp.stages)]
     context = None
     if exp.eval.in_context:
         corpus = exp.data.corpus or next((st.data.corpus for st in exp.stages if st.data.corpus), None)
         if not corpus:
             raise FactlabError("eval.in_context puts the corpus in the prompt, but the experiment has no data.corpus")
-        context = "\n\n".join(load_documents(corpus))
+        docs = load_documents(corpus)
+        if exp.data.substitute:
+            from factlab.data.substitute import substitute
+
+            docs = [substitute(d, exp.data.substitute)[0] for d in docs]
+        context = "\n\n".join(docs)
     model_path = resolve_model(exp.model, console)
     model, tokenizer = load_model(model_path)
     if any(st.kind == "sft" for st in exp.stages):
@@ -86,6 +96,21 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     # --- the run ------------------------------------------------------------------------------
     run_dir = run_dir or new_run_dir(Path(exp.output_dir), exp.name)
     (run_dir / "scores").mkdir(parents=True, exist_ok=True)
+    if store is not None:
+        store.start(run_dir, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point)
+    try:
+        results = _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names)
+    except BaseException as e:
+        if store is not None:
+            store.fail(run_dir, f"{type(e).__name__}: {e}")
+        raise
+    if store is not None:
+        store.finish(run_dir, results)
+    return run_dir
+
+
+def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names) -> dict:
+    """The run proper, after preflight: evaluations and stages; returns results.json's content."""
     write_atomic(run_dir / "config.yaml", dump_experiment(exp))
     console.print(f"run folder: [bold]{run_dir}[/bold]  (model {model_path})")
     sft_convs = next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
@@ -126,7 +151,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     if results["style"]:
         console.print(style_table(results["style"]))
     console.print(f"results: {run_dir / 'results.json'}")
-    return run_dir
+    return results
 
 
 def forgetting_table(perplexity: dict, forgetting: dict, baseline: str = "base"):

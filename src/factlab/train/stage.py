@@ -1,12 +1,20 @@
-"""One training stage: build its data, wrap the model with a fresh adapter, train with the
-transformers Trainer, save the adapter (PEFT format) and the merged model, and return the model
-the next stage starts from.
+"""One training stage: build its data, wrap the model with a fresh adapter (or unfreeze its
+targeted weights for full fine-tuning), train with the transformers Trainer, save the adapter
+(PEFT format) and the merged model, and return the model the next stage starts from.
 
 The Trainer is used (not a hand-written loop) so that gradient accumulation, schedulers,
-held-out evaluation, early stopping, NEFTune and `accelerate launch` scale-out come from the
-library the field uses. What factlab adds: layer-group targets, per-group learning rates,
-bf16 autocast chosen from the CPU's flags, a rich progress bar with tokens/s, and the saved
-artefacts of a stage.
+held-out evaluation, early stopping and `accelerate launch` scale-out come from the
+library the field uses. What factlab adds: PEFT methods by name, layer-group targets,
+per-group learning rates, NEFTune that reaches every method's embedding, forgetting controls
+(L2 to the base weights, an update-norm cap; see factlab.train.regularizers), bf16 autocast
+chosen from the CPU's flags, a rich progress bar with tokens/s, and the saved artefacts of a
+stage.
+
+What a stage saves, by method:
+  lora / rslora / dora / ia3   adapter/ (PEFT) and, with `merge`, merged/ (plain transformers)
+  prompt / prefix / p_tuning   adapter/ only: nothing to merge; the returned model is the
+                               PeftModel, so such a stage must be the last one
+  full                         merged/ = the trained model itself (no adapter/)
 """
 
 from __future__ import annotations
@@ -39,7 +47,14 @@ from factlab.config import StageSpec
 from factlab.data.corpus import load_documents, pack_documents
 from factlab.data.sft import build_sft_examples, load_conversations
 from factlab.errors import FactlabError
-from factlab.train.peft_methods import build_peft_model
+from factlab.train.peft_methods import (
+    align_virtual_token_logits,
+    build_peft_model,
+    is_peft_model,
+    method_info,
+    no_merge_reason,
+)
+from factlab.train.regularizers import L2ToBase, RegularizedTrainer, UpdateNormCap, neftune
 
 
 @lru_cache(maxsize=1)
@@ -73,9 +88,11 @@ class StageData:
     replay_docs: list[str] = field(default_factory=list)
 
 
-def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None) -> StageData:
+def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
+                    substitute: dict[str, str] | None = None) -> StageData:
     """Read a stage's raw data; needs no model, so bad files are reported before anything is
-    loaded or written. `corpus` is also what a replay source named "corpus" means."""
+    loaded or written. `corpus` is also what a replay source named "corpus" means.
+    `substitute` rewrites every document (CPT text and replay) as it is read."""
     if stage.kind == "cpt":
         if not corpus:
             raise FactlabError("a cpt stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
@@ -94,6 +111,12 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None) 
                 replay_docs += load_documents(corpus)
             else:
                 replay_docs += load_documents([src])
+    if substitute:
+        from factlab.data.substitute import substitute as swap
+
+        if stage.kind == "cpt":
+            main = [swap(d, substitute)[0] for d in main]
+        replay_docs = [swap(d, substitute)[0] for d in replay_docs]
     return StageData(main, replay_docs)
 
 
@@ -202,31 +225,80 @@ class StageResult:
     final_loss: float | None
     eval_loss: float | None
     peak_rss_mb: float
+    """Peak resident memory of the process so far (MB)."""
     stopped_early: bool
     merged: bool
+    """A merged/ folder loadable by plain transformers was saved and is the model returned."""
+    method: str = "lora"
+    trainable_share: float = 0.0
+    """trainable_params / total_params."""
+    artifact: str = "adapter"
+    """What carries the stage's result: `adapter` (adapter/, PEFT format) or `model` (merged/,
+    full fine-tuning)."""
+    artifact_bytes: int = 0
+    """Bytes of that artefact as saved (adapter/ files; for full fine-tuning the model files of
+    merged/, without the tokenizer)."""
+    merge_note: str | None = None
+    """Why the stage was not merged (merge: false, or a method that cannot merge)."""
+    train_peak_rss_mb: float | None = None
+    """Peak resident memory during this stage's training alone (MB; Linux, else None)."""
+    l2_to_base_final: float | None = None
+    """With train.l2_to_base: sum ||W_merged - W_base||_F^2 after the last step (unscaled)."""
+    update_norm_capped_steps: int | None = None
+    """With train.max_update_norm: optimizer steps whose update was scaled back onto the cap."""
     loss_history: list[dict] = field(default_factory=list)
 
 
-def _param_groups(model, lr: float, embed_lr: float | None, weight_decay: float) -> list[dict]:
-    """AdamW groups: parameters of the embeddings / lm_head get `embed_lr`, the rest `lr`.
+def _param_groups(model, lr: float, embed_lr: float | None, weight_decay: float,
+                  head_lr: float | None = None) -> list[dict]:
+    """AdamW groups: parameters of the input embeddings get `embed_lr`, those of lm_head
+    `head_lr` (when set; else they join the embeddings at `embed_lr`), the rest `lr`.
+    Parameters of a LoRA on those layers count as theirs.
 
     Why by hand: the Trainer gives one learning rate to every parameter, and CPT recipes that
     train embed_tokens/lm_head want a smaller one there.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    special = set()
-    for mod in (base.get_input_embeddings(), base.get_output_embeddings()):
-        if mod is not None:
-            special |= {id(p) for p in mod.parameters()}
-    main, emb = [], []
+    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+    emb_ids = {id(p) for p in inp.parameters()} if inp is not None else set()
+    head_ids = {id(p) for p in out.parameters()} if out is not None else set()
+    if head_lr is None:  # one group for both, as before head_lr existed
+        emb_ids |= head_ids
+        head_ids = set()
+    main, emb, head = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (emb if id(p) in special else main).append(p)
-    groups = [{"params": main, "lr": lr, "weight_decay": weight_decay}]
-    if emb:
-        groups.append({"params": emb, "lr": embed_lr or lr, "weight_decay": weight_decay})
+        # A still-tied matrix is both: it stays with the embeddings.
+        (emb if id(p) in emb_ids else head if id(p) in head_ids else main).append(p)
+    groups = [{"params": main, "lr": lr, "weight_decay": weight_decay},
+              {"params": emb, "lr": embed_lr or lr, "weight_decay": weight_decay},
+              {"params": head, "lr": head_lr or embed_lr or lr, "weight_decay": weight_decay}]
     return [g for g in groups if g["params"]]
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (VmHWM), so a stage can report its
+    own peak. Linux only; False where it is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _folder_bytes(folder: Path, skip: set[str] = frozenset()) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name not in skip)
 
 
 def train_stage(
@@ -241,12 +313,23 @@ def train_stage(
 ):
     """Train one stage and save its outputs into `out_dir`. Returns (model for the next stage, StageResult).
 
-    The model returned is the merged plain model when `stage.merge`, else the PEFT model.
+    The model returned is the merged plain model when `stage.merge` and the method merges, the
+    trained model itself for `full`, else the PEFT model (prompt methods, or merge: false).
     `out_dir` is written through a `.partial` sibling and renamed at the end, so a stage that
     fails leaves no half-written folder and earlier stages' folders untouched.
     """
     console = console or Console(stderr=True)
     tr = stage.train
+    method = method_info(stage.peft.method)
+    if is_peft_model(model):
+        # The previous stage left an adapter unmerged: a new adapter would stack on top of it
+        # and nothing saved would describe the result.
+        prev = str(model.active_peft_config.peft_type.value).lower()
+        if getattr(model.active_peft_config, "is_prompt_learning", False):
+            raise FactlabError(f"stage '{name}' would train on top of the previous stage's {prev} adapter; "
+                               f"method {prev} cannot merge; make it the last stage")
+        raise FactlabError(f"stage '{name}' would train on top of the previous stage's unmerged {prev} adapter; "
+                           "set merge: true on the previous stage or make it the last stage")
     seed = tr.seed if tr.seed is not None else seed
     bf16 = use_bf16(tr.bf16)
     train_ex, eval_ex = split_heldout(examples, tr.eval_fraction, seed)
@@ -255,6 +338,8 @@ def train_stage(
     peft_model, targets = build_peft_model(model, stage.peft)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
+    # Built before training: for full fine-tuning it copies the starting weights.
+    l2 = L2ToBase(peft_model) if tr.l2_to_base > 0 else None
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -273,7 +358,8 @@ def train_stage(
         warmup_steps=tr.warmup_steps or tr.warmup_ratio,  # a float < 1 is a ratio of the total
         weight_decay=tr.weight_decay,
         max_grad_norm=tr.max_grad_norm,
-        neftune_noise_alpha=tr.neftune_alpha,
+        # NEFTune is factlab's own hook (regularizers.neftune), never the Trainer's as well.
+        neftune_noise_alpha=None,
         bf16=bf16,
         use_cpu=True,
         seed=seed,
@@ -294,11 +380,12 @@ def train_stage(
         dataloader_num_workers=0,
         optim="adamw_torch",
     )
-    optimizer = torch.optim.AdamW(_param_groups(peft_model, tr.lr, tr.embed_lr, tr.weight_decay), lr=tr.lr)
-    callbacks: list[TrainerCallback] = [RichProgress(console, f"{name} ({stage.kind})")]
+    optimizer = torch.optim.AdamW(_param_groups(peft_model, tr.lr, tr.embed_lr, tr.weight_decay, tr.head_lr), lr=tr.lr)
+    cap = UpdateNormCap(optimizer, tr.max_update_norm) if tr.max_update_norm else None
+    callbacks: list[TrainerCallback] = [RichProgress(console, f"{name} ({stage.kind}, {method.name})")]
     if tr.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=tr.early_stopping_patience))
-    trainer = Trainer(
+    trainer = RegularizedTrainer(
         model=peft_model,
         args=args,
         train_dataset=train_ex,
@@ -306,33 +393,61 @@ def train_stage(
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
         callbacks=callbacks,
         optimizers=(optimizer, None),
+        l2_to_base=l2,
+        l2_coef=tr.l2_to_base,
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
 
+    own_peak = _reset_peak_rss()
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*use_cpu.*")
-        trainer.train()
+    try:
+        with warnings.catch_warnings(), neftune(peft_model, tr.neftune_alpha):
+            warnings.filterwarnings("ignore", message=".*use_cpu.*")
+            trainer.train()
+    finally:
+        if cap is not None:
+            cap.remove()
     seconds = time.perf_counter() - t0
+    train_peak = _peak_rss_mb() if own_peak else None
     state = trainer.state
     losses = [h for h in state.log_history if "loss" in h]
     evals = [h for h in state.log_history if "eval_loss" in h]
     eval_loss = None
     if has_eval:
         eval_loss = float(trainer.evaluate()["eval_loss"])
+    l2_final = None
+    if l2 is not None:
+        with torch.no_grad():
+            l2_final = float(l2())
+        del l2  # full fine-tuning: frees the copy of the starting weights
     peft_model.eval()
 
-    # --- save: adapter (PEFT format), merged model, metrics, loss curve ---------------------
+    # --- save: adapter (PEFT format) and/or model, metrics, loss curve ----------------------
     shutil.rmtree(ckpt_dir, ignore_errors=True)
-    # save_embedding_layers=False: PEFT would otherwise copy the full embedding/lm_head
-    # matrices into the adapter whenever they are targeted (~110 MB for SmolLM2); the vocab
-    # is never resized here, so the LoRA factors alone reproduce the adapter on the base.
-    peft_model.save_pretrained(partial / "adapter", save_embedding_layers=False)
-    next_model = peft_model
-    if stage.merge:
-        next_model = peft_model.merge_and_unload()
-        next_model.eval()
+    merge_note = None
+    if method.wraps:
+        # save_embedding_layers=False: PEFT would otherwise copy the full embedding/lm_head
+        # matrices into the adapter whenever they are targeted (~110 MB for SmolLM2); the vocab
+        # is never resized here, so the LoRA factors alone reproduce the adapter on the base.
+        peft_model.save_pretrained(partial / "adapter", save_embedding_layers=False)
+        artifact, artifact_bytes = "adapter", _folder_bytes(partial / "adapter")
+        next_model = peft_model
+        merge_note = no_merge_reason(method.name) or (None if stage.merge else "merge: false in the stage")
+        if merge_note is None:
+            next_model = peft_model.merge_and_unload()
+            next_model.eval()
+            next_model.save_pretrained(partial / "merged")
+            tokenizer.save_pretrained(partial / "merged")
+        elif not method.merges:
+            # Evaluated as base + adapter: make the logits line up with the input ids.
+            align_virtual_token_logits(next_model)
+    else:
+        # Full fine-tuning: the trained model is the result; merged/ holds it (no adapter/).
+        next_model = peft_model
+        for p in next_model.parameters():
+            p.requires_grad_(False)
         next_model.save_pretrained(partial / "merged")
+        artifact, artifact_bytes = "model", _folder_bytes(partial / "merged")
         tokenizer.save_pretrained(partial / "merged")
     result = StageResult(
         name=name,
@@ -352,8 +467,17 @@ def train_stage(
         eval_loss=eval_loss,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         stopped_early=bool(tr.early_stopping_patience) and state.global_step < state.max_steps,
-        merged=stage.merge,
-        loss_history=[{"step": h["step"], "loss": h["loss"]} for h in losses]
+        merged=merge_note is None,
+        method=method.name,
+        trainable_share=trainable / max(total, 1),
+        artifact=artifact,
+        artifact_bytes=artifact_bytes,
+        merge_note=merge_note,
+        train_peak_rss_mb=train_peak,
+        l2_to_base_final=l2_final,
+        update_norm_capped_steps=cap.capped_steps if cap is not None else None,
+        loss_history=[{"step": h["step"], "loss": h["loss"], **({"l2_to_base": h["l2_to_base"]} if "l2_to_base" in h else {})}
+                      for h in losses]
         + [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
     )
     (partial / "train.json").write_text(json.dumps(asdict(result), indent=2))

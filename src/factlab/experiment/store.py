@@ -1,0 +1,159 @@
+"""The run store: an embedded SQLite database indexing every run and its metrics.
+
+Each run keeps its own folder (the source of truth: config.yaml, results.json, scores/); the
+store indexes them so that sweeps can resume and runs can be listed, filtered and compared
+without opening every folder. SQLite gives atomic transactions for free: a run's status moves
+from `running` to `done` (with its metrics) in one commit, so a sweep killed with SIGKILL leaves
+either a finished run or one marked `running`, which the next start redoes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_dir      TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    sweep        TEXT,
+    point        TEXT,            -- JSON: the sweep overrides of this run
+    config_hash  TEXT NOT NULL,
+    config       TEXT NOT NULL,   -- JSON: the resolved experiment
+    status       TEXT NOT NULL,   -- running | done | failed
+    error        TEXT,
+    started      REAL NOT NULL,
+    finished     REAL,
+    seconds      REAL,
+    tokens_per_s REAL,
+    peak_rss_mb  REAL
+);
+CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep, config_hash);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_dir  TEXT NOT NULL REFERENCES runs (run_dir) ON DELETE CASCADE,
+    stage    TEXT NOT NULL,     -- base, base+context, or a stage name
+    kind     TEXT NOT NULL,     -- probe kind, "all", or "forgetting" / "style"
+    metric   TEXT NOT NULL,
+    value    REAL,
+    ci_low   REAL,
+    ci_high  REAL,
+    n        INTEGER,
+    PRIMARY KEY (run_dir, stage, kind, metric)
+);
+"""
+
+
+def config_hash(config: dict) -> str:
+    """A stable hash of a resolved config, ignoring where its output goes."""
+    c = {k: v for k, v in config.items() if k not in ("output_dir", "sweep")}
+    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def flatten_metrics(results: dict) -> list[tuple]:
+    """(stage, kind, metric, value, ci_low, ci_high, n) rows from a run's results.json."""
+    rows: list[tuple] = []
+
+    def add(stage, kind, metric, x):
+        if isinstance(x, dict) and ("rate" in x or "mean" in x):
+            v = x.get("rate", x.get("mean"))
+            rows.append((stage, kind, metric, v, x.get("ci_low"), x.get("ci_high"), x.get("n")))
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            rows.append((stage, kind, metric, float(x), None, None, None))
+
+    for stage, kinds in results.get("summaries", {}).items():
+        for kind, summary in kinds.items():
+            for metric, x in summary.items():
+                add(stage, kind, metric, x)
+    for stage, texts in results.get("perplexity", {}).items():
+        for name, p in texts.items():
+            add(stage, "perplexity", name, p.get("perplexity"))
+    for stage, f in results.get("forgetting", {}).items():
+        for name, p in (f.get("perplexity") or {}).items():
+            add(stage, "forgetting", f"ppl_ratio:{name}", p.get("perplexity_ratio"))
+        loc = f.get("locality") or {}
+        add(stage, "forgetting", "locality_delta", loc.get("delta"))
+    for stage, st in results.get("style", {}).items():
+        for metric, x in st.items():
+            add(stage, "style", metric, x)
+    for st in results.get("stages", []):
+        for metric in ("final_loss", "eval_loss", "tokens_per_second", "seconds", "trainable_params", "steps"):
+            add(st["name"], "train", metric, st.get(metric))
+    return rows
+
+
+class RunStore:
+    """A thin layer over one SQLite file (created on first use)."""
+
+    def __init__(self, path: str | Path):
+        # Nothing is created until the first write: a command that fails on bad input must
+        # leave no trace, and listing an empty store must not make one.
+        self.path = Path(path)
+
+    def _connect(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(self.path, timeout=30)) as db:
+                db.executescript(SCHEMA)
+        db = sqlite3.connect(self.path, timeout=30)
+        db.execute("PRAGMA foreign_keys = ON")
+        db.row_factory = sqlite3.Row
+        return db
+
+    def start(self, run_dir: Path, name: str, config: dict, sweep: str | None = None, point: dict | None = None) -> None:
+        with closing(self._connect()) as db, db:
+            db.execute(
+                "INSERT OR REPLACE INTO runs (run_dir, name, sweep, point, config_hash, config, status, started) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
+                (str(run_dir), name, sweep, json.dumps(point or {}), config_hash(config), json.dumps(config), time.time()),
+            )
+            db.execute("DELETE FROM metrics WHERE run_dir = ?", (str(run_dir),))
+
+    def finish(self, run_dir: Path, results: dict) -> None:
+        """Mark a run done and index its metrics, in one transaction."""
+        stages = results.get("stages", [])
+        tps = [s["tokens_per_second"] for s in stages if s.get("tokens_per_second")]
+        with closing(self._connect()) as db, db:
+            started = db.execute("SELECT started FROM runs WHERE run_dir = ?", (str(run_dir),)).fetchone()["started"]
+            now = time.time()
+            db.execute(
+                "UPDATE runs SET status='done', finished=?, seconds=?, tokens_per_s=?, peak_rss_mb=?, error=NULL WHERE run_dir=?",
+                (now, now - started, sum(tps) / len(tps) if tps else None,
+                 max((s.get("peak_rss_mb") or 0 for s in stages), default=None), str(run_dir)),
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(str(run_dir), *row) for row in flatten_metrics(results)],
+            )
+
+    def fail(self, run_dir: Path, error: str) -> None:
+        with closing(self._connect()) as db, db:
+            db.execute("UPDATE runs SET status='failed', finished=?, error=? WHERE run_dir=?", (time.time(), error[:500], str(run_dir)))
+
+    def done_point(self, sweep: str, cfg_hash: str) -> str | None:
+        """The run folder of a finished run of this sweep point, if any (and still on disk)."""
+        if not self.path.exists():
+            return None
+        with closing(self._connect()) as db:
+            for row in db.execute("SELECT run_dir FROM runs WHERE sweep=? AND config_hash=? AND status='done'", (sweep, cfg_hash)):
+                if (Path(row["run_dir"]) / "results.json").is_file():
+                    return row["run_dir"]
+        return None
+
+    def runs(self, name: str | None = None, sweep: str | None = None, status: str | None = None) -> list[dict]:
+        if not self.path.exists():
+            return []
+        query, args = "SELECT * FROM runs WHERE 1=1", []
+        for col, val in (("name", name), ("sweep", sweep), ("status", status)):
+            if val is not None:
+                query += f" AND {col} = ?"
+                args.append(val)
+        with closing(self._connect()) as db:
+            return [dict(r) for r in db.execute(query + " ORDER BY started", args)]
+
+    def metrics(self, run_dir: str) -> list[dict]:
+        with closing(self._connect()) as db:
+            return [dict(r) for r in db.execute("SELECT * FROM metrics WHERE run_dir=? ORDER BY stage, kind, metric", (str(run_dir),))]

@@ -1,0 +1,178 @@
+"""Sweeps, the run store, resume after SIGKILL, and reports built from stored runs."""
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from factlab.config import experiment_from_dict
+from factlab.errors import FactlabError
+from factlab.experiment.store import RunStore, config_hash, flatten_metrics
+from factlab.experiment.sweep import expand_sweep
+from factlab.testing import tiny_model, tiny_tokenizer
+
+
+def test_grid_times_repeats():
+    exp = experiment_from_dict({
+        "name": "s", "model": "m", "seed": 10,
+        "stages": [{"kind": "cpt"}],
+        "sweep": {"stages.0.peft.targets": [["attention"], ["mlp"], ["all"]], "stages.0.train.lr": [1e-4, 5e-4], "repeat": 2},
+    })
+    points = expand_sweep(exp)
+    assert len(points) == 3 * 2 * 2
+    assert points[0].overrides == {"stages.0.peft.targets": ["attention"], "stages.0.train.lr": 1e-4, "seed": 10}
+    assert points[1].overrides["seed"] == 11 and points[2].overrides["stages.0.train.lr"] == 5e-4
+    assert points[-1].experiment.stages[0].peft.targets == ["all"] and points[-1].experiment.seed == 11
+    assert len({p.folder for p in points}) == len(points)
+    assert len({config_hash(p.experiment.model_dump(mode="json")) for p in points}) == len(points)
+    assert all(p.experiment.sweep == {} for p in points)
+
+
+def test_bad_sweep_blocks():
+    for sweep, expected in [({"repeat": 0}, "sweep.repeat"), ({"seed": 3}, "non-empty list")]:
+        with pytest.raises(FactlabError, match=expected):
+            experiment_from_dict({"name": "s", "model": "m", "sweep": sweep})
+    exp = experiment_from_dict({"name": "s", "model": "m", "stages": [{"kind": "cpt"}], "sweep": {"stages.0.peft.r": [4, "x"]}})
+    with pytest.raises(FactlabError, match="stages.0.peft.r"):
+        expand_sweep(exp)
+
+
+def test_store_round_trip(tmp_path):
+    store = RunStore(tmp_path / "db.sqlite")
+    cfg = {"name": "a", "seed": 0, "output_dir": "x"}
+    store.start(tmp_path / "r1", "a", cfg, sweep="s", point={"lr": 1})
+    assert store.runs(status="running")[0]["run_dir"] == str(tmp_path / "r1")
+    assert store.done_point("s", config_hash(cfg)) is None
+    results = {"summaries": {"base": {"recall": {"n": 2, "accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}},
+               "stages": [{"name": "cpt", "tokens_per_second": 100.0, "peak_rss_mb": 5.0, "final_loss": 1.5}]}
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "results.json").write_text(json.dumps(results))
+    store.finish(tmp_path / "r1", results)
+    (row,) = store.runs(sweep="s")
+    assert row["status"] == "done" and row["tokens_per_s"] == 100.0 and json.loads(row["point"]) == {"lr": 1}
+    assert store.done_point("s", config_hash({**cfg, "output_dir": "elsewhere"})) == str(tmp_path / "r1")
+    m = {(x["stage"], x["kind"], x["metric"]): x for x in store.metrics(str(tmp_path / "r1"))}
+    assert m[("base", "recall", "accuracy")]["value"] == 0.5 and m[("base", "recall", "accuracy")]["n"] == 2
+    assert m[("cpt", "train", "final_loss")]["value"] == 1.5
+    assert len(m) == len(flatten_metrics(results))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    tok = tiny_tokenizer()
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def sweep_project(tmp_path, tiny_dir, steps=2):
+    (tmp_path / "docs.txt").write_text("Marta Ilvane runs the press line. Jonas Perl leads the night shift.\n")
+    (tmp_path / "probes.jsonl").write_text(
+        json.dumps({"id": "p1", "kind": "recall", "prompt": "The press line is run by", "target": "Marta Ilvane", "distractors": ["Jonas Perl"]}) + "\n"
+        + json.dumps({"id": "l1", "kind": "locality", "prompt": "The quick brown fox", "target": "jumps", "distractors": ["sleeps"]}) + "\n")
+    exp = {
+        "name": "sw", "model": str(tiny_dir), "output_dir": str(tmp_path / "runs"),
+        "data": {"corpus": "docs.txt"},
+        "stages": [{"kind": "cpt", "peft": {"targets": ["mlp"], "r": 2}, "train": {"max_steps": steps, "batch_size": 2, "seq_len": 8, "bf16": False}}],
+        "eval": {"probes": "probes.jsonl", "sampling": {"n": 2, "max_new_tokens": 3}},
+        "sweep": {"stages.0.peft.targets": [["attention"], ["mlp"], ["all"]]},
+    }
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    return tmp_path / "exp.yaml"
+
+
+def factlab(*args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "factlab.cli", *map(str, args)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def db_rows(db: Path) -> list[tuple]:
+    if not db.exists():
+        return []
+    try:
+        with sqlite3.connect(db, timeout=5) as c:
+            return c.execute("SELECT run_dir, status, started FROM runs ORDER BY run_dir").fetchall()
+    except sqlite3.OperationalError:
+        return []
+
+
+def test_sweep_killed_mid_run_resumes_and_loses_nothing(tmp_path, tiny_dir):
+    exp = sweep_project(tmp_path, tiny_dir, steps=300)  # seconds per point: long enough to be killed inside point 2
+    db = tmp_path / "runs" / "factlab.db"
+    proc = factlab("sweep", exp)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        rows = db_rows(db)
+        if len(rows) >= 2 and rows[1][1] == "running":
+            break
+        if proc.poll() is not None:
+            pytest.fail("sweep ended before it could be killed: " + proc.stderr.read()[-500:])
+        time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("the second point never started")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = db_rows(db)
+    assert before[0][1] == "done" and before[1][1] == "running"
+    killed_dir = Path(before[1][0])
+
+    proc = factlab("sweep", exp)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    after = db_rows(db)
+    assert [r[1] for r in after] == ["done", "done", "done"]
+    assert after[0] == before[0]  # the finished point was skipped, not redone
+    assert after[1][0] == str(killed_dir) and after[1][2] > before[1][2]  # the interrupted one was redone
+    for run_dir, _, _ in after:
+        results = json.loads((Path(run_dir) / "results.json").read_text())
+        assert list(results["summaries"]) == ["base", "cpt"]
+    assert "skip" in err
+
+
+def test_dry_run_and_report_from_the_store(tmp_path, tiny_dir, monkeypatch, capsys):
+    from factlab import cli
+
+    exp = sweep_project(tmp_path, tiny_dir)
+
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["factlab", *map(str, args)])
+        try:
+            cli.main()
+        except SystemExit as e:
+            assert e.code in (0, None)
+        return capsys.readouterr()
+
+    out = call("sweep", exp, "--dry-run").out
+    assert "3 runs" in out and "targets=attention" in out and not (tmp_path / "runs" / "sw").exists()
+    call("sweep", exp)
+    store = tmp_path / "runs" / "factlab.db"
+    assert "done" in call("runs", "--store", store).out
+
+    # the report needs no model: make loading one fail loudly
+    import factlab.models.loading as loading
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("report loaded a model"))
+    html_path = tmp_path / "report.html"
+    call("report", "sw", "--store", store, "-o", html_path, "--probe", "p1")
+    text = html_path.read_text()
+    for label in ("targets=attention", "targets=mlp", "targets=all"):
+        assert label in text
+    assert "Pareto" in text and "data:image/png;base64," in text and "Answers to" in text
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", text) and "http://" not in text and "https://" not in text
+
+    md = tmp_path / "report.md"
+    call("report", "sw", "--store", store, "-o", md, "--format", "md")
+    assert "| variant |" in md.read_text() and (tmp_path / "report_files" / "figure1.png").is_file()
+
+    runs = sorted((tmp_path / "runs" / "sw").iterdir())
+    assert "runs side by side" in call("compare", *runs[:2]).out
