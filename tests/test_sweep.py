@@ -154,7 +154,7 @@ def test_dry_run_and_report_from_the_store(tmp_path, tiny_dir, monkeypatch, caps
         return capsys.readouterr()
 
     out = call("sweep", exp, "--dry-run").out
-    assert "3 runs" in out and "targets=attention" in out and not (tmp_path / "runs" / "sw").exists()
+    assert "3 runs" in out and "cpt.targets=attention" in out and not (tmp_path / "runs" / "sw").exists()
     call("sweep", exp)
     store = tmp_path / "runs" / "factlab.db"
     assert "done" in call("runs", "--store", store).out
@@ -165,7 +165,7 @@ def test_dry_run_and_report_from_the_store(tmp_path, tiny_dir, monkeypatch, caps
     html_path = tmp_path / "report.html"
     call("report", "sw", "--store", store, "-o", html_path, "--probe", "p1")
     text = html_path.read_text()
-    for label in ("targets=attention", "targets=mlp", "targets=all"):
+    for label in ("cpt.targets=attention", "cpt.targets=mlp", "cpt.targets=all"):
         assert label in text
     assert "Pareto" in text and "data:image/png;base64," in text and "Answers to" in text
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", text) and "http://" not in text and "https://" not in text

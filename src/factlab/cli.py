@@ -107,15 +107,12 @@ def runs(
     store: StoreOpt = None,
 ) -> None:
     """List runs in the store."""
-    import json
-
     rows = _store(store, "runs").runs(name=name, sweep=sweep_name, status=status)
     table = Table(title=f"{len(rows)} runs")
     for col in ("run folder", "sweep", "point", "status", "minutes", "tok/s"):
         table.add_column(col)
     for r in rows:
-        point = " ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(r["point"] or "{}").items())
-        table.add_row(r["run_dir"], r["sweep"] or "", point, r["status"],
+        table.add_row(r["run_dir"], r["sweep"] or "", r["label"] or "", r["status"],
                       f"{r['seconds'] / 60:.1f}" if r["seconds"] else "", f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "")
     Console().print(table)
 

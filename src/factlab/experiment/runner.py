@@ -54,7 +54,8 @@ def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None
 
 
 def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Path | None = None,
-                   store: RunStore | None = None, sweep: str | None = None, point: dict | None = None) -> Path:
+                   store: RunStore | None = None, sweep: str | None = None, point: dict | None = None,
+                   label: str | None = None) -> Path:
     """Run every stage of `exp`; return the run folder. With a `store`, the run is indexed
     there: `running` when its folder is created, `done` with its metrics at the end, `failed`
     with the error if it raises."""
@@ -97,7 +98,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     run_dir = run_dir or new_run_dir(Path(exp.output_dir), exp.name)
     (run_dir / "scores").mkdir(parents=True, exist_ok=True)
     if store is not None:
-        store.start(run_dir, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point)
+        store.start(run_dir, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point, label=label)
     try:
         results = _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names)
     except BaseException as e:

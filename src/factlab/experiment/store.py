@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS runs (
     name         TEXT NOT NULL,
     sweep        TEXT,
     point        TEXT,            -- JSON: the sweep overrides of this run
+    label        TEXT,            -- the overrides as a short text, e.g. "cpt.alpha=32"
     config_hash  TEXT NOT NULL,
     config       TEXT NOT NULL,   -- JSON: the resolved experiment
     status       TEXT NOT NULL,   -- running | done | failed
@@ -103,12 +104,13 @@ class RunStore:
         db.row_factory = sqlite3.Row
         return db
 
-    def start(self, run_dir: Path, name: str, config: dict, sweep: str | None = None, point: dict | None = None) -> None:
+    def start(self, run_dir: Path, name: str, config: dict, sweep: str | None = None, point: dict | None = None,
+              label: str | None = None) -> None:
         with closing(self._connect()) as db, db:
             db.execute(
-                "INSERT OR REPLACE INTO runs (run_dir, name, sweep, point, config_hash, config, status, started) "
-                "VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
-                (str(run_dir), name, sweep, json.dumps(point or {}), config_hash(config), json.dumps(config), time.time()),
+                "INSERT OR REPLACE INTO runs (run_dir, name, sweep, point, label, config_hash, config, status, started) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
+                (str(run_dir), name, sweep, json.dumps(point or {}), label, config_hash(config), json.dumps(config), time.time()),
             )
             db.execute("DELETE FROM metrics WHERE run_dir = ?", (str(run_dir),))
 

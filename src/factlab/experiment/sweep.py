@@ -26,20 +26,28 @@ class SweepPoint:
     overrides: dict
     """Dotted key -> value for this point (and `seed` when the sweep repeats)."""
     experiment: Experiment
-
-    @property
-    def label(self) -> str:
-        parts = []
-        for key, value in self.overrides.items():
-            short = key.split(".")[-1]
-            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
-            parts.append(f"{short}={text}")
-        return " ".join(parts) or "default"
+    label: str = "default"
+    """Human-readable overrides, e.g. `cpt.alpha=32 sft.targets=attention`."""
 
     @property
     def folder(self) -> str:
         slug = re.sub(r"[^A-Za-z0-9.=,_-]+", "_", self.label.replace(" ", "_"))[:80]
         return f"{self.index:03d}-{slug}"
+
+
+def point_label(exp: Experiment, overrides: dict) -> str:
+    """`stages.1.peft.alpha=8` reads as `sft.alpha=8` (the stage's name); other keys by their
+    last part."""
+    names = exp.stage_names()
+    parts = []
+    for key, value in overrides.items():
+        bits = key.split(".")
+        short = bits[-1]
+        if bits[0] == "stages" and len(bits) > 2 and bits[1].isdigit() and int(bits[1]) < len(names):
+            short = f"{names[int(bits[1])]}.{bits[-1]}"
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        parts.append(f"{short}={text}")
+    return " ".join(parts) or "default"
 
 
 def expand_sweep(exp: Experiment) -> list[SweepPoint]:
@@ -62,7 +70,7 @@ def expand_sweep(exp: Experiment) -> list[SweepPoint]:
                 point_exp = experiment_from_dict(raw, source=f"sweep point {overrides}")
             except FactlabError as e:
                 raise FactlabError(f"{e} (check the sweep: block)") from None
-            points.append(SweepPoint(len(points), overrides, point_exp))
+            points.append(SweepPoint(len(points), overrides, point_exp, point_label(exp, overrides)))
     return points
 
 
@@ -92,7 +100,8 @@ def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None) 
             if run_dir.exists():  # left by an interrupted run: redo it
                 shutil.rmtree(run_dir)
             console.rule(f"point {p.index + 1}/{len(points)}: {p.label}")
-            run_experiment(p.experiment, console=console, run_dir=run_dir, store=store, sweep=exp.name, point=p.overrides)
+            run_experiment(p.experiment, console=console, run_dir=run_dir, store=store, sweep=exp.name, point=p.overrides,
+                           label=p.label)
             folders.append(run_dir)
             progress.advance(task)
     return folders

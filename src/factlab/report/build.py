@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import time
 from pathlib import Path
 
@@ -33,9 +32,7 @@ def resolve_runs(sources: list[str], store: RunStore) -> list[tuple[Path, str]]:
             raise FactlabError(f"'{src}' is neither a run folder nor a sweep with finished runs in {store.path}; "
                                "see `factlab runs`")
         for r in sorted(rows, key=lambda r: r["run_dir"]):
-            point = json.loads(r["point"] or "{}")
-            label = " ".join(f"{k.split('.')[-1]}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in point.items())
-            out.append((Path(r["run_dir"]), label or Path(r["run_dir"]).name))
+            out.append((Path(r["run_dir"]), r["label"] or Path(r["run_dir"]).name))
     return out
 
 
