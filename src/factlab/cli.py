@@ -45,6 +45,7 @@ def _store(path: Optional[Path], output_dir: str | Path):
     return RunStore(path or Path(output_dir) / "factlab.db")
 
 
+MlflowOpt = Annotated[bool, typer.Option("--mlflow", help="Also log each run to MLflow (needs the mlflow package).")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite); default: <output_dir>/factlab.db, i.e. runs/factlab.db.")]
 
 
@@ -54,6 +55,7 @@ def run(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: stages.0.train.lr=1e-4 (repeatable).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir, runs/).")] = None,
     store: StoreOpt = None,
+    mlflow: MlflowOpt = False,
 ) -> None:
     """Run an experiment: score, train each stage, merge, score again; write a run folder."""
     _quiet_libraries()
@@ -63,7 +65,7 @@ def run(
     exp = load_experiment(experiment, set_ or [])
     if output_dir is not None:
         exp.output_dir = str(output_dir)
-    run_experiment(exp, console=err, store=_store(store, exp.output_dir))
+    run_experiment(exp, console=err, store=_store(store, exp.output_dir), mlflow=mlflow)
 
 
 
@@ -74,6 +76,7 @@ def sweep(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the points and exit.")] = False,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir).")] = None,
     store: StoreOpt = None,
+    mlflow: MlflowOpt = False,
 ) -> None:
     """Run every point of an experiment's sweep grid; a restarted sweep skips finished points."""
     _quiet_libraries()
@@ -95,7 +98,11 @@ def sweep(
             table.add_row(str(p.index), p.folder, p.label)
         Console().print(table)
         return
-    run_sweep(exp, _store(store, exp.output_dir), console=err)
+    if mlflow:
+        from factlab.experiment.mlflow_log import require_mlflow
+
+        require_mlflow()
+    run_sweep(exp, _store(store, exp.output_dir), console=err, mlflow=mlflow)
     Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
 
 

@@ -55,7 +55,7 @@ def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None
 
 def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Path | None = None,
                    store: RunStore | None = None, sweep: str | None = None, point: dict | None = None,
-                   label: str | None = None) -> Path:
+                   label: str | None = None, mlflow: bool = False) -> Path:
     """Run every stage of `exp`; return the run folder. With a `store`, the run is indexed
     there: `running` when its folder is created, `done` with its metrics at the end, `failed`
     with the error if it raises."""
@@ -63,6 +63,10 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     names = exp.stage_names()
 
     # --- preflight: everything a user can get wrong, before any write ------------------------
+    if mlflow:
+        from factlab.experiment.mlflow_log import require_mlflow
+
+        require_mlflow()
     probes = load_probe_files(exp.eval.probes)
     raw_data = [load_stage_data(st, *_stage_inputs(exp, i), substitute=st.data.substitute or exp.data.substitute)
                 for i, st in enumerate(exp.stages)]
@@ -107,6 +111,10 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
         raise
     if store is not None:
         store.finish(run_dir, results)
+    if mlflow:
+        from factlab.experiment.mlflow_log import log_run
+
+        log_run(run_dir, exp.model_dump(mode="json"), results, experiment=sweep or exp.name)
     return run_dir
 
 

@@ -74,7 +74,7 @@ def expand_sweep(exp: Experiment) -> list[SweepPoint]:
     return points
 
 
-def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None) -> list[Path]:
+def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None, mlflow: bool = False) -> list[Path]:
     """Run every point not already finished in `store`; returns the run folders in point order.
 
     A point whose run is marked `running` (a sweep killed mid-run) is redone from scratch.
@@ -101,7 +101,7 @@ def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None) 
                 shutil.rmtree(run_dir)
             console.rule(f"point {p.index + 1}/{len(points)}: {p.label}")
             run_experiment(p.experiment, console=console, run_dir=run_dir, store=store, sweep=exp.name, point=p.overrides,
-                           label=p.label)
+                           label=p.label, mlflow=mlflow)
             folders.append(run_dir)
             progress.advance(task)
     return folders

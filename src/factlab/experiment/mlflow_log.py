@@ -1,0 +1,53 @@
+"""Optional MLflow logging of a finished run (params, metrics, artifacts).
+
+MLflow is not a dependency: `--mlflow` imports it and fails with a clear message when it is
+not installed; without the flag nothing here is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from factlab.errors import FactlabError
+from factlab.experiment.store import flatten_metrics
+
+
+def require_mlflow():
+    try:
+        import mlflow
+    except ImportError:
+        raise FactlabError("--mlflow needs the mlflow package; install it with: pip install mlflow") from None
+    return mlflow
+
+
+def _flat(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _flat(v, key + ".")
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                yield from _flat(x, f"{key}.{i}.")
+        else:
+            yield key, v
+
+
+def log_run(run_dir: Path, config: dict, results: dict, experiment: str) -> None:
+    """One MLflow run per factlab run: the resolved config as params, every indexed metric
+    (`stage/kind/metric`), and results.json, config.yaml and the loss curves as artifacts."""
+    mlflow = require_mlflow()
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=Path(run_dir).name):
+        # MLflow params are strings of at most a few hundred characters.
+        mlflow.log_params({k: str(v)[:250] for k, v in _flat(config)})
+        metrics = {}
+        for stage, kind, metric, value, *_ in flatten_metrics(results):
+            if value is not None:
+                name = f"{stage}/{kind}/{metric}".replace("+", "_plus_").replace(":", "_")
+                metrics[name] = float(value)
+        mlflow.log_metrics(metrics)
+        for name in ("results.json", "config.yaml"):
+            if (Path(run_dir) / name).is_file():
+                mlflow.log_artifact(str(Path(run_dir) / name))
+        for png in sorted(Path(run_dir).glob("stages/*/loss.png")):
+            mlflow.log_artifact(str(png), artifact_path=f"loss/{png.parent.name}")
