@@ -216,3 +216,21 @@ def test_mlflow_flag_without_mlflow_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # makes `import mlflow` raise ImportError
     with pytest.raises(FactlabError, match="pip install mlflow"):
         require_mlflow()
+
+
+def test_sweep_evaluates_the_base_model_once(tmp_path, tiny_dir, monkeypatch):
+    from factlab.config import load_experiment
+    from factlab.experiment.evaluation import Evaluator
+    from factlab.experiment.sweep import run_sweep
+
+    labels = []
+    real = Evaluator.evaluate
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, label, *a, **k: labels.append(label) or real(self, label, *a, **k))
+    exp = load_experiment(sweep_project(tmp_path, tiny_dir))
+    folders = run_sweep(exp, RunStore(tmp_path / "db.sqlite"))
+    assert labels.count("base") == 1 and labels.count("cpt") == 3
+    first = [json.loads(x) for x in (folders[0] / "scores" / "base.jsonl").read_text().splitlines()]
+    for f in folders[1:]:
+        assert [json.loads(x) for x in (f / "scores" / "base.jsonl").read_text().splitlines()] == first
+        res = json.loads((f / "results.json").read_text())
+        assert res["summaries"]["base"] == json.loads((folders[0] / "results.json").read_text())["summaries"]["base"]

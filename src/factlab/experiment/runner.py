@@ -17,6 +17,7 @@ template) is checked before the first write, so bad input never leaves a half-ma
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -55,7 +56,7 @@ def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None
 
 def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Path | None = None,
                    store: RunStore | None = None, sweep: str | None = None, point: dict | None = None,
-                   label: str | None = None, mlflow: bool = False) -> Path:
+                   label: str | None = None, mlflow: bool = False, base_cache: dict | None = None) -> Path:
     """Run every stage of `exp`; return the run folder. With a `store`, the run is indexed
     there: `running` when its folder is created, `done` with its metrics at the end, `failed`
     with the error if it raises."""
@@ -104,7 +105,8 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     if store is not None:
         store.start(run_dir, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point, label=label)
     try:
-        results = _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names)
+        results = _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
+                       base_cache)
     except BaseException as e:
         if store is not None:
             store.fail(run_dir, f"{type(e).__name__}: {e}")
@@ -118,8 +120,25 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     return run_dir
 
 
-def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names) -> dict:
-    """The run proper, after preflight: evaluations and stages; returns results.json's content."""
+def base_cache_key(exp: Experiment, model_path: Path, raw_data) -> str:
+    """What the untrained model's evaluation depends on: the model, the eval settings and
+    their files' contents, the seed, the SFT prompts (style) and the in-context corpus."""
+    import hashlib
+
+    parts = {"model": str(model_path), "eval": exp.eval.model_dump(mode="json"), "seed": exp.seed,
+             "files": [Path(p).read_bytes().hex() for p in exp.eval.probes + exp.eval.general_text],
+             "sft": next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None),
+             "context": [exp.data.corpus, exp.data.substitute] if exp.eval.in_context else None}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
+         base_cache: dict | None = None) -> dict:
+    """The run proper, after preflight: evaluations and stages; returns results.json's content.
+
+    `base_cache` (a sweep passes one dict to all its points) reuses the untrained model's
+    evaluation across runs whose base_cache_key matches: it is deterministic, and repeating it
+    for every point of a sweep would cost as much as the training."""
     write_atomic(run_dir / "config.yaml", dump_experiment(exp))
     console.print(f"run folder: [bold]{run_dir}[/bold]  (model {model_path})")
     sft_convs = next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
@@ -135,10 +154,24 @@ def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, 
             results["style"][label] = ev["style"]
         write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
 
-    base_eval = evaluator.evaluate("base", model)
-    record("base", base_eval)
-    if context is not None:
-        record("base+context", evaluator.evaluate("base+context", model, context=context, with_perplexity=False))
+    key = base_cache_key(exp, model_path, raw_data) if base_cache is not None else None
+    if key is not None and key in base_cache:
+        source, cached = base_cache[key]
+        console.print(f"[dim]base evaluation reused from {source} (same model, probes and settings)[/dim]")
+        for f in (source / "scores").glob("base*.jsonl"):
+            shutil.copyfile(f, run_dir / "scores" / f.name)
+        for label, ev in cached.items():
+            record(label, ev)
+        base_eval = cached["base"]
+    else:
+        base_eval = evaluator.evaluate("base", model)
+        record("base", base_eval)
+        cached = {"base": base_eval}
+        if context is not None:
+            cached["base+context"] = evaluator.evaluate("base+context", model, context=context, with_perplexity=False)
+            record("base+context", cached["base+context"])
+        if key is not None:
+            base_cache[key] = (run_dir, cached)
     for i, (st, name) in enumerate(zip(exp.stages, names)):
         out = run_dir / "stages" / f"{i + 1}-{name}"
         model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)

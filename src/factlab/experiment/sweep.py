@@ -85,6 +85,7 @@ def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None, 
     points = expand_sweep(exp)
     root = Path(exp.output_dir) / exp.name
     folders: list[Path] = []
+    base_cache: dict = {}  # the untrained model's evaluation, shared by points that agree on it
     with Progress(TextColumn("[bold]sweep {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=not console.is_terminal) as progress:
         task = progress.add_task(exp.name, total=len(points))
@@ -101,7 +102,7 @@ def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None, 
                 shutil.rmtree(run_dir)
             console.rule(f"point {p.index + 1}/{len(points)}: {p.label}")
             run_experiment(p.experiment, console=console, run_dir=run_dir, store=store, sweep=exp.name, point=p.overrides,
-                           label=p.label, mlflow=mlflow)
+                           label=p.label, mlflow=mlflow, base_cache=base_cache)
             folders.append(run_dir)
             progress.advance(task)
     return folders
