@@ -49,6 +49,17 @@ MlflowOpt = Annotated[bool, typer.Option("--mlflow", help="Also log each run to 
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite); default: <output_dir>/factlab.db, i.e. runs/factlab.db.")]
 
 
+def _load(experiment: Path, overrides: Optional[list[str]], output_dir: Optional[Path]):
+    """The experiment with --set overrides and --output-dir applied (libraries quietened)."""
+    _quiet_libraries()
+    from factlab.config import load_experiment
+
+    exp = load_experiment(experiment, overrides or [])
+    if output_dir is not None:
+        exp.output_dir = str(output_dir)
+    return exp
+
+
 @app.command()
 def run(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
@@ -58,13 +69,9 @@ def run(
     mlflow: MlflowOpt = False,
 ) -> None:
     """Run an experiment: score, train each stage, merge, score again; write a run folder."""
-    _quiet_libraries()
-    from factlab.config import load_experiment
     from factlab.experiment.runner import run_experiment
 
-    exp = load_experiment(experiment, set_ or [])
-    if output_dir is not None:
-        exp.output_dir = str(output_dir)
+    exp = _load(experiment, set_, output_dir)
     run_experiment(exp, console=err, store=_store(store, exp.output_dir), mlflow=mlflow)
 
 
@@ -79,13 +86,9 @@ def sweep(
     mlflow: MlflowOpt = False,
 ) -> None:
     """Run every point of an experiment's sweep grid; a restarted sweep skips finished points."""
-    _quiet_libraries()
-    from factlab.config import load_experiment
     from factlab.experiment.sweep import expand_sweep, run_sweep
 
-    exp = load_experiment(experiment, set_ or [])
-    if output_dir is not None:
-        exp.output_dir = str(output_dir)
+    exp = _load(experiment, set_, output_dir)
     if not exp.sweep:
         raise FactlabError(f"{experiment} has no sweep: block; add one (dotted key: [values]) or use `factlab run`")
     points = expand_sweep(exp)

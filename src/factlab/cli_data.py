@@ -160,29 +160,10 @@ def substitute(
 def _read_corpus_raw(paths: list[Path]) -> tuple[list[str], list[str]]:
     """Documents and their labels, keeping empty ones (load_documents drops them, and the
     check wants to count them)."""
-    from factlab.data.io import iter_jsonl, read_text
+    from factlab.data.corpus import read_documents
 
-    docs, names = [], []
-    for p in paths:
-        if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".md"))
-            if not files:
-                raise FactlabError(f"corpus folder {p} has no .txt, .md or .jsonl files")
-        elif p.is_file():
-            files = [p]
-        else:
-            raise FactlabError(f"corpus {p} does not exist; check the path")
-        for f in files:
-            if f.suffix == ".jsonl":
-                for lineno, obj in iter_jsonl(f, "corpus file"):
-                    if not isinstance(obj.get("text"), str):
-                        raise FactlabError(f"{f}:{lineno}: corpus lines need a string field \"text\"")
-                    docs.append(obj["text"])
-                    names.append(f"{f}:{lineno}")
-            else:
-                docs.append(read_text(f, "corpus file"))
-                names.append(str(f))
-    return docs, names
+    pairs = read_documents(paths)
+    return [t for _, t in pairs], [n for n, _ in pairs]
 
 
 @data_app.command()

@@ -8,22 +8,32 @@ from factlab.data.io import iter_jsonl, read_text
 from factlab.errors import FactlabError
 
 
-def load_documents(paths: list[str | Path]) -> list[str]:
-    """Documents from .txt files (one document per file), .jsonl files ({"text": ...} per line)
-    or folders of those (sorted by name). Empty documents are dropped; no documents at all is
-    an error."""
-    docs: list[str] = []
+def read_documents(paths: list[str | Path]) -> list[tuple[str, str]]:
+    """(label, text) of every document, empty ones included: .txt/.md files (one document per
+    file), .jsonl files ({"text": ...} per line, labelled file:line) or folders of those
+    (sorted by name). A missing path or a folder without such files is an error."""
+    out: list[tuple[str, str]] = []
     for p in map(Path, paths):
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".md")) if p.is_dir() else [p]
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl", ".md"))
+            if not files:
+                raise FactlabError(f"corpus folder {p} has no .txt, .md or .jsonl files; put the documents there")
+        else:
+            files = [p]
         for f in files:
             if f.suffix == ".jsonl":
                 for lineno, obj in iter_jsonl(f, "corpus file"):
                     if not isinstance(obj.get("text"), str):
                         raise FactlabError(f"{f}:{lineno}: corpus lines need a string field \"text\"")
-                    docs.append(obj["text"])
+                    out.append((f"{f}:{lineno}", obj["text"]))
             else:
-                docs.append(read_text(f, "corpus file"))
-    docs = [d.strip() for d in docs if d.strip()]
+                out.append((str(f), read_text(f, "corpus file")))
+    return out
+
+
+def load_documents(paths: list[str | Path]) -> list[str]:
+    """The non-empty documents of read_documents(), stripped; no documents at all is an error."""
+    docs = [text.strip() for _, text in read_documents(paths) if text.strip()]
     if not docs:
         shown = ", ".join(str(p) for p in paths) or "(none given)"
         raise FactlabError(f"the corpus is empty ({shown}); give .txt/.jsonl files with some text in data.corpus")
