@@ -40,7 +40,7 @@ def test_loads_defaults_and_resolves_paths_against_the_file(tmp_path):
 def test_dump_round_trips(tmp_path):
     exp = load_experiment(write(tmp_path, MINIMAL))
     again = experiment_from_dict(__import__("yaml").safe_load(dump_experiment(exp)))
-    assert again == exp
+    assert again.model_dump() == exp.model_dump()
 
 
 @pytest.mark.parametrize(
@@ -119,3 +119,11 @@ def test_repeated_kinds_are_numbered_and_names_must_be_unique():
     raw["stages"][2]["name"] = "base"
     with pytest.raises(FactlabError, match="reserved"):
         experiment_from_dict(raw)
+
+
+def test_sweep_paths_resolve_against_the_experiment_file(tmp_path):
+    from factlab.experiment.sweep import expand_sweep
+
+    p = write(tmp_path, MINIMAL + "sweep:\n  data.corpus: [[a.txt], [b/]]\n")
+    points = expand_sweep(load_experiment(p))
+    assert [pt.experiment.data.corpus for pt in points] == [[str(tmp_path / "a.txt")], [str(tmp_path / "b")]]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from factlab.errors import FactlabError
 
@@ -92,9 +92,10 @@ class TrainSpec(_Strict):
     eval_steps: int = Field(10, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0)
     """Stop after this many evaluations without a lower held-out loss (needs eval_fraction)."""
-    neftune_alpha: float | None = Field(None, gt=0)
+    neftune_alpha: float | None = Field(None, ge=0)
     """NEFTune: uniform noise in [-a, a], a = alpha/sqrt(L*d) (L: the batch's padded length,
-    d: hidden size), added to the input token embeddings in training steps only."""
+    d: hidden size), added to the input token embeddings in training steps only (0 or unset:
+    off; the paper uses 5-15)."""
     l2_to_base: float = Field(0.0, ge=0.0)
     """Forgetting control: adds l2_to_base * sum ||W_merged - W_base||_F^2 over the changed
     weights to the training loss (see factlab.train.regularizers). Not for prompt methods."""
@@ -219,6 +220,8 @@ class Experiment(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     stages: list[StageSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    _base: Path = PrivateAttr(default_factory=Path.cwd)
+    """Folder relative paths were resolved against (the experiment file's); sweep values too."""
     sweep: dict[str, Any] = Field(default_factory=dict)
     """Grid for `factlab sweep`: dotted key -> list of values (every combination is one run),
     plus `repeat: N` to run each point with seeds seed, seed+1, ... (`factlab run` ignores it)."""
@@ -369,6 +372,7 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = 
     except ValidationError as e:
         raise FactlabError(_format_validation_error(e, source)) from None
     exp = _resolve_paths(exp, (base or Path.cwd()).resolve())
+    exp._base = (base or Path.cwd()).resolve()
     exp.stage_names()  # fail early on duplicate names
     return exp
 

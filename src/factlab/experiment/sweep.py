@@ -67,7 +67,8 @@ def expand_sweep(exp: Experiment) -> list[SweepPoint]:
             for key, value in overrides.items():
                 apply_override(raw, key.split("."), value)
             try:
-                point_exp = experiment_from_dict(raw, source=f"sweep point {overrides}")
+                # relative paths in sweep values resolve like the file's own: against its folder
+                point_exp = experiment_from_dict(raw, source=f"sweep point {overrides}", base=exp._base)
             except FactlabError as e:
                 raise FactlabError(f"{e} (check the sweep: block)") from None
             points.append(SweepPoint(len(points), overrides, point_exp, point_label(exp, overrides)))
