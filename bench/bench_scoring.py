@@ -1,22 +1,24 @@
 """Probe scoring speed: factlab's Scorer against a plain one-forward-per-candidate loop.
 
-Builds ``--probes`` probes (seeded, generated here: prompts of 8-20 tokens, 4 candidates of
-1-4 tokens each), loads SmolLM2-135M once and, in the same run, times on the same pairs:
+Builds ``--probes`` probes (seeded, generated here: distinct prompts of 8-20 tokens, 4
+candidates of 1-4 tokens each), loads SmolLM2-135M once and, in the same run, times on the
+same (prompt, candidate) pairs:
 
-  loop      one ``model(ids)`` forward per (prompt, candidate), log_softmax and gather: the
-            way one writes it with plain transformers;
-  plain     ``Scorer(share_prefix=False)``: every pair whole, right-padded batches sorted by
-            length (the fallback path);
-  scorer    ``Scorer`` (default): each prompt runs once, its candidates are scored from its
-            key/value cache.
+  loop (1 forward per pair)  one ``model(input_ids=...)`` forward per pair, then log_softmax
+                             and gather: the way one writes it with plain transformers;
+  Scorer, plain batches      ``Scorer(share_prefix=False)``: every pair runs whole, in
+                             right-padded batches sorted by length (the fallback path);
+  Scorer, shared prompt      ``Scorer`` (the default): each prompt runs once, and its
+                             candidates are scored from its key/value cache.
 
-Each timing covers tokenization, forward passes, log-softmax and gather, for every method.
-Model loading and probe generation are outside the timings. Each method is warmed up once
-(on a few probes), then timed ``--repeats`` times, interleaved (loop, plain, scorer, loop,
-...) so that load from other jobs spreads over all three; the table reports the best and
-median times. The script checks that every method agrees with the loop within 1e-4.
+Every timing spans the same work: from the pairs as strings to their log-prob sums, i.e.
+tokenization, padding, forward passes, log-softmax and gather. Model loading and probe
+generation are not timed. Each method is warmed up once (on the first 32 pairs), then timed
+``--repeats`` times, interleaved (loop, plain, shared, loop, ...) so that load from other
+jobs spreads over all three; the table gives the best and the median time. The script exits
+with an error if a method's log-probs differ from the loop's by more than 1e-4.
 
-    .venv/bin/python bench/bench_scoring.py            # 200 probes x 4 candidates
+    .venv/bin/python bench/bench_scoring.py            # 200 probes x 4 candidates, 3 repeats
     .venv/bin/python bench/bench_scoring.py --probes 20 --repeats 1   # a quick look
 """
 
@@ -30,8 +32,9 @@ import statistics
 import time
 
 import torch
+import transformers
 
-from factlab.evaluate.scoring import Scorer
+from factlab.evaluate.scoring import Scorer, split_pair
 from factlab.models.loading import load_model, resolve_model
 
 SUBJECTS = ["Marta Ilvane", "Jonas Perl", "Edda Sorn", "the night-shift foreman", "our new tenant",
@@ -102,7 +105,8 @@ def machine_info() -> str:
         pass
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"cpu: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; python {platform.python_version()}; "
+            f"{torch.get_num_threads()} threads; transformers {transformers.__version__}; "
+            f"python {platform.python_version()}; "
             f"load average {load}")
 
 
@@ -114,6 +118,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
+    if args.probes < 1 or args.repeats < 1 or args.batch_size < 1:
+        ap.error("--probes, --repeats and --batch-size must be at least 1")
 
     print(machine_info())
     model, tok = load_model(resolve_model(args.model))
@@ -125,6 +131,12 @@ def main() -> None:
     print(f"{len(probes)} probes x 4 candidates = {len(pairs)} pairs; prompt tokens "
           f"{min(n_ctx)}-{max(n_ctx)} (mean {statistics.mean(n_ctx):.1f}), candidate tokens "
           f"{min(n_cont)}-{max(n_cont)} (mean {statistics.mean(n_cont):.2f})")
+    split = [split_pair(tok, prompt, continuation) for prompt, continuation in pairs]
+    whole = sum(len(ctx) + len(cont) - 1 for ctx, cont in split)  # all but the last token
+    prompts = sum(len(ctx) for ctx in {tuple(ctx) for ctx, _ in split})
+    rest = sum(len(cont) - 1 for _, cont in split)
+    print(f"input tokens: {whole} as whole pairs; {prompts} prompt + {rest} candidate "
+          f"tokens with each prompt run once")
 
     methods = {
         "loop (1 forward per pair)": lambda ps: loop_loglik(model, tok, ps),

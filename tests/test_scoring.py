@@ -350,6 +350,15 @@ def test_shared_prefix_runs_each_context_once(tok, llama, monkeypatch):
     assert calls == [(torch.Size([2, n_ctx]), False), (torch.Size([len(multi), width]), True)]
     assert_same(got, Scorer(llama, tok, share_prefix=False).loglikelihood(pairs))
 
+    # With batch_size 1 a long answer takes a forward of its own, and the next forward
+    # starts again from the same context cache, untouched by the first.
+    calls.clear()
+    pairs = [(context, LONG_ANSWER), (context, " Marta Ilvane."), (context, " Paris")]
+    got = Scorer(llama, tok, batch_size=1).loglikelihood(pairs)
+    assert [c[1] for c in calls] == [False, True, True]
+    assert calls[1][0][1] == len(tok.encode(LONG_ANSWER)) - 1
+    assert_same(got, [LogLik(*manual_loglik(llama, tok, c, x)) for c, x in pairs])
+
 
 def test_shared_prefix_falls_back_for_too_long_pairs(tok, monkeypatch):
     # GPT-2's tiny config has 128 positions: a pair longer than that runs whole, its oldest

@@ -169,7 +169,12 @@ def _token_scores(logits: torch.Tensor, rows: list[int], cols: list[int], target
 
 
 class Scorer:
-    """Batched log-likelihoods and greedy continuations for a causal LM and its tokenizer."""
+    """Batched log-likelihoods and greedy continuations for a causal LM and its tokenizer.
+
+    ``batch_size`` rows per forward. ``share_prefix`` (default True) runs each distinct
+    context once for all its continuations (see ``loglikelihood``); False runs every pair
+    whole, the reference path.
+    """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                  batch_size: int = 16, *, share_prefix: bool = True):
@@ -180,8 +185,6 @@ class Scorer:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.share_prefix = share_prefix
-        """Run each distinct context once for all its continuations (see ``loglikelihood``);
-        False runs every pair whole, the reference path."""
 
     # -- token ids the model needs ------------------------------------------------------
 
@@ -343,12 +346,13 @@ class Scorer:
             # context's cache, several continuations per forward (widest first).
             rest = sorted((m for m in members if len(requests[m[1]].cont) > 1),
                           key=lambda m: -len(requests[m[1]].cont))
-            # Rows per forward: at most the key/value positions (context + continuation) a
-            # plain batch of batch_size rows with 16-token continuations would hold.
+            # Bounded memory: a forward takes at most 4 * batch_size rows (copies of the
+            # context cache) and batch_size * (P + 16) input tokens, the logits a plain batch
+            # of batch_size rows with 16-token continuations would hold.
             budget = self.batch_size * (ctx_mask.shape[1] + 16)
             while rest:
                 width = len(requests[rest[0][1]].cont) - 1
-                n = max(1, budget // (ctx_mask.shape[1] + width))
+                n = max(1, min(4 * self.batch_size, budget // width))
                 chunk, rest = rest[:n], rest[n:]
                 self._score_continuations(cache, ctx_mask, [(b, requests[i].cont) for b, i in chunk],
                                           [i for _, i in chunk], logprob, missed)
@@ -412,11 +416,16 @@ class Scorer:
         missed.index_add_(0, req_t, torch.tensor(misses, dtype=torch.long, device=device))
 
     def _forward(self, return_output: bool = False, **inputs):
-        """The model's forward; ``logits_to_keep`` is dropped for a model without it (the
-        caller then slices the logits it needs). Returns the logits, or the whole output."""
+        """The model's forward, with logits for the last ``logits_to_keep`` positions only
+        (all of them for a model without that argument, then sliced). Returns the logits,
+        or the whole output."""
         keep = inputs.pop("logits_to_keep", None)
         if keep is not None and self._has_logits_to_keep:
-            inputs["logits_to_keep"] = keep
+            # As positions, not as the int: an int slices the hidden states to a strided
+            # view, and the lm_head matmul over a strided input rounds differently with the
+            # memory layout (two copies of one model disagreed by 1e-5); indexing copies.
+            width = inputs["input_ids"].shape[1]
+            inputs["logits_to_keep"] = torch.arange(width - keep, width, device=self._device)
         out = self.model(**inputs)
         if keep is not None and not self._has_logits_to_keep:
             out.logits = out.logits[:, -keep:]

@@ -14,7 +14,8 @@ What a stage saves, by method:
   lora / rslora / dora / ia3   adapter/ (PEFT) and, with `merge`, merged/ (plain transformers)
   prompt / prefix / p_tuning   adapter/ only: nothing to merge; the returned model is the
                                PeftModel, so such a stage must be the last one
-  full                         merged/ = the trained model itself (no adapter/)
+  full                         merged/ = the trained model itself (no adapter/; `merge` has
+                               nothing to do and is ignored)
 """
 
 from __future__ import annotations
