@@ -17,3 +17,13 @@ def tok():
 def llama(tok):
     torch.manual_seed(0)
     return tiny_model("llama", vocab_size=len(tok))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random llama + tokenizer saved as a local model folder (what `model:` can name)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = tiny_tokenizer()
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

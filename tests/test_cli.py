@@ -12,15 +12,6 @@ from factlab import cli
 from factlab.testing import tiny_model, tiny_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tok = tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 @pytest.fixture()
 def project(tmp_path, tiny_dir):
     (tmp_path / "docs.txt").write_text("Marta Ilvane runs the press line. Jonas Perl leads the night shift.\n")

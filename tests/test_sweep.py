@@ -17,7 +17,6 @@ from factlab.config import experiment_from_dict
 from factlab.errors import FactlabError
 from factlab.experiment.store import RunStore, config_hash, flatten_metrics
 from factlab.experiment.sweep import expand_sweep
-from factlab.testing import tiny_model, tiny_tokenizer
 
 
 def test_grid_times_repeats():
@@ -63,15 +62,6 @@ def test_store_round_trip(tmp_path):
     assert m[("base", "recall", "accuracy")]["value"] == 0.5 and m[("base", "recall", "accuracy")]["n"] == 2
     assert m[("cpt", "train", "final_loss")]["value"] == 1.5
     assert len(m) == len(flatten_metrics(results))
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny")
-    tok = tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def sweep_project(tmp_path, tiny_dir, steps=2):

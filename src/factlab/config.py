@@ -22,6 +22,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _listify(v: Any, *keys: str) -> Any:
+    """Accept a single string where a list of paths is expected (`corpus: docs.txt`)."""
+    if isinstance(v, dict) and any(isinstance(v.get(k), str) for k in keys):
+        v = {**v, **{k: [v[k]] for k in keys if isinstance(v.get(k), str)}}
+    return v
+
+
 class PeftSpec(_Strict):
     """Which parameters a stage trains and how (one adapter per stage).
 
@@ -126,9 +133,7 @@ class ReplaySpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
-        if isinstance(v, dict) and isinstance(v.get("source"), str):
-            v = {**v, "source": [v["source"]]}
-        return v
+        return _listify(v, "source")
 
 
 class DataSpec(_Strict):
@@ -142,12 +147,11 @@ class DataSpec(_Strict):
     """CPT text: .txt files (one document each), .jsonl files ({"text": ...} per line) or folders."""
     qa: str | None = None
     """SFT Q&A JSONL: {"question", "answer"} or {"messages": [...]} per line."""
+
     @model_validator(mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
-        if isinstance(v, dict) and isinstance(v.get("corpus"), str):
-            v = {**v, "corpus": [v["corpus"]]}
-        return v
+        return _listify(v, "corpus")
 
 
 class StageData(DataSpec):
@@ -201,12 +205,7 @@ class EvalSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
-        if isinstance(v, dict):
-            v = dict(v)
-            for key in ("probes", "general_text"):
-                if isinstance(v.get(key), str):
-                    v[key] = [v[key]]
-        return v
+        return _listify(v, "probes", "general_text")
 
 
 class Experiment(_Strict):
