@@ -8,6 +8,7 @@ from tokenizers.processors import TemplateProcessing
 
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import score_probes
+from factlab.evaluate.generation import generate
 from factlab.evaluate.probes import Probe
 from factlab.evaluate.scoring import LogLik, Scorer, chat_prompt, split_pair
 from factlab.testing import TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
@@ -125,15 +126,15 @@ def test_scorer_restores_train_mode(tok, llama):
     Scorer(llama, tok).loglikelihood([("The capital of France is", " Paris")])
     assert llama.training
     llama.eval()
-    Scorer(llama, tok).generate_greedy(["The capital"], 2)
+    generate(llama, tok, ["The capital"], max_new_tokens=2)
     assert not llama.training
 
 
 def test_generate_greedy_batched_matches_single(tok, llama):
     prompts = ["The capital of France is", "Hi", "Question: Who leads the night shift? Answer:",
                "日本の首都は"]
-    batched = Scorer(llama, tok, batch_size=8).generate_greedy(prompts, 6)
-    single = Scorer(llama, tok, batch_size=1).generate_greedy(prompts, 6)
+    batched = [g[0].text for g in generate(llama, tok, prompts, max_new_tokens=6, batch_size=8)]
+    single = [g[0].text for g in generate(llama, tok, prompts, max_new_tokens=6, batch_size=1)]
     assert batched == single
     assert all(isinstance(t, str) and t for t in batched)
     assert tok.padding_side == "right"  # the shared tokenizer is left as it was
@@ -147,7 +148,8 @@ def test_generate_greedy_stops_at_eos(tok, llama):
     prompt = "The capital of France is"
     first = int(llama(input_ids=torch.tensor([tok.encode(prompt)])).logits[0, -1].argmax())
     llama.generation_config.eos_token_id = first  # the model's first token now ends the turn
-    assert Scorer(llama, tok).generate_greedy([prompt], 5) == [""]
+    ((g,),) = generate(llama, tok, [prompt], max_new_tokens=5)
+    assert g.text == "" and g.ended_with_eos
 
 
 def test_chat_prompt(tok):

@@ -1,4 +1,4 @@
-"""The one scoring path: tokenization, batched log-likelihoods and greedy generation.
+"""The one scoring path: tokenization and batched log-likelihoods (generation: generation.py).
 
 Modelled on lm-evaluation-harness: a request is a (context, continuation) pair of strings;
 this module alone turns it into tokens, so every probe kind is tokenized the same way. The
@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 if TYPE_CHECKING:
@@ -445,41 +444,6 @@ class Scorer:
     def _forward_params(self) -> Mapping[str, inspect.Parameter]:
         # The class's forward, not the instance's: hooks and wrappers may take **kwargs.
         return inspect.signature(type(self._base_model).forward).parameters
-
-    # -- greedy generation ---------------------------------------------------------------
-
-    def _eos_ids(self) -> list[int]:
-        """EOS ids of both the tokenizer and the model's generation config (chat models
-        often stop on a turn-end token that only one of them names)."""
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
-        return sorted(i for i in ids if i is not None)
-
-    def generate_greedy(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy continuation of each prompt (left-padded batches), decoded without special
-        tokens and cut at the first EOS; in the order of ``prompts``."""
-        if max_new_tokens < 1:
-            raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        encoded = [encode(self.tokenizer, p) or [self._prefix_id] for p in prompts]
-        eos = self._eos_ids()
-        # A fresh config, so sampling defaults shipped with the model (temperature, top_p)
-        # neither apply nor warn.
-        gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                      eos_token_id=eos or None, pad_token_id=self._pad_id)
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
-        results: list[str] = [""] * len(encoded)
-        with _eval_mode(self.model):
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                # Left padding: every row's next token is then predicted at the last position.
-                ids, mask = _pad([encoded[i] for i in idx], self._pad_id, "left", self._device)
-                out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                          generation_config=gen_config)  # (B, T + new)
-                for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
-                    cut = next((j for j, t in enumerate(row) if t in eos), len(row))
-                    results[i] = self.tokenizer.decode(row[:cut], skip_special_tokens=True)
-        return results
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
