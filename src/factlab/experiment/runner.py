@@ -33,6 +33,7 @@ from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_file
 from factlab.experiment.store import RunStore
 from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
+from factlab.train.peft_methods import check_stage_order
 from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
 
 
@@ -68,6 +69,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
         from factlab.experiment.mlflow_log import require_mlflow
 
         require_mlflow()
+    check_stage_order(exp.stages)  # a stage after a prompt method (cannot merge) fails here, not after training
     probes = load_probe_files(exp.eval.probes)
     raw_data = [load_stage_data(st, *_stage_inputs(exp, i), substitute=st.data.substitute or exp.data.substitute)
                 for i, st in enumerate(exp.stages)]

@@ -131,18 +131,6 @@ def is_peft_model(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
-def active_method_name(model) -> str | None:
-    """The PEFT type of a PeftModel's active adapter, lower-cased (e.g. "prompt_tuning")."""
-    if not is_peft_model(model):
-        return None
-    return str(model.active_peft_config.peft_type.value).lower()
-
-
-def is_prompt_learning(model) -> bool:
-    cfg = getattr(model, "active_peft_config", None)
-    return bool(cfg is not None and getattr(cfg, "is_prompt_learning", False))
-
-
 # ---------------------------------------------------------------------------------------
 # LoRA family
 

@@ -38,7 +38,6 @@ from transformers import (
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
     PrinterCallback,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
     set_seed,
