@@ -35,8 +35,22 @@ def test_grid_times_repeats():
     assert all(p.experiment.sweep == {} for p in points)
 
 
+def test_explicit_points_pair_settings_and_cross_the_grid():
+    exp = experiment_from_dict({
+        "name": "s", "model": "m", "stages": [{"kind": "cpt"}],
+        "sweep": {"points": [{"stages.0.peft.method": "lora", "stages.0.train.lr": 1e-3},
+                             {"stages.0.peft.method": "ia3", "stages.0.train.lr": 1e-2}],
+                  "stages.0.train.epochs": [1, 2]},
+    })
+    points = expand_sweep(exp)
+    assert [(p.experiment.stages[0].peft.method, p.experiment.stages[0].train.lr, p.experiment.stages[0].train.epochs)
+            for p in points] == [("lora", 1e-3, 1), ("lora", 1e-3, 2), ("ia3", 1e-2, 1), ("ia3", 1e-2, 2)]
+    assert points[2].label == "cpt.method=ia3 cpt.lr=0.01 cpt.epochs=1"
+
+
 def test_bad_sweep_blocks():
-    for sweep, expected in [({"repeat": 0}, "sweep.repeat"), ({"seed": 3}, "non-empty list")]:
+    for sweep, expected in [({"repeat": 0}, "sweep.repeat"), ({"seed": 3}, "non-empty list"),
+                            ({"points": [{}]}, "sweep.points"), ({"points": {"a": 1}}, "sweep.points")]:
         with pytest.raises(FactlabError, match=expected):
             experiment_from_dict({"name": "s", "model": "m", "sweep": sweep})
     exp = experiment_from_dict({"name": "s", "model": "m", "stages": [{"kind": "cpt"}], "sweep": {"stages.0.peft.r": [4, "x"]}})
@@ -158,6 +172,7 @@ def test_dry_run_and_report_from_the_store(tmp_path, tiny_dir, monkeypatch, caps
     for label in ("cpt.targets=attention", "cpt.targets=mlp", "cpt.targets=all"):
         assert label in text
     assert "Pareto" in text and "data:image/png;base64," in text and "Answers to" in text
+    assert "<h2>Training</h2>" in text and "(untrained)" in text
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", text) and "http://" not in text and "https://" not in text
 
     md = tmp_path / "report.md"

@@ -223,7 +223,9 @@ class Experiment(_Strict):
     """Folder relative paths were resolved against (the experiment file's); sweep values too."""
     sweep: dict[str, Any] = Field(default_factory=dict)
     """Grid for `factlab sweep`: dotted key -> list of values (every combination is one run),
-    plus `repeat: N` to run each point with seeds seed, seed+1, ... (`factlab run` ignores it)."""
+    plus `points: [{key: value, ...}, ...]` for settings that only make sense together (each
+    item is one point, crossed with the grid), plus `repeat: N` to run each point with seeds
+    seed, seed+1, ... (`factlab run` ignores the block)."""
 
     @model_validator(mode="after")
     def _check(self) -> "Experiment":
@@ -231,6 +233,11 @@ class Experiment(_Strict):
             if key == "repeat":
                 if not isinstance(values, int) or values < 1:
                     raise ValueError(f"sweep.repeat must be a positive integer, got {values!r}")
+            elif key == "points":
+                if not isinstance(values, list) or not values or not all(
+                        isinstance(p, dict) and p and all(isinstance(k, str) for k in p) for p in values):
+                    raise ValueError("sweep.points must be a non-empty list of {dotted.key: value} mappings, "
+                                     "e.g. [{stages.0.peft.method: ia3, stages.0.train.lr: 1.0e-2}]")
             elif not isinstance(values, list) or not values:
                 raise ValueError(f"sweep.{key} must be a non-empty list of values, e.g. [1.0e-4, 5.0e-4]")
         for i, st in enumerate(self.stages[:-1]):

@@ -51,16 +51,18 @@ def point_label(exp: Experiment, overrides: dict) -> str:
 
 
 def expand_sweep(exp: Experiment) -> list[SweepPoint]:
-    """Every point of the grid (keys in file order, last key fastest) x `repeat` seeds."""
-    grid = {k: v for k, v in exp.sweep.items() if k != "repeat"}
+    """Every item of `points` x every point of the grid (keys in file order, last key fastest)
+    x `repeat` seeds."""
+    grid = {k: v for k, v in exp.sweep.items() if k not in ("repeat", "points")}
     repeat = int(exp.sweep.get("repeat", 1))
+    explicit = exp.sweep.get("points") or [{}]
     base = exp.model_dump(mode="json")
     base.pop("sweep", None)
     points = []
     combos = list(itertools.product(*grid.values())) if grid else [()]
-    for combo in combos:
+    for fixed, combo in itertools.product(explicit, combos):
         for r in range(repeat):
-            overrides = dict(zip(grid, combo))
+            overrides = {**fixed, **dict(zip(grid, combo))}
             if repeat > 1:
                 overrides["seed"] = exp.seed + r
             raw = json.loads(json.dumps(base))
