@@ -132,10 +132,15 @@ def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders to put side by side.")],
     stage: Annotated[Optional[str], typer.Option(help="Stage to compare (default: each run's last).")] = None,
 ) -> None:
-    """Side-by-side table of runs: probe accuracy per kind (with intervals) and forgetting."""
-    from factlab.report.tables import compare_table, load_run
+    """Side-by-side table of runs: probe accuracy per kind (with intervals) and forgetting, then
+    every run against the first on the same probes (paired differences with intervals)."""
+    from factlab.report.tables import compare_table, difference_table, load_run
 
-    Console().print(compare_table([load_run(d) for d in run_dirs], stage=stage))
+    runs = [load_run(d) for d in run_dirs]
+    Console().print(compare_table(runs, stage=stage))
+    diff = difference_table(runs, stage=stage)
+    if diff is not None:
+        Console().print(diff)
 
 
 @app.command()

@@ -16,7 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from factlab.errors import FactlabError  # noqa: E402
 from factlab.experiment.store import RunStore  # noqa: E402
-from factlab.report.tables import Run, fact_recall, kinds_of, load_run, locality_delta, ppl_ratio, variant_rows  # noqa: E402
+from factlab.report.tables import (  # noqa: E402
+    Run, fact_recall, kinds_of, load_run, locality_delta, ppl_ratio, style_rows, training_rows, variant_rows, difference_rows,
+)
 
 
 def resolve_runs(sources: list[str], store: RunStore) -> list[tuple[Path, str]]:
@@ -174,7 +176,22 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     runs = [load_run(folder, label) for folder, label in run_sources]
     if not runs:
         raise FactlabError("no runs to report")
-    header, rows = variant_rows(runs)
+    header, rows = variant_rows(runs, all_stages=True)
+    tables = [("Training", "What each stage cost and how its loss moved. Saved artefact: the adapter (PEFT format) or, "
+                           "for full fine-tuning, the model. Prompt, prefix and P-tuning cannot merge into the weights, "
+                           "so their stage was evaluated as base + adapter (merged: no).", *training_rows(runs))]
+    diff_header, diff = difference_rows(runs)
+    if diff:
+        tables.insert(0, (f"Differences against {runs[0].label}", "Each variant minus the first one, on the same probes "
+                          "(last stage of each): mean per-probe change of candidate accuracy with a 95% paired bootstrap "
+                          "interval (* when it excludes 0: the difference is real at that level), how many probes only "
+                          "this variant or only the first got right, and the change of the target's log-prob per "
+                          "token.", diff_header, diff))
+    style_header, style = style_rows(runs)
+    if style:
+        tables.append(("Answers to the SFT training prompts", "Greedy answers to every SFT training prompt: words per "
+                       "answer, and on the first 50 words ROUGE-L and BLEU against the training answers and the share of "
+                       "repeated 2-grams; mean [95% bootstrap interval].", style_header, style))
     figures = [("Recall versus forgetting (last stage; dashed: Pareto front)", plot_tradeoff(runs)),
                ("Loss curves", plot_losses(runs)),
                ("Accuracy per probe kind, before and after each stage", plot_stage_bars(runs))]
@@ -187,10 +204,13 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
         assets = output.with_name(output.stem + "_files")
         assets.mkdir(exist_ok=True)
         md = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from: " + ", ".join(f"`{r.folder}`" for r in runs), "",
-              "Candidate accuracy [95% Wilson interval] (n) per probe kind at each run's last stage; "
+              "Candidate accuracy [95% Wilson interval] (n) per probe kind after each stage of each run; "
               "ppl ratio = held-out perplexity after / before; locality Δ = change of accuracy on facts the base model knew.", "",
               "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         md += ["| " + " | ".join(row) + " |" for row in rows]
+        for t, note, th, trs in tables:
+            md += ["", f"## {t}", "", note, "", "| " + " | ".join(th) + " |", "|" + "---|" * len(th)]
+            md += ["| " + " | ".join(row) + " |" for row in trs]
         for i, (t, fig) in enumerate(figures):
             name = f"figure{i + 1}.png"
             (assets / name).write_bytes(_png(fig))
@@ -206,12 +226,16 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{esc(title)}</h1><p class='s'>Generated {time.strftime('%Y-%m-%d %H:%M')} from "
              + ", ".join(f"<code>{esc(str(r.folder))}</code>" for r in runs) + "</p>",
-             "<h2>Variants</h2><p class='s'>Candidate accuracy [95% Wilson interval] (n) per probe kind at each run's last stage; "
+             "<h2>Variants</h2><p class='s'>Candidate accuracy [95% Wilson interval] (n) per probe kind after each stage of each run; "
              "ppl ratio = held-out perplexity after / before; locality Δ = change of accuracy on facts the base model knew; "
              "qa EOS = share of chat answers that end with EOS.</p><table><tr>"
              + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
     parts.append("</table>")
+    for t, note, th, trs in tables:
+        parts.append(f"<h2>{esc(t)}</h2><p class='s'>{esc(note)}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in th) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in trs]
+        parts.append("</table>")
     for t, fig in figures:
         data = base64.b64encode(_png(fig)).decode()
         parts.append(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{data}'>")

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from factlab.errors import FactlabError
 from factlab.evaluate.probes import PROBE_KINDS
+from factlab.evaluate.textmetrics import bootstrap_mean_interval
 
 
 @dataclass
@@ -86,30 +87,153 @@ def fmt_rate(x: dict | None) -> str:
     return f"{x['rate']:.2f} [{x['ci_low']:.2f},{x['ci_high']:.2f}]"
 
 
-def variant_rows(runs: list[Run], stage: str | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per run (its last stage unless `stage`), accuracy per probe
+def variant_rows(runs: list[Run], stage: str | None = None, all_stages: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per run (its last stage unless `stage`; with `all_stages`, one
+    row per trained stage, after a row for the first run's base model), accuracy per probe
     kind with its interval, then forgetting and chat format."""
     kinds = kinds_of(runs)
     header = ["variant", "stage"] + [f"{k} (n)" for k in kinds] + ["ppl ratio", "locality Δ", "qa EOS"]
     rows = []
-    for r in runs:
-        st = stage or r.last_stage()
+
+    def row(r: Run, st: str, label: str) -> list[str]:
         summ = r.results.get("summaries", {}).get(st, {})
-        cells = [r.label, st]
+        cells = [label, st]
         for k in kinds:
             acc = (summ.get(k) or {}).get("accuracy")
             cells.append(f"{fmt_rate(acc)} ({acc['n']})" if acc and acc.get("n") else "-")
         pr, ld = ppl_ratio(r, st), locality_delta(r, st)
         cells += ["-" if pr is None else f"x{pr:.2f}", "-" if ld is None else f"{ld:+.2f}", fmt_rate((summ.get("qa") or {}).get("eos"))]
-        rows.append(cells)
+        return cells
+
+    if all_stages and runs and "base" in runs[0].results.get("summaries", {}):
+        rows.append(row(runs[0], "base", "(untrained)"))
+    for r in runs:
+        for st in (r.stages if all_stages else [stage or r.last_stage()]):
+            rows.append(row(r, st, r.label))
     return header, rows
 
 
-def compare_table(runs: list[Run], stage: str | None = None) -> Table:
-    header, rows = variant_rows(runs, stage)
-    table = Table(title="runs side by side (candidate accuracy [95% CI] (n); forgetting vs base)")
+def _size(n: float | None) -> str:
+    if not n:
+        return "-"
+    return f"{n / 1e6:.2f} MB" if n < 1e9 else f"{n / 1e9:.2f} GB"
+
+
+def training_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: what each stage cost and how its loss moved, one row per run and stage.
+    `merged` says whether the stage's result was merged into the weights; prompt methods
+    (prompt/prefix/P-tuning) cannot be, so they were evaluated as base + adapter."""
+    header = ["variant", "stage", "method", "steps", "train loss first → last", "held-out loss", "tok/s",
+              "trainable (share)", "saved artefact", "peak RSS MB", "merged"]
+    rows = []
+    for r in runs:
+        for st in r.results.get("stages", []):
+            first, last = st.get("first_loss"), st.get("final_loss")
+            loss = f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "-"
+            held = st.get("eval_loss")
+            params = st.get("trainable_params")
+            share = st.get("trainable_share")
+            trainable = f"{params:,} ({share:.3%})" if params is not None and share else (f"{params:,}" if params else "-")
+            rss = st.get("train_peak_rss_mb") or st.get("peak_rss_mb")
+            merged = "yes" if st.get("merged") else "no: evaluated as base + adapter" if st.get("artifact", "adapter") == "adapter" else "no"
+            rows.append([r.label, st.get("name", "?"), st.get("method", "lora"), str(st.get("steps", "-")), loss,
+                         "-" if held is None else f"{held:.3f}", f"{st['tokens_per_second']:.0f}" if st.get("tokens_per_second") else "-",
+                         trainable, f"{_size(st.get('artifact_bytes'))} {st.get('artifact', '')}".strip(),
+                         f"{rss:.0f}" if rss else "-", merged])
+    return header, rows
+
+
+STYLE_COLUMNS = [("length", "words"), ("rouge_l", "ROUGE-L vs training answers"), ("bleu", "BLEU"), ("rep_2", "rep-2"),
+                 ("chat_eos", "ends with EOS"), ("chat_length", "tokens")]
+
+
+def _mean_cell(x) -> str:
+    if x is None or (isinstance(x, dict) and not x.get("n")):
+        return "-"
+    if isinstance(x, dict):
+        v = x["rate"] if "rate" in x else x["mean"]
+        return f"{v:.2f} [{x['ci_low']:.2f},{x['ci_high']:.2f}]"
+    return f"{x:.2f}"
+
+
+def style_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows for the answers to the SFT training prompts (runs with an SFT stage):
+    one row for the first run's base model, then one per run and stage. Empty rows when no
+    run measured style."""
+    header = ["variant", "model"] + [label for _, label in STYLE_COLUMNS]
+    rows = []
+    for i, r in enumerate(runs):
+        for label, st in r.results.get("style", {}).items():
+            if label.startswith("base") and i > 0:
+                continue  # the base model's answers are the same for every variant
+            rows.append([r.label if not label.startswith("base") else "(untrained)", f"{label} (n={st.get('n', 0)})"]
+                        + [_mean_cell(st.get(k)) for k, _ in STYLE_COLUMNS])
+    return header, rows
+
+
+def rich_table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title)
     for h in header:
-        table.add_column(h, justify="left" if h in ("variant", "stage") else "right")
+        table.add_column(h, justify="left" if h in ("variant", "stage", "vs") else "right")
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def compare_table(runs: list[Run], stage: str | None = None) -> Table:
+    return rich_table("runs side by side (candidate accuracy [95% CI] (n); forgetting vs base)", *variant_rows(runs, stage))
+
+
+def difference_table(runs: list[Run], stage: str | None = None) -> Table | None:
+    """The paired differences against the first run, or None for a single run."""
+    header, rows = difference_rows(runs, stage)
+    if not rows:
+        return None
+    return rich_table(f"each run minus {runs[0].label} on the same probes: mean per-probe change "
+                      "[95% paired bootstrap] (* the interval excludes 0)", header, rows)
+
+
+def paired_difference(rows_a: list[dict], rows_b: list[dict], kind: str) -> dict:
+    """B minus A on the probes of `kind` that both runs scored (matched by probe id): candidate
+    accuracy and target log-prob per token, each the mean per-probe difference with a
+    bootstrap interval over probes.
+
+    Pairing is what makes a small difference readable: two runs scored on the same 30 probes
+    can both have Wilson intervals 0.3 wide and still differ for sure, when one run gets right
+    every probe the other does and a few more. `real` is True when the accuracy interval
+    excludes 0."""
+    a = {r["id"]: r for r in rows_a if r["kind"] == kind}
+    pairs = [(a[r["id"]], r) for r in rows_b if r["kind"] == kind and r["id"] in a]
+    acc = [float(y["correct"]) - float(x["correct"]) for x, y in pairs
+           if x.get("correct") is not None and y.get("correct") is not None]
+    lp = [y["target_mean_logprob"] - x["target_mean_logprob"] for x, y in pairs]
+    d_acc, d_lp = bootstrap_mean_interval(acc), bootstrap_mean_interval(lp)
+    real = bool(d_acc["n"] > 1 and (d_acc["ci_low"] > 0 or d_acc["ci_high"] < 0))
+    return {"n": len(pairs), "accuracy": d_acc, "target_logprob": d_lp, "real": real,
+            "b_only": sum(1 for d in acc if d > 0), "a_only": sum(1 for d in acc if d < 0)}
+
+
+def difference_rows(runs: list[Run], stage: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: every run after the first against the first (the reference), at each
+    run's last stage unless `stage`, one row per probe kind: Δ accuracy [95% paired bootstrap]
+    (* when it excludes 0), how many probes only this run / only the first got right, and Δ
+    target log-prob per token. Empty when there are fewer than two runs."""
+    if len(runs) < 2:
+        return [], []
+    header = ["variant", "vs", "kind", "n", "Δ accuracy", "right only here / only there", "Δ log-prob/token"]
+    ref = runs[0]
+    ref_rows = ref.rows(stage or ref.last_stage())
+    rows = []
+    for r in runs[1:]:
+        mine = r.rows(stage or r.last_stage())
+        present = {x["kind"] for x in ref_rows} & {x["kind"] for x in mine}
+        for k in [k for k in PROBE_KINDS if k in present] + sorted(present - set(PROBE_KINDS)):
+            d = paired_difference(ref_rows, mine, k)
+            if not d["n"]:
+                continue
+            da, dl = d["accuracy"], d["target_logprob"]
+            rows.append([r.label, ref.label, k, str(d["n"]),
+                         "-" if not da["n"] else f"{da['mean']:+.2f} [{da['ci_low']:+.2f},{da['ci_high']:+.2f}]{' *' if d['real'] else ''}",
+                         "-" if not da["n"] else f"{d['b_only']} / {d['a_only']}",
+                         f"{dl['mean']:+.2f} [{dl['ci_low']:+.2f},{dl['ci_high']:+.2f}]"])
+    return header, rows

@@ -1,0 +1,95 @@
+"""Report tables built from saved results alone: every stage of every run, the cost of each
+training method, and the style of SFT answers."""
+
+import json
+
+from factlab.report.build import build_report
+from factlab.report.tables import load_run, style_rows, training_rows, variant_rows
+
+
+def rate(k, n):
+    return {"k": k, "n": n, "rate": k / n, "ci_low": 0.0, "ci_high": 1.0}
+
+
+def mean(v, n=4):
+    return {"n": n, "mean": v, "ci_low": v - 0.1, "ci_high": v + 0.1}
+
+
+def fake_run(folder, stages, style=None):
+    folder.mkdir(parents=True)
+    summaries = {"base": {"recall": {"accuracy": rate(1, 4)}}}
+    for i, st in enumerate(stages):
+        summaries[st["name"]] = {"recall": {"accuracy": rate(2 + i, 4)}}
+    results = {"stages": stages, "summaries": summaries, "forgetting": {}, "perplexity": {}, "style": style or {}}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def stage(name, **kw):
+    base = {"name": name, "method": "lora", "steps": 10, "first_loss": 4.0, "final_loss": 1.25, "eval_loss": None,
+            "tokens_per_second": 300.0, "trainable_params": 1000, "trainable_share": 0.035, "artifact": "adapter",
+            "artifact_bytes": 19_600_000, "train_peak_rss_mb": 900.0, "merged": True}
+    return {**base, **kw}
+
+
+def test_tables_show_every_stage_the_method_costs_and_style(tmp_path):
+    two = fake_run(tmp_path / "two", [stage("cpt"), stage("sft", eval_loss=2.5)],
+                   style={"base": {"n": 4, "length": mean(40.0), "rouge_l": mean(0.2)},
+                          "sft": {"n": 4, "length": mean(80.0), "rouge_l": mean(0.35)}})
+    prompt = fake_run(tmp_path / "prompt", [stage("cpt", method="prompt_tuning", merged=False, artifact_bytes=50_000,
+                                                  trainable_share=0.00009)],
+                      style={"base": {"n": 4, "length": mean(41.0)}})
+    runs = [load_run(two, "A"), load_run(prompt, "B")]
+
+    header, rows = variant_rows(runs, all_stages=True)
+    assert [r[:2] for r in rows] == [["(untrained)", "base"], ["A", "cpt"], ["A", "sft"], ["B", "cpt"]]
+    assert rows[2][2].startswith("0.75") and rows[3][2].startswith("0.50")
+
+    header, rows = training_rows(runs)
+    by = {(r[0], r[1]): dict(zip(header, r)) for r in rows}
+    assert by[("A", "sft")]["held-out loss"] == "2.500" and by[("A", "cpt")]["held-out loss"] == "-"
+    assert by[("A", "cpt")]["train loss first → last"] == "4.000 → 1.250"
+    assert by[("A", "cpt")]["saved artefact"] == "19.60 MB adapter" and by[("A", "cpt")]["merged"] == "yes"
+    assert by[("B", "cpt")]["method"] == "prompt_tuning" and by[("B", "cpt")]["merged"] == "no: evaluated as base + adapter"
+    assert by[("B", "cpt")]["trainable (share)"] == "1,000 (0.009%)"
+
+    header, rows = style_rows(runs)
+    assert [r[:2] for r in rows] == [["(untrained)", "base (n=4)"], ["A", "sft (n=4)"]]  # B's base row is the same model
+    assert rows[1][header.index("words")] == "80.00 [79.90,80.10]"
+
+    out = build_report([(two, "A"), (prompt, "B")], tmp_path / "r.html")
+    text = out.read_text()
+    assert "Answers to the SFT training prompts" in text and "no: evaluated as base + adapter" in text
+    md = build_report([(two, "A"), (prompt, "B")], tmp_path / "r.md", fmt="md").read_text()
+    assert "## Training" in md and "| A | sft | lora |" in md
+
+
+def test_paired_difference_counts_probes_and_says_when_it_is_real(tmp_path):
+    from factlab.report.tables import difference_rows, paired_difference
+
+    def rows(correct, lp):
+        return [{"id": f"p{i}", "kind": "paraphrase", "correct": c, "target_mean_logprob": x} for i, (c, x) in enumerate(zip(correct, lp))]
+
+    a = rows([False] * 20 + [True] * 10, [-3.0] * 30)
+    b = rows([True] * 20 + [True] * 10, [-1.0] * 30)   # right on every probe A missed
+    d = paired_difference(a, b, "paraphrase")
+    assert d["n"] == 30 and d["b_only"] == 20 and d["a_only"] == 0 and d["real"]
+    assert abs(d["accuracy"]["mean"] - 20 / 30) < 1e-12 and d["target_logprob"]["mean"] == 2.0
+    # the same two rates split over different probes: no paired evidence of a difference
+    c = rows([True] * 10 + [False] * 10 + [True] * 10, [-3.0] * 30)
+    e = rows([False] * 10 + [True] * 10 + [True] * 10, [-3.0] * 30)
+    same = paired_difference(c, e, "paraphrase")
+    assert same["accuracy"]["mean"] == 0 and not same["real"] and (same["b_only"], same["a_only"]) == (10, 10)
+    assert paired_difference(a, b, "reverse")["n"] == 0
+
+    for name, r in (("a", a), ("b", b)):
+        run = fake_run(tmp_path / name, [stage("cpt")])
+        (run / "scores").mkdir()
+        (run / "scores" / "cpt.jsonl").write_text("".join(json.dumps(x) + "\n" for x in r))
+    runs = [load_run(tmp_path / "a", "one wording"), load_run(tmp_path / "b", "three wordings")]
+    header, table = difference_rows(runs)
+    row = dict(zip(header, table[0]))
+    assert row["variant"] == "three wordings" and row["vs"] == "one wording" and row["kind"] == "paraphrase"
+    assert row["Δ accuracy"].endswith("*") and row["right only here / only there"] == "20 / 0"
+    text = build_report([(tmp_path / "a", "one wording"), (tmp_path / "b", "three wordings")], tmp_path / "d.html").read_text()
+    assert "Differences against one wording" in text
