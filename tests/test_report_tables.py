@@ -93,3 +93,22 @@ def test_paired_difference_counts_probes_and_says_when_it_is_real(tmp_path):
     assert row["Δ accuracy"].endswith("*") and row["right only here / only there"] == "20 / 0"
     text = build_report([(tmp_path / "a", "one wording"), (tmp_path / "b", "three wordings")], tmp_path / "d.html").read_text()
     assert "Differences against one wording" in text
+
+
+def test_a_sweep_report_leaves_out_runs_whose_folder_is_gone(tmp_path):
+    import pytest
+
+    from factlab.errors import FactlabError
+    from factlab.experiment.store import RunStore
+    from factlab.report.build import resolve_runs
+
+    store = RunStore(tmp_path / "db.sqlite")
+    for name in ("kept", "moved"):
+        run = fake_run(tmp_path / name, [stage("cpt")])
+        store.start(run, "x", {"name": name}, sweep="sw", label=f"label-{name}")
+        store.finish(run, json.loads((run / "results.json").read_text()))
+    (tmp_path / "moved" / "results.json").unlink()
+    assert resolve_runs(["sw"], store) == [(tmp_path / "kept", "label-kept")]
+    (tmp_path / "kept" / "results.json").unlink()
+    with pytest.raises(FactlabError, match="no longer on disk"):
+        resolve_runs(["sw"], store)

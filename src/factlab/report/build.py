@@ -33,7 +33,11 @@ def resolve_runs(sources: list[str], store: RunStore) -> list[tuple[Path, str]]:
         if not rows:
             raise FactlabError(f"'{src}' is neither a run folder nor a sweep with finished runs in {store.path}; "
                                "see `factlab runs`")
-        for r in sorted(rows, key=lambda r: r["run_dir"]):
+        kept = [r for r in rows if Path(r["run_dir"], "results.json").is_file()]
+        if not kept:  # every folder was deleted or moved since the store indexed it
+            raise FactlabError(f"the finished runs of sweep '{src}' are no longer on disk (e.g. {rows[0]['run_dir']}); "
+                               "run the sweep again or give run folders")
+        for r in sorted(kept, key=lambda r: r["run_dir"]):
             out.append((Path(r["run_dir"]), r["label"] or Path(r["run_dir"]).name))
     return out
 
