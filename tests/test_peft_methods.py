@@ -218,3 +218,37 @@ def test_full_with_layers_trains_only_those_layers(tok):
     assert trained and all(n.startswith("model.layers.1.") or n in ("model.embed_tokens.weight", "lm_head.weight")
                            for n in trained)
     assert "model.layers.1.input_layernorm.weight" not in trained  # a norm is not a targeted layer
+
+
+@pytest.mark.parametrize("method", PROMPT)
+def test_factlab_eval_of_a_run_scores_an_unmerged_stage_as_model_plus_adapter(tmp_path, tiny_dir, method):
+    """`factlab eval RUN` finds the last stage's adapter (no merged/ for a prompt method), puts
+    it on the model that stage trained on (the CPT stage's merged model) and scores exactly
+    what the run scored."""
+    import json
+
+    from factlab.config import EvalSpec
+    from factlab.experiment.evaluation import eval_targets, evaluate_models
+    from factlab.experiment.runner import run_experiment
+
+    (tmp_path / "docs.txt").write_text(" ".join(DOCS) + "\n")
+    (tmp_path / "probes.jsonl").write_text(json.dumps({"id": "p1", "kind": "recall", "prompt": "The press line is run by",
+                                                       "target": "Marta Ilvane", "distractors": ["Jonas Perl"]}) + "\n")
+    train_cfg = {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "seq_len": 16, "bf16": False}
+    exp = experiment_from_dict({
+        "name": "pe", "model": str(tiny_dir), "output_dir": str(tmp_path / "runs"), "data": {"corpus": "docs.txt"},
+        "stages": [{"kind": "cpt", "peft": {"targets": ["mlp"], "r": 2}, "train": train_cfg},
+                   {"kind": "cpt", "name": "prompt", "peft": {"method": method, "num_virtual_tokens": 3}, "train": train_cfg}],
+        "eval": {"probes": "probes.jsonl", "sampling": {"n": 0}, "builtin_general_text": False},
+    }, base=tmp_path)
+    run_dir = run_experiment(exp)
+    targets = eval_targets(str(run_dir))
+    assert [t[0] for t in targets] == ["base", "cpt", "prompt"]
+    assert targets[2][1] == targets[1][1] and targets[2][2].name == "adapter"
+    again = evaluate_models(targets, EvalSpec(probes=[str(tmp_path / "probes.jsonl")], sampling={"n": 0},
+                                              builtin_general_text=False))
+    saved = json.loads((run_dir / "results.json").read_text())["summaries"]
+    for label in ("base", "cpt", "prompt"):
+        lp = saved[label]["recall"]["mean_target_logprob"]
+        assert again["summaries"][label]["recall"]["mean_target_logprob"] == pytest.approx(lp, abs=1e-4)
+    assert saved["prompt"]["recall"]["mean_target_logprob"] != pytest.approx(saved["cpt"]["recall"]["mean_target_logprob"], abs=1e-6)

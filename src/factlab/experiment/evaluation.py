@@ -132,9 +132,11 @@ def forgetting(base: dict, after: dict) -> dict:
     return forgetting_summary(view(base), view(after))
 
 
-def eval_targets(model_or_run: str, console: Console | None = None) -> list[tuple[str, Path]]:
+def eval_targets(model_or_run: str, console: Console | None = None) -> list[tuple]:
     """What `factlab eval` scores: a run folder gives its base model and every finished
-    stage's merged model; anything else is one model (alias, folder or hub id)."""
+    stage: its merged model, or for a stage that was not merged (a prompt method, or
+    `merge: false`) the model it trained on plus its adapter, as (label, model, adapter);
+    anything else is one model (alias, folder or hub id), as (label, model)."""
     from factlab.models.loading import resolve_model
 
     path = Path(model_or_run)
@@ -142,28 +144,50 @@ def eval_targets(model_or_run: str, console: Console | None = None) -> list[tupl
         import yaml
 
         cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        targets = [("base", resolve_model(cfg["model"], console))]
+        targets: list[tuple] = [("base", resolve_model(cfg["model"], console))]
+        previous = targets[0][1]  # the model the next stage trained on
         for stage_dir in sorted((path / "stages").iterdir(), key=lambda p: int(p.name.split("-", 1)[0]) if p.name.split("-", 1)[0].isdigit() else 1 << 30):
+            label = stage_dir.name.split("-", 1)[-1]
             if (stage_dir / "merged" / "config.json").is_file():
-                targets.append((stage_dir.name.split("-", 1)[-1], stage_dir / "merged"))
+                targets.append((label, stage_dir / "merged"))
+                previous = stage_dir / "merged"
+            elif (stage_dir / "adapter" / "adapter_config.json").is_file():
+                targets.append((label, previous, stage_dir / "adapter"))
         return targets
     return [(path.name if path.is_dir() else model_or_run, resolve_model(model_or_run, console))]
 
 
-def evaluate_models(targets: list[tuple[str, Path]], spec: EvalSpec, *, context: str | None = None,
+def load_target(target: tuple):
+    """(model, tokenizer) for an eval target: a model folder, or a model folder plus a PEFT
+    adapter (prompt methods get their logits aligned with the input ids, as in a run)."""
+    from factlab.models.loading import load_model
+
+    model, tokenizer = load_model(target[1])
+    if len(target) > 2 and target[2] is not None:
+        from peft import PeftModel
+
+        from factlab.train.peft_methods import align_virtual_token_logits
+
+        model = PeftModel.from_pretrained(model, target[2])
+        model.eval()
+        align_virtual_token_logits(model)
+    return model, tokenizer
+
+
+def evaluate_models(targets: list[tuple], spec: EvalSpec, *, context: str | None = None,
                     seed: int = 0, scores_dir: Path | None = None, console: Console | None = None) -> dict:
-    """Evaluate each (label, model folder) with the same probes and texts; the first is the
+    """Evaluate each (label, model folder[, adapter folder]) with the same probes and texts; the first is the
     baseline for forgetting. With `context`, the first model is also scored with the source
     text in the prompt (label "<first>+context")."""
     from factlab.data.sft import require_chat_template
-    from factlab.models.loading import load_model
 
     console = console or Console(stderr=True)
     probes = load_probe_files(spec.probes)
     results: dict = {"summaries": {}, "perplexity": {}, "forgetting": {}}
     evaluator = base = None
-    for i, (label, path) in enumerate(targets):
-        model, tokenizer = load_model(path)
+    for i, target in enumerate(targets):
+        label = target[0]
+        model, tokenizer = load_target(target)
         if i == 0:
             if any(p.kind == "qa" for p in probes):
                 require_chat_template(tokenizer, "qa probes")
