@@ -239,3 +239,43 @@ def test_sweep_evaluates_the_base_model_once(tmp_path, tiny_dir, monkeypatch):
         assert [json.loads(x) for x in (f / "scores" / "base.jsonl").read_text().splitlines()] == first
         res = json.loads((f / "results.json").read_text())
         assert res["summaries"]["base"] == json.loads((folders[0] / "results.json").read_text())["summaries"]["base"]
+
+
+def test_sweep_trains_a_shared_first_stage_once_and_gets_what_separate_runs_get(tmp_path, tiny_dir, monkeypatch):
+    """A sweep over the second stage's settings trains the first stage once; every point's
+    results equal those of the same experiment run alone (CPU runs are deterministic)."""
+    import factlab.experiment.runner as runner
+    from factlab.config import load_experiment
+    from factlab.experiment.sweep import run_sweep
+
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in
+                                               [("Who runs the press line?", "Marta Ilvane."), ("Who leads the night shift?", "Jonas Perl.")]))
+    exp_path = sweep_project(tmp_path, tiny_dir)
+    raw = yaml.safe_load(exp_path.read_text())
+    raw["data"]["qa"] = "qa.jsonl"
+    raw["stages"].append({"kind": "sft", "peft": {"targets": ["attention"], "r": 2},
+                          "train": {"max_steps": 2, "batch_size": 2, "seq_len": 32, "bf16": False}})
+    raw["sweep"] = {"stages.1.peft.alpha": [4, 16]}
+    exp_path.write_text(yaml.safe_dump(raw))
+
+    trained = []
+    real = runner.train_stage
+    monkeypatch.setattr(runner, "train_stage", lambda m, t, st, name, *a, **k: trained.append(name) or real(m, t, st, name, *a, **k))
+    folders = run_sweep(load_experiment(exp_path), RunStore(tmp_path / "db.sqlite"))
+    assert trained == ["cpt", "sft", "sft"]
+    second = json.loads((folders[1] / "results.json").read_text())
+    assert second["stages"][0]["reused_from"] == str(folders[0] / "stages" / "1-cpt")
+    assert (folders[1] / "stages" / "1-cpt" / "merged" / "config.json").is_file()
+    assert (folders[1] / "scores" / "cpt.jsonl").read_text() == (folders[0] / "scores" / "cpt.jsonl").read_text()
+
+    # the same point, alone, in a fresh process state
+    raw.pop("sweep")
+    raw["stages"][1]["peft"]["alpha"] = 16
+    raw["output_dir"] = str(tmp_path / "alone")
+    exp_path.write_text(yaml.safe_dump(raw))
+    alone_dir = runner.run_experiment(load_experiment(exp_path))
+    alone = json.loads((alone_dir / "results.json").read_text())
+    assert alone["summaries"] == second["summaries"] and alone["perplexity"] == second["perplexity"]
+    for a, b in zip(alone["stages"], second["stages"]):
+        assert a["final_loss"] == b["final_loss"] and a["first_loss"] == b["first_loss"]
+    assert trained == ["cpt", "sft", "sft", "cpt", "sft"]

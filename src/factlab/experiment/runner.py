@@ -134,13 +134,37 @@ def base_cache_key(exp: Experiment, model_path: Path, raw_data) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def stage_cache_key(base_key: str, exp: Experiment, i: int, stage_examples: list) -> str:
+    """What stages 0..i produce depends on: everything the base evaluation does (base_key),
+    those stages' settings and names, and the exact training examples they saw."""
+    import hashlib
+
+    parts = {"base": base_key, "stages": [st.model_dump(mode="json") for st in exp.stages[: i + 1]],
+             "names": exp.stage_names()[: i + 1], "examples": stage_examples[: i + 1]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _link_or_copy(src, dst):
+    """Hard-link a finished file (never modified afterwards); copy across file systems."""
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
          base_cache: dict | None = None) -> dict:
     """The run proper, after preflight: evaluations and stages; returns results.json's content.
 
-    `base_cache` (a sweep passes one dict to all its points) reuses the untrained model's
-    evaluation across runs whose base_cache_key matches: it is deterministic, and repeating it
-    for every point of a sweep would cost as much as the training."""
+    `base_cache` (a sweep passes one dict to all its points) reuses work that sweep points
+    share, because it is deterministic on CPU and repeating it would cost as much as the new
+    work: the untrained model's evaluation across runs whose base_cache_key matches, and a
+    merged stage that is not the last one (the CPT stage of a sweep over SFT settings) across
+    runs whose stage_cache_key matches. A reused stage's folder is hard-linked from the run
+    that trained it, its model loaded from its merged/ folder, and its entry in results.json
+    says `reused_from`."""
     write_atomic(run_dir / "config.yaml", dump_experiment(exp))
     console.print(f"run folder: [bold]{run_dir}[/bold]  (model {model_path})")
     sft_convs = next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
@@ -176,6 +200,20 @@ def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, 
             base_cache[key] = (run_dir, cached)
     for i, (st, name) in enumerate(zip(exp.stages, names)):
         out = run_dir / "stages" / f"{i + 1}-{name}"
+        skey = (stage_cache_key(key, exp, i, stage_examples) if key is not None and i < len(exp.stages) - 1 else None)
+        hit = base_cache.get(("stage", skey)) if skey is not None else None
+        if hit is not None and (hit[0] / hit[1]["folder"] / "merged").is_dir():
+            source, entry, ev = hit
+            shutil.copytree(source / entry["folder"], out, copy_function=_link_or_copy)
+            for f in (source / "scores").glob(f"{name}.*jsonl"):
+                shutil.copyfile(f, run_dir / "scores" / f.name)
+            del model
+            model, _ = load_model(out / "merged")
+            console.print(f"[dim]stage {name} reused from {source} (same model, settings, data and seed)[/dim]")
+            results["stages"].append({**entry, "reused_from": str(source / entry["folder"])})
+            results["forgetting"][name] = forgetting(base_eval, ev)
+            record(name, ev)
+            continue
         model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
         console.print(
             f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
@@ -187,6 +225,8 @@ def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, 
         ev = evaluator.evaluate(name, model)
         results["forgetting"][name] = forgetting(base_eval, ev)
         record(name, ev)
+        if skey is not None and res.merged:
+            base_cache[("stage", skey)] = (run_dir, stage_entry, ev)
 
     if probes:
         console.print(summary_table(results["summaries"], title=f"{exp.name}: probes by kind (rate [95% CI] change vs base)"))
