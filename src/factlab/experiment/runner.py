@@ -263,20 +263,12 @@ def style_table(style: dict):
     repetition, length and whether the answer ends with EOS (mean [95% CI])."""
     from rich.table import Table
 
-    def cell(x):
-        if x is None or (isinstance(x, dict) and not x.get("n")):
-            return "-"
-        if isinstance(x, dict):
-            v = x["rate"] if "rate" in x else x["mean"]
-            return f"{v:.2f} [{x['ci_low']:.2f},{x['ci_high']:.2f}]"
-        return f"{x:.1f}"
+    from factlab.report.tables import STYLE_COLUMNS, mean_cell
 
     table = Table(title="answers to the SFT prompts (first 50 words vs the training answers)")
-    cols = [("rouge_l", "ROUGE-L"), ("bleu", "BLEU"), ("rep_2", "rep-2"), ("length", "words"),
-            ("chat_eos", "ends with EOS"), ("chat_length", "tokens")]
     table.add_column("model")
-    for _, label in cols:
+    for _, label in STYLE_COLUMNS:
         table.add_column(label, justify="right")
     for label, st in style.items():
-        table.add_row(f"{label} (n={st['n']})", *[cell(st.get(k)) for k, _ in cols])
+        table.add_row(f"{label} (n={st['n']})", *[mean_cell(st.get(k)) for k, _ in STYLE_COLUMNS])
     return table

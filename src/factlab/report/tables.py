@@ -147,7 +147,8 @@ STYLE_COLUMNS = [("length", "words"), ("rouge_l", "ROUGE-L vs training answers")
                  ("chat_eos", "ends with EOS"), ("chat_length", "tokens")]
 
 
-def _mean_cell(x) -> str:
+def mean_cell(x) -> str:
+    """"value [low,high]" of a rate or bootstrap summary; a plain number as is; "-" when empty."""
     if x is None or (isinstance(x, dict) and not x.get("n")):
         return "-"
     if isinstance(x, dict):
@@ -167,7 +168,7 @@ def style_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             if label.startswith("base") and i > 0:
                 continue  # the base model's answers are the same for every variant
             rows.append([r.label if not label.startswith("base") else "(untrained)", f"{label} (n={st.get('n', 0)})"]
-                        + [_mean_cell(st.get(k)) for k, _ in STYLE_COLUMNS])
+                        + [mean_cell(st.get(k)) for k, _ in STYLE_COLUMNS])
     return header, rows
 
 
