@@ -140,3 +140,23 @@ def test_heldout_split_and_early_stopping(tmp_path, tok):
     assert res.heldout_examples == round(0.25 * len(ex)) and res.eval_loss is not None
     # lr=5 diverges, so the held-out loss stops improving and training stops well before 40 steps
     assert res.stopped_early and res.steps < 40
+
+
+def test_train_loss_after_is_the_clean_mean_loss_on_the_training_examples(tmp_path, tok):
+    """With a held-out share, the stage also scores its own training examples once trained,
+    in eval mode: no NEFTune noise (alpha 50 here would move the loss a lot), no dropout."""
+    from factlab.train.stage import split_heldout, train_stage
+
+    blocks = [b for b in pack_documents(tok, DOCS * 6, 16) if len(b["input_ids"]) == 16]
+    spec = stage("cpt", ("mlp",), max_steps=3, eval_fraction=0.25, neftune_alpha=50.0)
+    model, res = train_stage(tiny_model("llama", vocab_size=len(tok)), tok, spec, "cpt", tmp_path / "s", blocks, seed=0)
+    train_ex, _ = split_heldout(blocks, 0.25, 0)
+    assert len(train_ex) % spec.train.batch_size == 0  # equal batches: the mean of batch means is the mean
+    model.eval()
+    with torch.no_grad():
+        by_hand = sum(float(model(input_ids=torch.tensor([b["input_ids"]]), labels=torch.tensor([b["labels"]])).loss)
+                      for b in train_ex) / len(train_ex)
+    assert res.train_loss_after == pytest.approx(by_hand, rel=1e-4)
+    assert res.eval_loss is not None
+    _, plain = train_stage(tiny_model("llama", vocab_size=len(tok)), tok, stage("cpt", ("mlp",)), "cpt", tmp_path / "t", blocks, seed=0)
+    assert plain.train_loss_after is None and plain.eval_loss is None

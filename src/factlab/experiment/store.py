@@ -81,7 +81,7 @@ def flatten_metrics(results: dict) -> list[tuple]:
         for metric, x in st.items():
             add(stage, "style", metric, x)
     for st in results.get("stages", []):
-        for metric in ("final_loss", "eval_loss", "tokens_per_second", "seconds", "trainable_params", "trainable_share",
+        for metric in ("final_loss", "eval_loss", "train_loss_after", "tokens_per_second", "seconds", "trainable_params", "trainable_share",
                        "artifact_bytes", "peak_rss_mb", "train_peak_rss_mb", "steps", "l2_to_base_final",
                        "update_norm_capped_steps"):
             add(st["name"], "train", metric, st.get(metric))

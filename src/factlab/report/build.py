@@ -181,7 +181,9 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     if not runs:
         raise FactlabError("no runs to report")
     header, rows = variant_rows(runs, all_stages=True)
-    tables = [("Training", "What each stage cost and how its loss moved. Saved artefact: the adapter (PEFT format) or, "
+    tables = [("Training", "What each stage cost and how its loss moved. First/last: single logged training batches "
+                           "(with dropout and NEFTune noise); after / held-out: mean loss over all training / held-out "
+                           "examples once trained, in eval mode (stages with train.eval_fraction). Saved artefact: the adapter (PEFT format) or, "
                            "for full fine-tuning, the model. Prompt, prefix and P-tuning cannot merge into the weights, "
                            "so their stage was evaluated as base + adapter (merged: no).", *training_rows(runs))]
     diff_header, diff = difference_rows(runs)

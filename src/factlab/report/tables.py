@@ -121,23 +121,26 @@ def _size(n: float | None) -> str:
 
 def training_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     """Header and rows: what each stage cost and how its loss moved, one row per run and stage.
+    "train loss first → last" are single logged batches (with dropout / NEFTune noise);
+    "train loss after" and "held-out loss" are means over all training / held-out examples
+    after training, in eval mode (only when the stage kept examples out: train.eval_fraction).
     `merged` says whether the stage's result was merged into the weights; prompt methods
     (prompt/prefix/P-tuning) cannot be, so they were evaluated as base + adapter."""
-    header = ["variant", "stage", "method", "steps", "train loss first → last", "held-out loss", "tok/s",
+    header = ["variant", "stage", "method", "steps", "train loss first → last", "train loss after", "held-out loss", "tok/s",
               "trainable (share)", "saved artefact", "peak RSS MB", "merged"]
     rows = []
     for r in runs:
         for st in r.results.get("stages", []):
             first, last = st.get("first_loss"), st.get("final_loss")
             loss = f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "-"
-            held = st.get("eval_loss")
+            held, after = st.get("eval_loss"), st.get("train_loss_after")
             params = st.get("trainable_params")
             share = st.get("trainable_share")
             trainable = f"{params:,} ({share:.3%})" if params is not None and share else (f"{params:,}" if params else "-")
             rss = st.get("train_peak_rss_mb") or st.get("peak_rss_mb")
             merged = "yes" if st.get("merged") else "no: evaluated as base + adapter" if st.get("artifact", "adapter") == "adapter" else "no"
             rows.append([r.label, st.get("name", "?"), st.get("method", "lora"), str(st.get("steps", "-")), loss,
-                         "-" if held is None else f"{held:.3f}", f"{st['tokens_per_second']:.0f}" if st.get("tokens_per_second") else "-",
+                         "-" if after is None else f"{after:.3f}", "-" if held is None else f"{held:.3f}", f"{st['tokens_per_second']:.0f}" if st.get("tokens_per_second") else "-",
                          trainable, f"{_size(st.get('artifact_bytes'))} {st.get('artifact', '')}".strip(),
                          f"{rss:.0f}" if rss else "-", merged])
     return header, rows

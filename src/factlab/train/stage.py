@@ -224,6 +224,10 @@ class StageResult:
     first_loss: float | None
     final_loss: float | None
     eval_loss: float | None
+    """Mean loss on the held-out examples after training (train.eval_fraction > 0)."""
+    train_loss_after: float | None
+    """Mean loss on the training examples after training, in eval mode (no NEFTune noise, no
+    dropout): the number to set against eval_loss (only with train.eval_fraction > 0)."""
     peak_rss_mb: float
     """Peak resident memory of the process so far (MB)."""
     stopped_early: bool
@@ -412,9 +416,13 @@ def train_stage(
     state = trainer.state
     losses = [h for h in state.log_history if "loss" in h]
     evals = [h for h in state.log_history if "eval_loss" in h]
-    eval_loss = None
+    eval_loss = train_loss_after = None
     if has_eval:
         eval_loss = float(trainer.evaluate()["eval_loss"])
+        # The logged train losses are of single batches, taken with dropout and NEFTune noise
+        # on; to set against the held-out loss, the training examples are scored the same way
+        # (eval mode: no noise, no dropout) once training is done.
+        train_loss_after = float(trainer.evaluate(eval_dataset=train_ex, metric_key_prefix="train")["train_loss"])
     l2_final = None
     if l2 is not None:
         with torch.no_grad():
@@ -465,6 +473,7 @@ def train_stage(
         first_loss=losses[0]["loss"] if losses else None,
         final_loss=losses[-1]["loss"] if losses else None,
         eval_loss=eval_loss,
+        train_loss_after=train_loss_after,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         stopped_early=bool(tr.early_stopping_patience) and state.global_step < state.max_steps,
         merged=merge_note is None,
