@@ -85,7 +85,8 @@ def sweep(
     store: StoreOpt = None,
     mlflow: MlflowOpt = False,
 ) -> None:
-    """Run every point of an experiment's sweep grid; a restarted sweep skips finished points."""
+    """Run every point of an experiment's sweep (grid x points x repeat); a restarted sweep
+    skips finished points, and an earlier stage shared by several points is trained once."""
     from factlab.experiment.sweep import expand_sweep, run_sweep
 
     exp = _load(experiment, set_, output_dir)
