@@ -112,3 +112,22 @@ def test_a_sweep_report_leaves_out_runs_whose_folder_is_gone(tmp_path):
     (tmp_path / "kept" / "results.json").unlink()
     with pytest.raises(FactlabError, match="no longer on disk"):
         resolve_runs(["sw"], store)
+
+
+def test_stage_by_stage_table_pools_the_fact_kinds_per_stage(tmp_path):
+    from factlab.report.tables import stage_rows
+
+    one = fake_run(tmp_path / "one", [stage("cpt")])
+    assert stage_rows([load_run(one)]) == ([], [])  # single-stage runs: no such table
+    two = fake_run(tmp_path / "two", [stage("cpt"), stage("sft")])
+    res = json.loads((two / "results.json").read_text())
+    res["summaries"]["sft"]["qa"] = {"accuracy": rate(1, 2), "eos": rate(2, 2)}
+    res["forgetting"] = {"sft": {"perplexity": {"general": {"perplexity_ratio": 1.5}}}}
+    (two / "results.json").write_text(json.dumps(res))
+    header, rows = stage_rows([load_run(one, "single"), load_run(two, "two-stage")])
+    row = dict(zip(header, rows[1]))
+    assert header[:4] == ["variant", "facts: base", "facts: cpt", "facts: sft"]
+    assert row["facts: base"].startswith("0.25") and row["facts: base"].endswith("(4)")
+    assert row["facts: sft"].startswith("0.67") and row["facts: sft"].endswith("(6)")  # recall 3/4 + qa 1/2
+    assert row["qa EOS: sft"].startswith("1.00") and row["qa EOS: cpt"] == "-" and row["ppl ×: sft"] == "x1.50"
+    assert dict(zip(header, rows[0]))["facts: sft"] == "-"

@@ -17,7 +17,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from factlab.errors import FactlabError  # noqa: E402
 from factlab.experiment.store import RunStore  # noqa: E402
 from factlab.report.tables import (  # noqa: E402
-    Run, fact_recall, kinds_of, load_run, locality_delta, ppl_ratio, style_rows, training_rows, variant_rows, difference_rows,
+    Run, difference_rows, fact_recall, kinds_of, load_run, locality_delta, ppl_ratio, stage_rows, style_rows,
+    training_rows, variant_rows,
 )
 
 
@@ -68,18 +69,20 @@ def plot_tradeoff(runs: list[Run]):
             labels.append(r.label)
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs, ys = zip(*pts)
-    ax.scatter(xs, ys, s=40, color="tab:blue", zorder=3)
-    for (x, y), lab in zip(pts, labels):
-        ax.annotate(lab, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    # Variants often land on top of each other (same recall, close perplexity): each point is
+    # numbered on the plot and named in the legend beside it, rather than labelled in place.
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     front = pareto_front(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:red", label="Pareto front", zorder=2)
+    cmap = plt.get_cmap("tab10" if len(pts) <= 10 else "tab20")
+    for i, ((x, y), lab) in enumerate(zip(pts, labels)):
+        ax.scatter([x], [y], s=46, color=cmap(i % cmap.N), zorder=3, label=f"{i + 1}: {lab}" + (" (front)" if i in front else ""))
+        ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(4, 4 + 7 * (i % 3)), fontsize=8)
     ax.set_xlabel("held-out perplexity after / before (lower: less forgetting)")
     ax.set_ylabel("fact recall (candidate accuracy)")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -180,28 +183,32 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     runs = [load_run(folder, label) for folder, label in run_sources]
     if not runs:
         raise FactlabError("no runs to report")
-    header, rows = variant_rows(runs, all_stages=True)
-    tables = [("Training", "What each stage cost and how its loss moved. First/last: single logged training batches "
-                           "(with dropout and NEFTune noise); after / held-out: mean loss over all training / held-out "
-                           "examples once trained, in eval mode (stages with train.eval_fraction). Saved artefact: the adapter (PEFT format) or, "
-                           "for full fine-tuning, the model. Prompt, prefix and P-tuning cannot merge into the weights, "
-                           "so their stage was evaluated as base + adapter (merged: no).", *training_rows(runs))]
-    diff_header, diff = difference_rows(runs)
-    if diff:
-        tables.insert(0, (f"Differences against {runs[0].label}", "Each variant minus the first one, on the same probes "
-                          "(last stage of each): mean per-probe change of candidate accuracy with a 95% paired bootstrap "
-                          "interval (* when it excludes 0: the difference is real at that level), how many probes only "
-                          "this variant or only the first got right, and the change of the target's log-prob per "
-                          "token.", diff_header, diff))
-    style_header, style = style_rows(runs)
-    if style:
-        tables.append(("Answers to the SFT training prompts", "Greedy answers to every SFT training prompt: words per "
-                       "answer, and on the first 50 words ROUGE-L and BLEU against the training answers and the share of "
-                       "repeated 2-grams; mean [95% bootstrap interval].", style_header, style))
-    figures = [("Recall versus forgetting (last stage; dashed: Pareto front)", plot_tradeoff(runs)),
-               ("Loss curves", plot_losses(runs)),
-               ("Accuracy per probe kind, before and after each stage", plot_stage_bars(runs))]
-    figures = [(t, f) for t, f in figures if f is not None]
+    # The report in reading order: each section is ("table", title, note, header, rows) or
+    # ("figure", title, matplotlib figure); empty ones are left out.
+    sections: list[tuple] = [
+        ("table", "Variants", "Candidate accuracy [95% Wilson interval] (n) per probe kind after each stage of each "
+         "run; ppl ratio = held-out perplexity after / before; locality Δ = change of accuracy on facts the base model "
+         "knew; qa EOS = share of chat answers that end with EOS.", *variant_rows(runs, all_stages=True)),
+        ("table", "Stage by stage", "Per run: accuracy pooled over every fact probe kind (all but locality) [95% Wilson "
+         "interval] (n), the EOS rate of chat answers, and held-out perplexity after / before, after the base model and "
+         "each stage. Did the facts survive the later stage, and did the model learn to stop?", *stage_rows(runs)),
+        ("figure", "Recall versus forgetting (last stage; dashed: Pareto front)", plot_tradeoff(runs)),
+        ("table", f"Differences against {runs[0].label}", "Each variant minus the first one, on the same probes "
+         "(last stage of each): mean per-probe change of candidate accuracy with a 95% paired bootstrap interval "
+         "(* when it excludes 0: the difference is real at that level), how many probes only this variant or only "
+         "the first got right, and the change of the target's log-prob per token.", *difference_rows(runs)),
+        ("table", "Answers to the SFT training prompts", "Greedy answers to every SFT training prompt: words per "
+         "answer, and on the first 50 words ROUGE-L and BLEU against the training answers and the share of repeated "
+         "2-grams; mean [95% bootstrap interval].", *style_rows(runs)),
+        ("table", "Training", "What each stage cost and how its loss moved. First/last: single logged training "
+         "batches (with dropout and NEFTune noise); after / held-out: mean loss over all training / held-out examples "
+         "once trained, in eval mode (stages with train.eval_fraction). Saved artefact: the adapter (PEFT format) or, "
+         "for full fine-tuning, the model. Prompt, prefix and P-tuning cannot merge into the weights, so their stage "
+         "was evaluated as base + adapter (merged: no).", *training_rows(runs)),
+        ("figure", "Loss curves", plot_losses(runs)),
+        ("figure", "Accuracy per probe kind, before and after each stage", plot_stage_bars(runs)),
+    ]
+    sections = [s for s in sections if (s[0] == "table" and s[4]) or (s[0] == "figure" and s[2] is not None)]
     samples = sample_sections(runs, probes or [])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -209,18 +216,18 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     if fmt == "md":
         assets = output.with_name(output.stem + "_files")
         assets.mkdir(exist_ok=True)
-        md = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from: " + ", ".join(f"`{r.folder}`" for r in runs), "",
-              "Candidate accuracy [95% Wilson interval] (n) per probe kind after each stage of each run; "
-              "ppl ratio = held-out perplexity after / before; locality Δ = change of accuracy on facts the base model knew.", "",
-              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        md += ["| " + " | ".join(row) + " |" for row in rows]
-        for t, note, th, trs in tables:
-            md += ["", f"## {t}", "", note, "", "| " + " | ".join(th) + " |", "|" + "---|" * len(th)]
-            md += ["| " + " | ".join(row) + " |" for row in trs]
-        for i, (t, fig) in enumerate(figures):
-            name = f"figure{i + 1}.png"
-            (assets / name).write_bytes(_png(fig))
-            md += ["", f"## {t}", "", f"![{t}]({assets.name}/{name})"]
+        md = [f"# {title}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M')} from: " + ", ".join(f"`{r.folder}`" for r in runs)]
+        n_fig = 0
+        for sec in sections:
+            if sec[0] == "table":
+                _, t, note, th, trs = sec
+                md += ["", f"## {t}", "", note, "", "| " + " | ".join(th) + " |", "|" + "---|" * len(th)]
+                md += ["| " + " | ".join(row) + " |" for row in trs]
+            else:
+                n_fig += 1
+                name = f"figure{n_fig}.png"
+                (assets / name).write_bytes(_png(sec[2]))
+                md += ["", f"## {sec[1]}", "", f"![{sec[1]}]({assets.name}/{name})"]
         for s in samples:
             md += ["", f"## Answers to `{s['id']}`: {s['prompt']} → **{s['target']}**", ""]
             for e in s["entries"]:
@@ -231,20 +238,16 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{esc(title)}</h1><p class='s'>Generated {time.strftime('%Y-%m-%d %H:%M')} from "
-             + ", ".join(f"<code>{esc(str(r.folder))}</code>" for r in runs) + "</p>",
-             "<h2>Variants</h2><p class='s'>Candidate accuracy [95% Wilson interval] (n) per probe kind after each stage of each run; "
-             "ppl ratio = held-out perplexity after / before; locality Δ = change of accuracy on facts the base model knew; "
-             "qa EOS = share of chat answers that end with EOS.</p><table><tr>"
-             + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
-    parts.append("</table>")
-    for t, note, th, trs in tables:
-        parts.append(f"<h2>{esc(t)}</h2><p class='s'>{esc(note)}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in th) + "</tr>")
-        parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in trs]
-        parts.append("</table>")
-    for t, fig in figures:
-        data = base64.b64encode(_png(fig)).decode()
-        parts.append(f"<h2>{esc(t)}</h2><img alt='{esc(t)}' src='data:image/png;base64,{data}'>")
+             + ", ".join(f"<code>{esc(str(r.folder))}</code>" for r in runs) + "</p>"]
+    for sec in sections:
+        if sec[0] == "table":
+            _, t, note, th, trs = sec
+            parts.append(f"<h2>{esc(t)}</h2><p class='s'>{esc(note)}</p><table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in th) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in trs]
+            parts.append("</table>")
+        else:
+            data = base64.b64encode(_png(sec[2])).decode()
+            parts.append(f"<h2>{esc(sec[1])}</h2><img alt='{esc(sec[1])}' src='data:image/png;base64,{data}'>")
     for s in samples:
         parts.append(f"<h2>Answers to <code>{esc(s['id'])}</code></h2><p>{esc(s['prompt'])} → <b>{esc(s['target'])}</b></p>"
                      "<table><tr><th>variant</th><th>model</th><th>greedy</th><th>samples</th></tr>")

@@ -10,6 +10,7 @@ import yaml
 from rich.table import Table
 
 from factlab.errors import FactlabError
+from factlab.evaluate.metrics import rate_summary
 from factlab.evaluate.probes import PROBE_KINDS
 from factlab.evaluate.textmetrics import bootstrap_mean_interval
 
@@ -240,4 +241,39 @@ def difference_rows(runs: list[Run], stage: str | None = None) -> tuple[list[str
                          "-" if not da["n"] else f"{da['mean']:+.2f} [{da['ci_low']:+.2f},{da['ci_high']:+.2f}]{' *' if d['real'] else ''}",
                          "-" if not da["n"] else f"{d['b_only']} / {d['a_only']}",
                          f"{dl['mean']:+.2f} [{dl['ci_low']:+.2f},{dl['ci_high']:+.2f}]"])
+    return header, rows
+
+
+def stage_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows for multi-stage runs, one row per run: after the base model and after
+    each stage, the pooled fact accuracy (every kind but locality) with its Wilson interval,
+    the EOS rate of chat answers (qa probes) and the held-out perplexity ratio. The question
+    a CPT → SFT recipe asks: did the facts survive SFT, and did the model learn to stop?
+    Empty when every run has a single stage."""
+    if all(len(r.stages) < 2 for r in runs):
+        return [], []
+    names: list[str] = []
+    for r in runs:
+        names += [n for n in r.stages if n not in names]
+    header = ["variant", "facts: base"] + [f"facts: {n}" for n in names] + ["qa EOS: base"] + [f"qa EOS: {n}" for n in names] \
+        + [f"ppl ×: {n}" for n in names]
+    rows = []
+    for r in runs:
+        summ = r.results.get("summaries", {})
+
+        def facts(st):
+            rec = fact_recall(summ[st]) if st in summ else None
+            if not rec or not rec["n"]:
+                return "-"
+            return f"{fmt_rate(rate_summary([True] * rec['k'] + [False] * (rec['n'] - rec['k'])))} ({rec['n']})"
+
+        def eos(st):
+            return fmt_rate(((summ.get(st) or {}).get("qa") or {}).get("eos"))
+
+        def ppl(st):
+            x = ppl_ratio(r, st) if st in summ else None
+            return "-" if x is None else f"x{x:.2f}"
+
+        rows.append([r.label, facts("base")] + [facts(n) for n in names] + [eos("base")] + [eos(n) for n in names]
+                    + [ppl(n) for n in names])
     return header, rows
