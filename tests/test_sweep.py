@@ -173,6 +173,7 @@ def test_dry_run_and_report_from_the_store(tmp_path, tiny_dir, monkeypatch, caps
         assert label in text
     assert "Pareto" in text and "data:image/png;base64," in text and "Answers to" in text
     assert "<h2>Training</h2>" in text and "(untrained)" in text
+    assert text.count("</td><td>base</td><td style='text-align:left'>") == 1  # base answers once, not per variant
     assert not re.search(r"(src|href)=['\"]?(https?:)?//", text) and "http://" not in text and "https://" not in text
 
     md = tmp_path / "report.md"

@@ -149,15 +149,18 @@ def _png(fig) -> bytes:
 
 def sample_sections(runs: list[Run], probe_ids: list[str], limit: int = 3) -> list[dict]:
     """For each named probe (default: the first `limit` fact probes of the first run), per
-    variant and per evaluated model: the greedy answer and the samples."""
+    variant and per evaluated model: the greedy answer and the samples (the untrained model's
+    once, from the first run)."""
     if not probe_ids and runs:
         rows = runs[0].rows("base")
         probe_ids = [r["id"] for r in rows if r["kind"] != "locality"][:limit]
     out = []
     for pid in probe_ids:
         entries = []
-        for r in runs:
+        for i, r in enumerate(runs):
             for st in r.results.get("summaries", {}):
+                if i > 0 and st.startswith("base"):
+                    continue  # the untrained model answers the same for every variant: shown once
                 row = next((x for x in r.rows(st) if x["id"] == pid), None)
                 if row:
                     entries.append({"variant": r.label, "stage": st, "greedy": row.get("greedy", ""),
