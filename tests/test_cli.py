@@ -3,7 +3,6 @@ complete run folder; a run that fails midway keeps what earlier stages wrote."""
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from factlab.errors import FactlabError  # noqa: E402
 from factlab.experiment.store import RunStore  # noqa: E402
 from factlab.report.tables import (  # noqa: E402
-    Run, difference_rows, fact_recall, kinds_of, load_run, locality_delta, ppl_ratio, stage_rows, style_rows,
+    Run, difference_rows, fact_recall, kinds_of, load_run, ppl_ratio, stage_rows, style_rows,
     training_rows, variant_rows,
 )
 
