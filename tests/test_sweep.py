@@ -280,3 +280,24 @@ def test_sweep_trains_a_shared_first_stage_once_and_gets_what_separate_runs_get(
     for a, b in zip(alone["stages"], second["stages"]):
         assert a["final_loss"] == b["final_loss"] and a["first_loss"] == b["first_loss"]
     assert trained == ["cpt", "sft", "sft", "cpt", "sft"]
+
+
+def test_config_hash_follows_the_contents_of_the_data_files(tmp_path):
+    """A finished sweep point whose corpus (file or folder) or probes were edited is no longer
+    the same point: restarting the sweep redoes it instead of skipping it."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("Marta runs the press line.")
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text("{}\n")
+    cfg = {"name": "x", "model": "m", "output_dir": "runs", "data": {"corpus": [str(docs)]}, "eval": {"probes": [str(probes)]}}
+    h = config_hash(cfg)
+    assert config_hash({**cfg, "output_dir": "elsewhere"}) == h
+    (docs / "a.txt").write_text("Jonas runs the press line.")
+    h2 = config_hash(cfg)
+    assert h2 != h
+    (docs / "b.txt").write_text("A new document.")
+    h3 = config_hash(cfg)
+    assert h3 != h2
+    probes.write_text('{"id": 1}\n')
+    assert config_hash(cfg) != h3

@@ -49,9 +49,30 @@ CREATE TABLE IF NOT EXISTS metrics (
 
 
 def config_hash(config: dict) -> str:
-    """A stable hash of a resolved config, ignoring where its output goes."""
+    """A stable hash of a resolved config and of the contents of the data files it names,
+    ignoring where its output goes: a sweep point whose corpus, Q&A or probe file was edited
+    since it finished is not "finished" any more."""
     c = {k: v for k, v in config.items() if k not in ("output_dir", "sweep")}
-    return hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
+    for path in sorted(_input_paths({k: v for k, v in c.items() if k != "model"})):  # a model folder is weights: by name only
+        p = Path(path)
+        for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
+            if f.is_file():
+                h.update(str(f.relative_to(p) if p.is_dir() else f).encode())
+                h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _input_paths(x) -> set[str]:
+    """Every string in a resolved config that names an existing file or folder (data paths
+    are made absolute when the experiment is loaded)."""
+    if isinstance(x, dict):
+        return set().union(*(_input_paths(v) for v in x.values())) if x else set()
+    if isinstance(x, list):
+        return set().union(*(_input_paths(v) for v in x)) if x else set()
+    if isinstance(x, str) and Path(x).is_absolute() and Path(x).exists():
+        return {x}
+    return set()
 
 
 def flatten_metrics(results: dict) -> list[tuple]:
