@@ -97,11 +97,17 @@ def plot_losses(runs: list[Run]):
         return None
     fig, axes = plt.subplots(1, len(stage_names), figsize=(5 * len(stage_names), 3.6), squeeze=False)
     for ax, st in zip(axes[0], stage_names):
-        for r in runs:
+        held_out = False
+        for i, r in enumerate(runs):
+            color = f"C{i % 10}"
             hist = [(h["step"], h["loss"]) for h in r.loss.get(st, []) if "loss" in h]
             if hist:
-                ax.plot(*zip(*hist), label=r.label, lw=1.2)
-        ax.set_title(f"{st}: training loss")
+                ax.plot(*zip(*hist), label=r.label, lw=1.2, color=color)
+            heldout = [(h["step"], h["eval_loss"]) for h in r.loss.get(st, []) if "eval_loss" in h]
+            if heldout:  # stages with train.eval_fraction: the held-out loss, dashed, same colour
+                ax.plot(*zip(*heldout), ls="--", marker=".", lw=1.2, color=color)
+                held_out = True
+        ax.set_title(f"{st}: training loss" + (" (dashed: held-out)" if held_out else ""))
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
