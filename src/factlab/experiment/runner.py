@@ -140,8 +140,13 @@ def stage_cache_key(base_key: str, exp: Experiment, i: int, stage_examples: list
     import hashlib
 
     parts = {"base": base_key, "stages": [st.model_dump(mode="json") for st in exp.stages[: i + 1]],
-             "names": exp.stage_names()[: i + 1], "examples": stage_examples[: i + 1]}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+             "names": exp.stage_names()[: i + 1]}
+    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for examples in stage_examples[: i + 1]:  # token ids streamed, not one JSON string of the corpus
+        for ex in examples:
+            h.update(json.dumps(ex, sort_keys=True).encode())
+        h.update(b"\0")  # stage boundary
+    return h.hexdigest()
 
 
 def _link_or_copy(src, dst):

@@ -10,7 +10,7 @@ import yaml
 from rich.table import Table
 
 from factlab.errors import FactlabError
-from factlab.evaluate.metrics import rate_summary
+from factlab.evaluate.metrics import wilson_interval
 from factlab.evaluate.probes import PROBE_KINDS
 from factlab.evaluate.textmetrics import bootstrap_mean_interval
 
@@ -265,7 +265,8 @@ def stage_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             rec = fact_recall(summ[st]) if st in summ else None
             if not rec or not rec["n"]:
                 return "-"
-            return f"{fmt_rate(rate_summary([True] * rec['k'] + [False] * (rec['n'] - rec['k'])))} ({rec['n']})"
+            low, high = wilson_interval(rec["k"], rec["n"])
+            return f"{fmt_rate({**rec, 'ci_low': low, 'ci_high': high})} ({rec['n']})"
 
         def eos(st):
             return fmt_rate(((summ.get(st) or {}).get("qa") or {}).get("eos"))
