@@ -392,7 +392,7 @@ def test_peft_gpt2_mixed_conv1d_and_linear(tmp_path):
 
 def test_tied_embeddings_need_untying_before_merge():
     """The caveat in the module docstring: LoRA on a tied lm_head does not survive a merge."""
-    from factlab.models.loading import untie_embeddings
+    from factlab.train.merge import untie_embeddings
 
     x = torch.tensor([[3, 4, 5, 6]])
     for untie in (False, True):
