@@ -3,7 +3,7 @@
 This table imports nothing heavy (no torch, transformers or peft), so the config can validate
 `peft.method` against it and check the order of stages before any training code is loaded.
 The builders that turn a method into a model to train live in factlab.train.peft_methods,
-one per row here (a test checks that the two agree).
+one per row here (tests/test_peft_methods.py runs every row through its builder).
 
 | method           | trains                                                     | targets | merges |
 |------------------|------------------------------------------------------------|---------|--------|

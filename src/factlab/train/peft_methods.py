@@ -3,7 +3,8 @@
 A builder takes the (unwrapped) model, the stage's PeftSpec and the resolved targets and returns
 the model to train: a `peft.PeftModel` for the PEFT families, the model itself for `full`.
 A new method adds its row with `factlab.methods.register_method` and its builder here with
-`@register("name")`; what a method trains and whether it merges is in factlab.methods.
+`@register("name")`; what a method trains and whether it merges is in factlab.methods
+(tests/test_peft_methods.py runs every row of that table through its builder).
 
 Bottleneck adapters (Houlsby / Pfeiffer) are not offered: peft has none, and the library that
 does (`adapters` 1.3) pins transformers ~=4.57, which conflicts with transformers 5.
@@ -46,11 +47,6 @@ def register(name: str) -> Callable[[Builder], Builder]:
         return fn
 
     return deco
-
-
-def builders() -> list[str]:
-    """Methods that have a builder, sorted (a test checks these are exactly methods())."""
-    return sorted(_BUILDERS)
 
 
 def _empty_targets() -> TargetSpec:
