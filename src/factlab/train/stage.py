@@ -259,7 +259,7 @@ def train_stage(
     examples: list[dict],
     seed: int,
     console: Console | None = None,
-):
+) -> tuple[object, StageResult]:
     """Train one stage and save its outputs into `out_dir`. Returns (model for the next stage, StageResult).
 
     The model returned is the merged plain model when `stage.merge` and the method merges, the
@@ -425,7 +425,7 @@ def fit(prepared: PreparedStage) -> Fit:
     return Fit(seconds, history, train_peak, eval_loss, train_loss_after, l2_final)
 
 
-def save_stage(prepared: PreparedStage, measured: Fit, tokenizer):
+def save_stage(prepared: PreparedStage, measured: Fit, tokenizer) -> tuple[object, StageResult]:
     """Save the trained model and train.json, then move `out_dir`.partial to `out_dir`.
     Returns (model for the next stage, StageResult)."""
     shutil.rmtree(prepared.partial / "checkpoints", ignore_errors=True)
