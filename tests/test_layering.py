@@ -9,7 +9,7 @@ package (train.stage from train.merge); modules of one layer do not import each 
   2  config       the typed experiment file
   3  models, testing
                   model loading and layer-group targets; tiny models for tests and benchmarks
-  4  evaluate     probes, the scoring path, generation, metrics, perplexity
+  4  evaluate     probes, the model interface (lm), scoring, generation, metrics, perplexity
   5  data         reading, packing, synthesising and checking data (data.checks matches
                   leaked wording with evaluate.metrics' text normalisation, so data sits above
                   evaluate)
@@ -56,9 +56,6 @@ LAYERS: list[tuple[str, ...]] = [
 ALLOWED: set[tuple[str, str]] = {
     # i10-record: the runner stops importing report's table helpers.
     ("factlab.experiment.runner", "factlab.report.tables"),
-    # i10-eval: generation stops importing scoring's private helpers (one model interface).
-    ("factlab.evaluate.generation", "factlab.evaluate.scoring._eval_mode"),
-    ("factlab.evaluate.generation", "factlab.evaluate.scoring._pad"),
 }
 
 
