@@ -4,21 +4,25 @@ config loads without the training stack.
 The layers, lowest first. A module may import from the layers below its own and from its own
 package (train.stage from train.merge); modules of one layer do not import each other.
 
-  0  factlab (the package), errors
+  0  factlab (the package), errors, atomic (i11-input's atomic writers)
   1  methods      the table of training methods, torch-free (config validates against it)
   2  config       the typed experiment file
-  3  models, testing
-                  model loading and layer-group targets; tiny models for tests and benchmarks
-  4  evaluate     probes, the model interface (lm), scoring, generation, metrics, perplexity
+  3  evaluate     probes, the model interface (lm), scoring, generation, metrics, perplexity;
+                  takes a model object, never loads one
+  4  models, testing
+                  model loading, layer-group targets (and i15-local's GGUF export, which
+                  scores probes to check the export); tiny models for the tests
   5  data         reading, packing, synthesising and checking data (data.checks matches
-                  leaked wording with evaluate.metrics' text normalisation, so data sits above
-                  evaluate)
+                  leaked wording with evaluate.metrics' text normalisation)
   6  train        PEFT builders, the stage (prepare, fit, save), merging, regularizers
-  7  experiment   the runner, evaluation of a run, sweeps, the run store
+  7  experiment, influence
+                  the runner, evaluation of a run, sweeps, the run store; i13-influence's
+                  influence studies (which train and score, like a run)
   8  report       tables, plots and reports of saved runs
-  9  cli_data     the `factlab data` commands
- 10  cli          the `factlab` commands (adds cli_data's sub-app)
- 11  __main__     `python -m factlab`
+  9  chat         i15-local's `factlab chat` (loads a run's model through experiment)
+ 10  cli_data     the `factlab data` commands
+ 11  cli          the `factlab` commands (adds cli_data's sub-app)
+ 12  __main__     `python -m factlab`
 
 Imports inside functions and under TYPE_CHECKING count as well: a lazy import is still an
 edge of the graph.
@@ -37,15 +41,16 @@ import factlab
 PACKAGE = Path(factlab.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "errors"),
+    ("__init__", "errors", "atomic"),
     ("methods",),
     ("config",),
-    ("models", "testing"),
     ("evaluate",),
+    ("models", "testing"),
     ("data",),
     ("train",),
-    ("experiment",),
+    ("experiment", "influence"),
     ("report",),
+    ("chat",),
     ("cli_data",),
     ("cli",),
     ("__main__",),
@@ -154,8 +159,9 @@ def test_the_checker_sees_an_upward_and_a_private_import(tmp_path, monkeypatch):
         "__init__.py": "",
         "config.py": "from factlab.train.stage import run\n",  # upward, at module level
         "models/__init__.py": "",
-        "models/targets.py": "def f():\n    from factlab.evaluate import x\n",  # upward, lazy
+        "models/targets.py": "def f():\n    from factlab.data import x\n",  # upward, lazy
         "evaluate/__init__.py": "",
+        "data/__init__.py": "",
         "evaluate/scoring.py": "_pad = 1\n",
         "evaluate/generation.py": "from factlab.evaluate.scoring import _pad\n",  # private
         "train/__init__.py": "",
@@ -166,7 +172,7 @@ def test_the_checker_sees_an_upward_and_a_private_import(tmp_path, monkeypatch):
         (pkg / rel).write_text(text)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     found = {(m, t) for m, t, _ in _violations()}
-    assert found == {("factlab.config", "factlab.train.stage"), ("factlab.models.targets", "factlab.evaluate"),
+    assert found == {("factlab.config", "factlab.train.stage"), ("factlab.models.targets", "factlab.data"),
                      ("factlab.evaluate.generation", "factlab.evaluate.scoring._pad")}
 
 
