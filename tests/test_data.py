@@ -99,18 +99,18 @@ def test_load_conversations_formats_and_errors(tmp_path):
 
 def test_replay_ratio_and_determinism(tok):
     from factlab.config import StageSpec
-    from factlab.train.stage import StageData, build_stage_examples
+    from factlab.train.stage import StageInputs, build_stage_examples
 
     convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(20)]
     docs = ["Marta Ilvane runs the press line. " * 3, "Jonas Perl leads the night shift. " * 3]
     for ratio in (0.0, 0.2, 0.5, 1.0, 3.0):
         st = StageSpec.model_validate({"kind": "sft", "data": {"replay": {"ratio": ratio}}, "train": {"seq_len": 48}})
-        ex = build_stage_examples(st, tok, StageData(convs, docs), seed=1)
+        ex = build_stage_examples(st, tok, StageInputs(convs, docs), seed=1)
         replay = [e for e in ex if -100 not in e["labels"]]  # replay blocks are trained on every token
         assert abs(len(replay) - ratio * 20) <= 1 and len(ex) - len(replay) == 20
-        again = build_stage_examples(st, tok, StageData(convs, docs), seed=1)
+        again = build_stage_examples(st, tok, StageInputs(convs, docs), seed=1)
         assert again == ex
-    other = build_stage_examples(st, tok, StageData(convs, docs), seed=2)
+    other = build_stage_examples(st, tok, StageInputs(convs, docs), seed=2)
     assert other != ex  # a different seed draws other blocks
 
 

@@ -112,18 +112,36 @@ def test_hook_reaches_the_real_embedding_on_every_architecture(tok, arch, method
     assert not emb._forward_hooks
 
 
-def test_transformers_neftune_misses_prompt_methods_outside_llama(tok):
-    """Why factlab has its own hook: transformers 5.23's activate_neftune looks for
-    `base_model.model.get_input_embeddings()`, which a prompt-tuning GPT-2 does not have.
-    (If this starts passing upstream, the Trainer's hook could be used again.)"""
-    from transformers.integrations.neftune import activate_neftune as hf_activate
-
-    for cfg in (PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
-                PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)):
-        pm = get_peft_model(tiny_model("gpt2", vocab_size=len(tok)), cfg)
-        with pytest.raises(AttributeError):
-            hf_activate(pm, ALPHA)
-        deactivate_neftune(pm, activate_neftune(pm, ALPHA))  # ours works
+@pytest.mark.parametrize("cfg", [PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+                                 PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)],
+                         ids=["prompt_tuning", "prefix_tuning"])
+def test_hook_finds_the_embedding_of_a_plain_peft_model_whose_backbone_is_not_model(tok, cfg):
+    """Why factlab has its own hook: on a prompt-method PeftModel of GPT-2 (backbone under
+    `.transformer`, not `.model`) it must still reach the one token embedding the decoder
+    reads, also when the PeftModel was built by plain PEFT rather than factlab's builders."""
+    base = tiny_model("gpt2", vocab_size=len(tok))
+    wte = base.get_input_embeddings()
+    pm = get_peft_model(base, cfg)
+    assert input_embedding_layer(pm) is wte
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12] * 4] * 2)  # (2, 32)
+    with torch.no_grad():
+        clean = wte(ids)  # (B, L, d)
+    seen = []
+    handle = activate_neftune(pm, ALPHA)
+    h = wte.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))  # runs after NEFTune's
+    pm.train()
+    with torch.no_grad():
+        pm(input_ids=ids)
+    deactivate_neftune(pm, handle)
+    with torch.no_grad():
+        pm(input_ids=ids)
+    h.remove()
+    pm.eval()
+    token_calls = [x for x in seen if x.shape == clean.shape]  # prompt tuning also embeds its init tokens
+    assert len(token_calls) == 2
+    check_uniform_noise(token_calls[0] - clean, neftune_scale(ALPHA, ids.shape[1], clean.shape[-1]))
+    assert torch.equal(token_calls[1], clean)  # deactivated: no noise, no hook left
+    assert not wte._forward_hooks
 
 
 def test_noise_bound_formula_and_a_second_activation_is_refused(llama):

@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, set_seed
 from factlab.config import PeftSpec, StageSpec, experiment_from_dict
 from factlab.data.corpus import pack_documents
 from factlab.errors import FactlabError
+from factlab.methods import check_stage_order, method_info, methods
 from factlab.testing import tiny_model
-from factlab.train.peft_methods import build_peft_model, check_stage_order, method_info, methods
+from factlab.train.peft_methods import build_peft_model
 
 DOCS = ["Marta Ilvane runs the press line at the Korrin plant in Vessen.",
         "Jonas Perl leads the night shift.", "The capital of France is Paris."]
@@ -54,7 +55,7 @@ def train(tmp_path, tok, spec, base=None, name="s"):
 
 
 def test_registry_has_every_method_and_config_validates_against_it():
-    assert set(METHODS) <= set(methods())
+    assert set(METHODS) == set(methods())  # every row of the table goes through the tests below
     with pytest.raises(FactlabError, match="unknown PEFT method 'lorra'.*use one of: .*ia3.*prompt_tuning"):
         experiment_from_dict({"name": "x", "model": "m", "stages": [{"kind": "cpt", "peft": {"method": "lorra"}}]})
     with pytest.raises(FactlabError, match="stages.0.peft: peft.rslora applies to the LoRA methods"):

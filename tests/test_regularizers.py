@@ -172,15 +172,15 @@ def test_update_norm_cap_in_a_stage(tmp_path, tok):
 
 
 def test_head_lr_gives_lm_head_its_own_group(tok):
-    from factlab.train.stage import _param_groups
+    from factlab.train.stage import param_groups
 
     pm, _ = build_peft_model(tiny_model("llama", vocab_size=len(tok)), PeftSpec(method="lora", targets=["all"]))
-    groups = _param_groups(pm, lr=1e-4, embed_lr=1e-5, weight_decay=0.0, head_lr=3e-5)
+    groups = param_groups(pm, lr=1e-4, embed_lr=1e-5, weight_decay=0.0, head_lr=3e-5)
     assert [g["lr"] for g in groups] == [1e-4, 1e-5, 3e-5]
     names = {id(p): n for n, p in pm.named_parameters()}
     assert all("embed_tokens" in names[id(p)] for p in groups[1]["params"])
     assert groups[2]["params"] and all("lm_head" in names[id(p)] for p in groups[2]["params"])
     # without head_lr, lm_head stays with the embeddings (embed_lr's documented meaning)
-    assert [g["lr"] for g in _param_groups(pm, 1e-4, 1e-5, 0.0)] == [1e-4, 1e-5]
+    assert [g["lr"] for g in param_groups(pm, 1e-4, 1e-5, 0.0)] == [1e-4, 1e-5]
     # head_lr alone: embeddings at lr
-    assert [g["lr"] for g in _param_groups(pm, 1e-4, None, 0.0, head_lr=3e-5)] == [1e-4, 1e-4, 3e-5]
+    assert [g["lr"] for g in param_groups(pm, 1e-4, None, 0.0, head_lr=3e-5)] == [1e-4, 1e-4, 3e-5]

@@ -89,8 +89,9 @@ def test_saved_outputs_reload_with_plain_transformers_and_peft(tmp_path, tok):
     base.save_pretrained(base_dir)
     out = tmp_path / "1-cpt"
     merged, res = train_stage(base, tok, stage("cpt", ("all",)), "cpt", out, examples(tok, "cpt"), seed=0)
-    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "loss.png").is_file()
-    assert json.loads((out / "train.json").read_text())["steps"] == 2
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    record = json.loads((out / "train.json").read_text())
+    assert record["steps"] == 2 and [h["step"] for h in record["loss_history"]] == [1, 2]
     assert not (out.with_name("1-cpt.partial")).exists() and not (out / "checkpoints").exists()
 
     reloaded = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
@@ -107,22 +108,31 @@ def test_saved_outputs_reload_with_plain_transformers_and_peft(tmp_path, tok):
     assert keys and all("lora_" in k for k in keys)
 
 
-def test_same_seed_same_weights(tmp_path, tok):
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prompt_tuning", "full"])
+def test_same_seed_same_weights_losses_and_saved_files(tmp_path, tok, method):
     from factlab.train.stage import train_stage
 
+    spec = StageSpec.model_validate({"kind": "cpt", "train": {"lr": 1e-2, "max_steps": 2, "batch_size": 2, "seq_len": 16,
+                                                              "bf16": False, "eval_fraction": 0.3, "eval_steps": 1},
+                                     "peft": {"method": method, "targets": ["all"] if method in ("lora", "full") else ["attention", "mlp"],
+                                              "r": 4, "alpha": 8, "num_virtual_tokens": 3}})
     runs = []
     for i in range(2):
-        m, _ = train_stage(tiny_model("llama", vocab_size=len(tok)), tok, stage("cpt", ("all",)),
-                           "cpt", tmp_path / f"r{i}", examples(tok, "cpt"), seed=3)
-        runs.append(m.state_dict())
-    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+        m, res = train_stage(tiny_model("llama", vocab_size=len(tok)), tok, spec, "cpt", tmp_path / f"r{i}",
+                             examples(tok, "cpt") * 2, seed=3)
+        saved = {f.relative_to(tmp_path / f"r{i}"): f.read_bytes() for f in (tmp_path / f"r{i}").rglob("*.safetensors")}
+        runs.append((m.state_dict(), res.loss_history, saved))
+    (w0, h0, s0), (w1, h1, s1) = runs
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert h0 == h1 and any("eval_loss" in h for h in h0)
+    assert s0 and s0 == s1
 
 
 def test_embed_lr_puts_embedding_parameters_in_their_own_group(tok):
-    from factlab.train.stage import _param_groups
+    from factlab.train.stage import param_groups
 
     pm, _ = build_peft_model(tiny_model("llama", vocab_size=len(tok)), stage("cpt", ("all",)).peft)
-    groups = _param_groups(pm, lr=1e-4, embed_lr=1e-5, weight_decay=0.0)
+    groups = param_groups(pm, lr=1e-4, embed_lr=1e-5, weight_decay=0.0)
     assert [g["lr"] for g in groups] == [1e-4, 1e-5]
     names = {id(p): n for n, p in pm.named_parameters()}
     emb_names = [names[id(p)] for p in groups[1]["params"]]

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from factlab.errors import FactlabError
+from factlab.methods import lora_family, methods
 
 
 class _Strict(BaseModel):
@@ -32,7 +33,7 @@ def _listify(v: Any, *keys: str) -> Any:
 class PeftSpec(_Strict):
     """Which parameters a stage trains and how (one adapter per stage).
 
-    Methods (factlab.train.peft_methods): lora, rslora, dora, ia3 (use targets; merge),
+    Methods (factlab.methods): lora, rslora, dora, ia3 (use targets; merge),
     prompt_tuning, prefix_tuning, p_tuning (virtual tokens; ignore targets/layers/r/alpha/dropout;
     cannot merge, so they must be the last stage) and full (the targeted modules' own weights,
     no adapter; `all` = every parameter). Fields a method does not use are ignored.
@@ -59,14 +60,11 @@ class PeftSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "PeftSpec":
-        # Lazy import: the registry lives with the builders in factlab.train.peft_methods.
-        from factlab.train.peft_methods import LORA_FAMILY, methods
-
         if self.method not in methods():
             raise ValueError(f"unknown PEFT method '{self.method}' in peft.method; use one of: {', '.join(methods())}")
         for switch in ("rslora", "dora"):
-            if getattr(self, switch) and self.method not in LORA_FAMILY:
-                raise ValueError(f"peft.{switch} applies to the LoRA methods ({', '.join(LORA_FAMILY)}), "
+            if getattr(self, switch) and self.method not in lora_family():
+                raise ValueError(f"peft.{switch} applies to the LoRA methods ({', '.join(lora_family())}), "
                                  f"not to {self.method}; remove it")
         return self
 

@@ -1,7 +1,8 @@
-"""Tiny tokenizers and random models for tests and examples (no downloads, built in seconds).
+"""Tiny tokenizers and random models for the tests (no downloads, built in seconds).
 
-Kept in the package, not only under tests/, so that benchmarks and users' own tests can
-build the same tiny fixtures.
+Nothing in factlab itself uses this module; only tests/ does (bench/ runs the real model).
+It stays in the package so that any test file, and users' own tests of registered methods
+or architectures, can build the same tiny fixtures with a plain import.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_file
 from factlab.experiment.store import RunStore
 from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
-from factlab.train.peft_methods import check_stage_order
+from factlab.methods import check_stage_order
 from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
 
 

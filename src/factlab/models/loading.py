@@ -158,25 +158,6 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def untie_embeddings(model) -> bool:
-    """Give the output head its own copy of a tied input embedding. Returns True if it was tied.
-
-    Why: with tied weights, merging a LoRA on `lm_head` (or on `embed_tokens`) into the shared
-    matrix would change both the input and the output side, so the merged model would not
-    equal base + adapter. Untying first keeps the merge exact and the saved model loadable by
-    plain transformers (config.tie_word_embeddings is set to False, both matrices are saved).
-    """
-    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
-    if out is None or inp is None or out.weight is not inp.weight:
-        return False
-    out.weight = torch.nn.Parameter(inp.weight.detach().clone(), requires_grad=inp.weight.requires_grad)
-    model.config.tie_word_embeddings = False
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
-    if text_cfg is not None:
-        text_cfg.tie_word_embeddings = False
-    return True
-
-
 def describe_aliases() -> list[tuple[str, str, str]]:
     """(alias, status, description) for `factlab models`."""
     rows = []

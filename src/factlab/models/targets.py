@@ -22,7 +22,7 @@ PEFT caveats (peft 0.21, checked in tests/test_targets.py):
 * Tied input/output embeddings (SmolLM2, GPT-2, Qwen2, Gemma): a LoRA on `lm_head` or on the
   embedding is merged into the one shared matrix, so the merged model differs from base +
   adapter (also with PEFT's `ensure_weight_tying=True`). Untie first
-  (`factlab.models.loading.untie_embeddings`) whenever `spec.embed or spec.lm_head`.
+  (`factlab.train.merge.untie_embeddings`) whenever `spec.embed or spec.lm_head`.
 """
 
 from __future__ import annotations
@@ -60,9 +60,6 @@ class ArchTable:
     """Full name of the output head, e.g. "lm_head"."""
     embed: str
     """Full name of the input token embedding, e.g. "model.embed_tokens"."""
-    fan_in_fan_out: bool = False
-    """GPT-2 style Conv1D weights. Informational: resolve_targets derives the flag from the
-    types of the modules actually selected, so an embed-only or lm_head-only GPT-2 spec is False."""
 
 
 _TABLES: dict[str, ArchTable] = {}
@@ -94,7 +91,7 @@ register_architecture("phi", ArchTable(
     ("mlp.fc1", "mlp.fc2"), "lm_head", "model.embed_tokens"))
 register_architecture("gpt2", ArchTable(  # Conv1D layers; position embedding wpe is never a target
     "transformer.h", ("attn.c_attn", "attn.c_proj"), ("mlp.c_fc", "mlp.c_proj"),
-    "lm_head", "transformer.wte", fan_in_fan_out=True))
+    "lm_head", "transformer.wte"))
 register_architecture("gptj", ArchTable(
     "transformer.h", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"), ("mlp.fc_in", "mlp.fc_out"),
     "lm_head", "transformer.wte"))

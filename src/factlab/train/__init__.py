@@ -1,1 +1,1 @@
-"""Training stages: PEFT method builders and the stage runner (transformers Trainer underneath)."""
+"""Training: PEFT method builders, one stage (prepare, fit, save), merging and saving, regularizers."""

@@ -1,22 +1,10 @@
-"""PEFT method builders, one registry entry per method.
+"""PEFT method builders: one function per row of the method table (factlab.methods).
 
 A builder takes the (unwrapped) model, the stage's PeftSpec and the resolved targets and returns
 the model to train: a `peft.PeftModel` for the PEFT families, the model itself for `full`.
-New methods register with `@register("name", merges=..., ...)`; a failed lookup lists the
-methods that exist (`PeftSpec.method` is validated against this registry).
-
-The methods (peft 0.21):
-
-| method           | trains                                                     | targets | merges |
-|------------------|------------------------------------------------------------|---------|--------|
-| `lora`           | low-rank B·A per targeted layer, scaled by alpha/r          | yes     | yes    |
-| `rslora`         | LoRA scaled by alpha/sqrt(r) (= `lora` with `rslora: true`)  | yes     | yes    |
-| `dora`           | LoRA plus a per-row magnitude (= `lora` with `dora: true`)   | yes     | yes    |
-| `ia3`            | one scaling vector per targeted layer (IA3)                | yes     | yes    |
-| `prompt_tuning`  | `num_virtual_tokens` input embeddings put before the input | no      | no     |
-| `prefix_tuning`  | `num_virtual_tokens` keys/values per layer (a KV prefix)    | no      | no     |
-| `p_tuning`       | virtual tokens produced by a small MLP (P-tuning)          | no      | no     |
-| `full`           | the targeted modules' own weights (see `_full`)            | yes     | (is the model) |
+A new method adds its row with `factlab.methods.register_method` and its builder here with
+`@register("name")`; what a method trains and whether it merges is in factlab.methods
+(tests/test_peft_methods.py runs every row of that table through its builder).
 
 Bottleneck adapters (Houlsby / Pfeiffer) are not offered: peft has none, and the library that
 does (`adapters` 1.3) pins transformers ~=4.57, which conflicts with transformers 5.
@@ -24,110 +12,68 @@ does (`adapters` 1.3) pins transformers ~=4.57, which conflicts with transformer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
 from typing import Callable
 
+import torch
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    PromptTuningInit,
+    get_peft_model,
+)
+from transformers.pytorch_utils import Conv1D
+
 from factlab.errors import FactlabError
+from factlab.methods import method_info
+from factlab.models.targets import TargetSpec, arch_table, resolve_targets
+from factlab.train.merge import untie_embeddings
 
 Builder = Callable[..., object]
+"""build(model, spec, targets) -> the model to train (PeftModel, or the model for `full`)."""
+
+_BUILDERS: dict[str, Builder] = {}
 
 
-@dataclass(frozen=True)
-class PeftMethod:
-    """One registry entry."""
-
-    name: str
-    build: Builder
-    """build(model, spec, targets) -> the model to train (PeftModel, or the model for `full`)."""
-    merges: bool = True
-    """The trained change can be folded into the base weights (a plain transformers model)."""
-    wraps: bool = True
-    """The builder returns a peft.PeftModel (False: `full` trains the model itself)."""
-    targeted: bool = True
-    """Uses `peft.targets` / `peft.layers` (prompt methods do not: they touch no layer)."""
-    summary: str = ""
-
-
-_REGISTRY: dict[str, PeftMethod] = {}
-
-# LoRA-family methods: the ones that take the `rslora` / `dora` switches.
-LORA_FAMILY = ("lora", "rslora", "dora")
-
-
-def register(name: str, *, merges: bool = True, wraps: bool = True, targeted: bool = True,
-             summary: str = "") -> Callable[[Builder], Builder]:
-    """Decorator: register a builder under `name`."""
+def register(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: the builder of method `name`, which must have a row in factlab.methods."""
+    method_info(name)  # FactlabError naming the methods if the row is missing
 
     def deco(fn: Builder) -> Builder:
-        _REGISTRY[name] = PeftMethod(name, fn, merges=merges, wraps=wraps, targeted=targeted,
-                                     summary=summary or (fn.__doc__ or "").strip().split("\n")[0])
+        _BUILDERS[name] = fn
         return fn
 
     return deco
 
 
-def methods() -> list[str]:
-    """Registered method names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def method_info(name: str) -> PeftMethod:
-    """The registry entry of `name`; FactlabError listing the methods if there is none."""
-    if name not in _REGISTRY:
-        raise FactlabError(f"unknown PEFT method '{name}'; use one of: {', '.join(methods())}")
-    return _REGISTRY[name]
-
-
-def no_merge_reason(name: str) -> str | None:
-    """Why a method's result cannot be merged into the weights (None if it can)."""
-    if method_info(name).merges:
-        return None
-    return (f"{name} trains virtual tokens that are added to every input, not a change of weights, "
-            "so there is nothing to merge; it is saved and evaluated as base model + adapter")
-
-
-def check_stage_order(stages) -> None:
-    """FactlabError if a stage follows one whose method cannot merge (prompt methods).
-
-    Pure function over StageSpecs, for config-time checks (train_stage checks it again at
-    stage time, from the model it is handed).
-    """
-    for i, st in enumerate(stages[:-1]):
-        if not method_info(st.peft.method).merges:
-            raise FactlabError(
-                f"stages.{i}: method {st.peft.method} cannot merge (it trains virtual tokens, not weights), "
-                f"but stage {i + 1} trains on top of it; make it the last stage"
-            )
-
-
-def _empty_targets():
-    from factlab.models.targets import TargetSpec
-
+def _empty_targets() -> TargetSpec:
     return TargetSpec(modules=(), embed=False, lm_head=False, fan_in_fan_out=False)
 
 
-def build_peft_model(model, spec) -> tuple[object, "TargetSpec"]:  # noqa: F821
+def build_peft_model(model, spec) -> tuple[object, TargetSpec]:
     """Wrap `model` for training as `spec.method` says. Returns (model to train, resolved targets).
 
     Targeted methods resolve layer groups to module names first, and untie tied input/output
     embeddings when `embed` or `lm_head` is among them (see untie_embeddings). Prompt methods
     resolve nothing and leave the model as it is (their TargetSpec is empty).
     """
-    from factlab.models.loading import untie_embeddings
-    from factlab.models.targets import resolve_targets
-
     info = method_info(spec.method)
+    build = _BUILDERS[info.name]
     if not info.targeted:
-        return info.build(model, spec, _empty_targets()), _empty_targets()
+        return build(model, spec, _empty_targets()), _empty_targets()
     targets = resolve_targets(model, list(spec.targets), spec.layers)
     if targets.embed or targets.lm_head:
         # Tied input/output embeddings would make a merged lm_head (or embedding) change
         # both sides; see untie_embeddings.
         untie_embeddings(model)
-    return info.build(model, spec, targets), targets
+    return build(model, spec, targets), targets
 
 
 def is_peft_model(model) -> bool:
+    """True for a peft.PeftModel (duck-typed: also PEFT's task-specific subclasses)."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
@@ -136,8 +82,6 @@ def is_peft_model(model) -> bool:
 
 
 def _lora_config(spec, targets, *, rslora: bool, dora: bool):
-    from peft import LoraConfig
-
     return LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -155,9 +99,6 @@ def _check_dora_rows(model, targets) -> None:
     """DoRA divides by the norm of every output row of W (+ the LoRA delta, zero at start); an
     all-zero row, such as the padding token's row of a tied lm_head, gives 0/0 = NaN in PEFT's
     forward. Fail with a clear message instead of a NaN loss."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
     named = dict(model.named_modules())
     with torch.no_grad():
         for name in targets.modules:
@@ -172,24 +113,22 @@ def _check_dora_rows(model, targets) -> None:
 
 
 def _lora_family(model, spec, targets, *, rslora: bool, dora: bool):
-    from peft import get_peft_model
-
     if dora:
         _check_dora_rows(model, targets)
     return get_peft_model(model, _lora_config(spec, targets, rslora=rslora, dora=dora))
 
 
-@register("lora", summary="low-rank update B·A (alpha/r); `rslora` / `dora` switches")
+@register("lora")
 def _lora(model, spec, targets):
     return _lora_family(model, spec, targets, rslora=spec.rslora, dora=spec.dora)
 
 
-@register("rslora", summary="LoRA with rank-stabilised scaling alpha/sqrt(r)")
+@register("rslora")
 def _rslora(model, spec, targets):
     return _lora_family(model, spec, targets, rslora=True, dora=spec.dora)
 
 
-@register("dora", summary="weight-decomposed LoRA: direction by LoRA, a trained magnitude per row")
+@register("dora")
 def _dora(model, spec, targets):
     return _lora_family(model, spec, targets, rslora=spec.rslora, dora=True)
 
@@ -199,22 +138,18 @@ def _dora(model, spec, targets):
 
 
 def _is_mlp_module(model, name: str) -> bool:
-    from factlab.models.targets import _TABLES
-
-    table = _TABLES.get(getattr(getattr(model, "config", None), "model_type", None))
-    if table is not None:
-        return any(name.endswith("." + leaf) for leaf in table.mlp)
-    return ".mlp." in f".{name}."
+    try:
+        return any(name.endswith("." + leaf) for leaf in arch_table(model).mlp)
+    except FactlabError:  # no layer-group table for this architecture: go by the name
+        return ".mlp." in f".{name}."
 
 
-@register("ia3", summary="a learned scaling vector per targeted layer (IA3); merges")
+@register("ia3")
 def _ia3(model, spec, targets):
     """IA3 on the targeted Linear layers. Layers of the `mlp` group are IA3 "feedforward"
     modules (their input is scaled, as the paper scales the FFN activation); all others have
     their output scaled (the paper's keys and values). The paper's exact recipe is
     `targets: [k_proj, v_proj, down_proj]`."""
-    from peft import IA3Config, get_peft_model
-
     if targets.embed:
         raise FactlabError("ia3 cannot adapt the input embedding (peft IA3 supports Linear layers only); "
                            "drop `embed` from peft.targets")
@@ -229,26 +164,19 @@ def _ia3(model, spec, targets):
 # Prompt methods: virtual tokens, nothing to merge
 
 
-@register("prompt_tuning", merges=False, targeted=False,
-          summary="num_virtual_tokens trained input embeddings before every input")
+@register("prompt_tuning")
 def _prompt_tuning(model, spec, targets):
     """Initialised from the embeddings of randomly drawn vocabulary tokens (PEFT's
     SAMPLE_VOCAB), so the virtual tokens start at the scale of real ones."""
-    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
-
     cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.num_virtual_tokens,
                              prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
     return get_peft_model(model, cfg)
 
 
-@register("prefix_tuning", merges=False, targeted=False,
-          summary="num_virtual_tokens trained keys/values in every attention layer")
+@register("prefix_tuning")
 def _prefix_tuning(model, spec, targets):
     """Without the reparameterisation MLP (`prefix_projection=False`, PEFT's default), and
     initialised from real tokens (see init_prefix_from_tokens)."""
-    import torch
-    from peft import PrefixTuningConfig, get_peft_model
-
     cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.num_virtual_tokens)
     peft_model = get_peft_model(model, cfg)
     vocab = model.get_input_embeddings().num_embeddings
@@ -261,17 +189,13 @@ def init_prefix_from_tokens(peft_model, token_ids) -> bool:
     (n_virtual,), so that it starts as if those tokens preceded every input.
 
     Why: PEFT initialises the prefix with N(0, 1) keys and values, far from the scale of
-    real ones; on SmolLM2-135M that raises the loss on the Korrin documents from 4.16 to 9.47
-    before any training, and a few hundred steps do not recover it. From real tokens (Li &
-    Liang 2021, "initializing the prefix with activations of real words") it starts at 4.27.
+    real ones; on SmolLM2-135M that about doubles the loss on the Korrin documents before any
+    training, and a few hundred steps do not recover it. From real tokens (Li & Liang 2021,
+    "initializing the prefix with activations of real words") it starts close to the base loss.
     The layout PEFT reads back (PeftModel.get_prompt): row t of the prefix embedding is
     [layer 0 key, layer 0 value, layer 1 key, ...], each (kv_heads * head_dim) for token t.
     Returns False (PEFT's initialisation kept, with a warning) for a cache of another layout.
     """
-    import warnings
-
-    import torch
-
     cfg = peft_model.active_peft_config
     weight = peft_model.prompt_encoder[peft_model.active_adapter].embedding.weight  # (n, 2 * layers * kv_dim)
     ids = torch.as_tensor(token_ids, dtype=torch.long, device=weight.device).view(1, -1)  # (1, n)
@@ -291,12 +215,9 @@ def init_prefix_from_tokens(peft_model, token_ids) -> bool:
     return True
 
 
-@register("p_tuning", merges=False, targeted=False,
-          summary="num_virtual_tokens input embeddings produced by a trained MLP encoder")
+@register("p_tuning")
 def _p_tuning(model, spec, targets):
     """PEFT's PromptEncoder with its MLP reparameterisation (hidden size = the model's)."""
-    from peft import PromptEncoderConfig, get_peft_model
-
     cfg = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=spec.num_virtual_tokens)
     return get_peft_model(model, cfg)
 
@@ -316,8 +237,6 @@ def align_virtual_token_logits(peft_model):
     The loss (computed inside the base model on labels PEFT pads) is untouched. Returns the
     hook handles (empty for other methods).
     """
-    import torch
-
     cfg = getattr(peft_model, "active_peft_config", None)
     if cfg is None or not getattr(cfg, "is_prompt_learning", False) or cfg.peft_type.value == "PREFIX_TUNING":
         return []
@@ -346,7 +265,7 @@ def align_virtual_token_logits(peft_model):
 # Full fine-tuning
 
 
-@register("full", wraps=False, summary="train the targeted modules' own weights; no adapter")
+@register("full")
 def _full(model, spec, targets):
     """Full fine-tuning without a PEFT wrapper: every parameter (weight and bias) of the
     targeted modules trains, all others are frozen. The group `all` (without `layers`) means

@@ -18,6 +18,9 @@ import math
 from contextlib import contextmanager
 
 import torch
+from peft.tuners.ia3 import IA3Layer
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import transpose
 from torch import nn
 from transformers import Trainer
 
@@ -123,8 +126,6 @@ def _lora_term(module, adapter: str) -> torch.Tensor:
 
 
 def _dora_term(module, adapter: str) -> torch.Tensor:
-    from peft.utils.other import transpose
-
     if adapter not in getattr(module, "lora_A", {}):
         raise FactlabError("train.l2_to_base with DoRA on an embedding is not supported; drop `embed` from targets "
                            "or use lora")
@@ -137,8 +138,6 @@ def _dora_term(module, adapter: str) -> torch.Tensor:
 
 
 def _ia3_term(module, adapter: str) -> torch.Tensor:
-    from peft.utils.other import transpose
-
     base = module.get_base_layer()
     scale = transpose(module.ia3_l[adapter], module.fan_in_fan_out)  # broadcasts over the weight
     total = (base.weight * (scale - 1)).pow(2).sum()
@@ -151,9 +150,6 @@ class L2ToBase:
     """sum ||W_merged - W_base||_F^2 of a model being trained (see the table above)."""
 
     def __init__(self, model):
-        from peft.tuners.ia3 import IA3Layer
-        from peft.tuners.lora import LoraLayer
-
         self.terms: list = []
         self.reference: list[tuple[nn.Parameter, torch.Tensor]] = []
         peft_cfg = getattr(model, "active_peft_config", None)

@@ -1,6 +1,15 @@
-"""One training stage: build its data, wrap the model with a fresh adapter (or unfreeze its
-targeted weights for full fine-tuning), train with the transformers Trainer, save the adapter
-(PEFT format) and the merged model, and return the model the next stage starts from.
+"""One training stage, read top to bottom in `train_stage`:
+
+  prepare_stage   check the model, seed, split off held-out examples, wrap the model with a
+                  fresh adapter (or unfreeze its targeted weights for `full`), build the
+                  optimizer and the Trainer                                  -> PreparedStage
+  fit             train (NEFTune on, the update cap hooked in), then score the held-out
+                  and the training examples in eval mode                     -> Fit
+  save_stage      save adapter / merged model (factlab.train.merge), write train.json, and
+                  move the finished folder into place                        -> (model, StageResult)
+
+The stage's data comes first, apart from any model: `load_stage_data` reads the files (so bad
+files are reported before anything is loaded) and `build_stage_examples` tokenizes them.
 
 The Trainer is used (not a hand-written loop) so that gradient accumulation, schedulers,
 held-out evaluation, early stopping and `accelerate launch` scale-out come from the
@@ -8,14 +17,7 @@ library the field uses. What factlab adds: PEFT methods by name, layer-group tar
 per-group learning rates, NEFTune that reaches every method's embedding, forgetting controls
 (L2 to the base weights, an update-norm cap; see factlab.train.regularizers), bf16 autocast
 chosen from the CPU's flags, a rich progress bar with tokens/s, and the saved artefacts of a
-stage.
-
-What a stage saves, by method:
-  lora / rslora / dora / ia3   adapter/ (PEFT) and, with `merge`, merged/ (plain transformers)
-  prompt / prefix / p_tuning   adapter/ only: nothing to merge; the returned model is the
-                               PeftModel, so such a stage must be the last one
-  full                         merged/ = the trained model itself (no adapter/; `merge` has
-                               nothing to do and is ignored)
+stage (see factlab.train.merge for what each method saves).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import (
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
@@ -43,17 +44,16 @@ from transformers import (
     set_seed,
 )
 
-from factlab.config import StageSpec
+from factlab.config import StageSpec, TrainSpec
 from factlab.data.corpus import load_documents, pack_documents
 from factlab.data.sft import build_sft_examples, load_conversations
+from factlab.data.substitute import substitute as swap
 from factlab.errors import FactlabError
-from factlab.train.peft_methods import (
-    align_virtual_token_logits,
-    build_peft_model,
-    is_peft_model,
-    method_info,
-    no_merge_reason,
-)
+from factlab.methods import MethodInfo, method_info
+from factlab.models.targets import TargetSpec
+from factlab.train.merge import SavedStage, save_trained
+from factlab.train.peft_methods import align_virtual_token_logits, build_peft_model, is_peft_model
+from factlab.train.progress import RichProgress, peak_rss_mb, reset_peak_rss
 from factlab.train.regularizers import L2ToBase, RegularizedTrainer, UpdateNormCap, neftune
 
 
@@ -73,6 +73,7 @@ def cpu_has_bf16() -> bool:
 
 
 def use_bf16(setting: bool | str) -> bool:
+    """`train.bf16` resolved: `auto` means where the CPU computes bf16 natively."""
     return cpu_has_bf16() if setting == "auto" else bool(setting)
 
 
@@ -81,7 +82,7 @@ def use_bf16(setting: bool | str) -> bool:
 
 
 @dataclass
-class StageData:
+class StageInputs:
     """A stage's raw inputs: documents (cpt) or conversations (sft), and replay documents."""
 
     main: list
@@ -89,7 +90,7 @@ class StageData:
 
 
 def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
-                    substitute: dict[str, str] | None = None) -> StageData:
+                    substitute: dict[str, str] | None = None) -> StageInputs:
     """Read a stage's raw data; needs no model, so bad files are reported before anything is
     loaded or written. `corpus` is also what a replay source named "corpus" means.
     `substitute` rewrites every document (CPT text and replay) as it is read."""
@@ -112,12 +113,10 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
             else:
                 replay_docs += load_documents([src])
     if substitute:
-        from factlab.data.substitute import substitute as swap
-
         if stage.kind == "cpt":
             main = [swap(d, substitute)[0] for d in main]
         replay_docs = [swap(d, substitute)[0] for d in replay_docs]
-    return StageData(main, replay_docs)
+    return StageInputs(main, replay_docs)
 
 
 def replay_blocks(tokenizer, docs: list[str], n_examples: int, ratio: float, seq_len: int, seed: int) -> list[dict]:
@@ -134,7 +133,7 @@ def replay_blocks(tokenizer, docs: list[str], n_examples: int, ratio: float, seq
     return out
 
 
-def build_stage_examples(stage: StageSpec, tokenizer, data: StageData, seed: int = 0) -> list[dict]:
+def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: int = 0) -> list[dict]:
     """Tokenized training examples ({input_ids, attention_mask, labels}) from load_stage_data(),
     with replay blocks appended (the Trainer shuffles)."""
     if stage.kind == "cpt":
@@ -161,54 +160,13 @@ def split_heldout(examples: list[dict], fraction: float, seed: int) -> tuple[lis
 
 
 # ---------------------------------------------------------------------------------------
-# Progress
-
-
-class RichProgress(TrainerCallback):
-    """A rich progress bar with loss and tokens/s (tokens = non-padding input tokens)."""
-
-    def __init__(self, console: Console, label: str):
-        self.console, self.label = console, label
-        self.progress: Progress | None = None
-        self.task = None
-        self.t0 = 0.0
-        self.loss = float("nan")
-
-    def on_train_begin(self, args, state, control, **kw):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-            disable=not self.console.is_terminal and os.environ.get("FACTLAB_PROGRESS") != "1",
-        )
-        self.progress.start()
-        self.task = self.progress.add_task(self.label, total=state.max_steps, loss=float("nan"), tps=0.0)
-        self.t0 = time.perf_counter()
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        if logs and "loss" in logs:
-            self.loss = logs["loss"]
-
-    def on_step_end(self, args, state, control, **kw):
-        tps = state.num_input_tokens_seen / max(time.perf_counter() - self.t0, 1e-9)
-        self.progress.update(self.task, completed=state.global_step, loss=self.loss, tps=tps)
-
-    def on_train_end(self, args, state, control, **kw):
-        if self.progress:
-            self.progress.stop()
-
-
-# ---------------------------------------------------------------------------------------
 # The stage
 
 
 @dataclass
 class StageResult:
+    """A stage's record, saved as its train.json (loss_history: one entry per logged step)."""
+
     name: str
     kind: str
     steps: int
@@ -253,56 +211,43 @@ class StageResult:
     loss_history: list[dict] = field(default_factory=list)
 
 
-def _param_groups(model, lr: float, embed_lr: float | None, weight_decay: float,
-                  head_lr: float | None = None) -> list[dict]:
-    """AdamW groups: parameters of the input embeddings get `embed_lr`, those of lm_head
-    `head_lr` (when set; else they join the embeddings at `embed_lr`), the rest `lr`.
-    Parameters of a LoRA on those layers count as theirs.
+@dataclass
+class PreparedStage:
+    """Everything a stage's training needs, built before its first step."""
 
-    Why by hand: the Trainer gives one learning rate to every parameter, and CPT recipes that
-    train embed_tokens/lm_head want a smaller one there.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
-    emb_ids = {id(p) for p in inp.parameters()} if inp is not None else set()
-    head_ids = {id(p) for p in out.parameters()} if out is not None else set()
-    if head_lr is None:  # one group for both, as before head_lr existed
-        emb_ids |= head_ids
-        head_ids = set()
-    main, emb, head = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # A still-tied matrix is both: it stays with the embeddings.
-        (emb if id(p) in emb_ids else head if id(p) in head_ids else main).append(p)
-    groups = [{"params": main, "lr": lr, "weight_decay": weight_decay},
-              {"params": emb, "lr": embed_lr or lr, "weight_decay": weight_decay},
-              {"params": head, "lr": head_lr or embed_lr or lr, "weight_decay": weight_decay}]
-    return [g for g in groups if g["params"]]
+    name: str
+    stage: StageSpec
+    method: MethodInfo
+    seed: int
+    """The stage's seed (train.seed, else the experiment's)."""
+    bf16: bool
+    model: object
+    """The model to train: a PeftModel, or for `full` the model itself."""
+    targets: TargetSpec
+    trainable_params: int
+    total_params: int
+    train_examples: list[dict]
+    heldout_examples: list[dict]
+    trainer: RegularizedTrainer
+    l2: L2ToBase | None
+    cap: UpdateNormCap | None
+    partial: Path
+    """The folder being written (`out_dir` + ".partial"), renamed to `out_dir` at the end."""
+    out_dir: Path
 
 
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter of this process (VmHWM), so a stage can report its
-    own peak. Linux only; False where it is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+@dataclass
+class Fit:
+    """What training measured, beyond the Trainer's own state (trainer.state)."""
 
-
-def _peak_rss_mb() -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _folder_bytes(folder: Path, skip: set[str] = frozenset()) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name not in skip)
+    seconds: float
+    log_history: list[dict]
+    """The Trainer's log of the training run itself (before the final evaluations, which
+    would log their losses there too)."""
+    train_peak_rss_mb: float | None
+    eval_loss: float | None
+    train_loss_after: float | None
+    l2_to_base_final: float | None
 
 
 def train_stage(
@@ -314,7 +259,7 @@ def train_stage(
     examples: list[dict],
     seed: int,
     console: Console | None = None,
-):
+) -> tuple[object, StageResult]:
     """Train one stage and save its outputs into `out_dir`. Returns (model for the next stage, StageResult).
 
     The model returned is the merged plain model when `stage.merge` and the method merges, the
@@ -322,18 +267,30 @@ def train_stage(
     `out_dir` is written through a `.partial` sibling and renamed at the end, so a stage that
     fails leaves no half-written folder and earlier stages' folders untouched.
     """
-    console = console or Console(stderr=True)
+    prepared = prepare_stage(model, tokenizer, stage, name, out_dir, examples, seed, console or Console(stderr=True))
+    measured = fit(prepared)
+    return save_stage(prepared, measured, tokenizer)
+
+
+def check_fresh_model(model, name: str) -> None:
+    """FactlabError if `model` still carries an unmerged adapter: a new adapter would stack on
+    top of it and nothing saved would describe the result."""
+    if not is_peft_model(model):
+        return
+    prev = str(model.active_peft_config.peft_type.value).lower()
+    if getattr(model.active_peft_config, "is_prompt_learning", False):
+        raise FactlabError(f"stage '{name}' would train on top of the previous stage's {prev} adapter; "
+                           f"method {prev} cannot merge; make it the last stage")
+    raise FactlabError(f"stage '{name}' would train on top of the previous stage's unmerged {prev} adapter; "
+                       "set merge: true on the previous stage or make it the last stage")
+
+
+def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, examples: list[dict],
+                  seed: int, console: Console) -> PreparedStage:
+    """Wrap `model` for the stage's method and build its Trainer; creates `out_dir`.partial."""
     tr = stage.train
     method = method_info(stage.peft.method)
-    if is_peft_model(model):
-        # The previous stage left an adapter unmerged: a new adapter would stack on top of it
-        # and nothing saved would describe the result.
-        prev = str(model.active_peft_config.peft_type.value).lower()
-        if getattr(model.active_peft_config, "is_prompt_learning", False):
-            raise FactlabError(f"stage '{name}' would train on top of the previous stage's {prev} adapter; "
-                               f"method {prev} cannot merge; make it the last stage")
-        raise FactlabError(f"stage '{name}' would train on top of the previous stage's unmerged {prev} adapter; "
-                           "set merge: true on the previous stage or make it the last stage")
+    check_fresh_model(model, name)
     seed = tr.seed if tr.seed is not None else seed
     bf16 = use_bf16(tr.bf16)
     train_ex, eval_ex = split_heldout(examples, tr.eval_fraction, seed)
@@ -348,9 +305,30 @@ def train_stage(
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    ckpt_dir = partial / "checkpoints"
-    has_eval = bool(eval_ex)
-    args = TrainingArguments(
+    args = _training_arguments(tr, partial / "checkpoints", seed, bf16, has_eval=bool(eval_ex))
+    optimizer = torch.optim.AdamW(param_groups(peft_model, tr.lr, tr.embed_lr, tr.weight_decay, tr.head_lr), lr=tr.lr)
+    cap = UpdateNormCap(optimizer, tr.max_update_norm) if tr.max_update_norm else None
+    callbacks: list[TrainerCallback] = [RichProgress(console, f"{name} ({stage.kind}, {method.name})")]
+    if tr.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tr.early_stopping_patience))
+    trainer = RegularizedTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_ex,
+        eval_dataset=eval_ex or None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+        l2_to_base=l2,
+        l2_coef=tr.l2_to_base,
+    )
+    trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
+    return PreparedStage(name, stage, method, seed, bf16, peft_model, targets, trainable, total,
+                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir)
+
+
+def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, bf16: bool, has_eval: bool) -> TrainingArguments:
+    return TrainingArguments(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=tr.batch_size,
         per_device_eval_batch_size=tr.batch_size,
@@ -384,137 +362,118 @@ def train_stage(
         dataloader_num_workers=0,
         optim="adamw_torch",
     )
-    optimizer = torch.optim.AdamW(_param_groups(peft_model, tr.lr, tr.embed_lr, tr.weight_decay, tr.head_lr), lr=tr.lr)
-    cap = UpdateNormCap(optimizer, tr.max_update_norm) if tr.max_update_norm else None
-    callbacks: list[TrainerCallback] = [RichProgress(console, f"{name} ({stage.kind}, {method.name})")]
-    if tr.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tr.early_stopping_patience))
-    trainer = RegularizedTrainer(
-        model=peft_model,
-        args=args,
-        train_dataset=train_ex,
-        eval_dataset=eval_ex or None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=callbacks,
-        optimizers=(optimizer, None),
-        l2_to_base=l2,
-        l2_coef=tr.l2_to_base,
-    )
-    trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
 
-    own_peak = _reset_peak_rss()
+
+def param_groups(model, lr: float, embed_lr: float | None, weight_decay: float,
+                  head_lr: float | None = None) -> list[dict]:
+    """AdamW groups: parameters of the input embeddings get `embed_lr`, those of lm_head
+    `head_lr` (when set; else they join the embeddings at `embed_lr`), the rest `lr`.
+    Parameters of a LoRA on those layers count as theirs.
+
+    Why by hand: the Trainer gives one learning rate to every parameter, and CPT recipes that
+    train embed_tokens/lm_head want a smaller one there.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+    emb_ids = {id(p) for p in inp.parameters()} if inp is not None else set()
+    head_ids = {id(p) for p in out.parameters()} if out is not None else set()
+    if head_lr is None:  # one group for both, as before head_lr existed
+        emb_ids |= head_ids
+        head_ids = set()
+    main, emb, head = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # A still-tied matrix is both: it stays with the embeddings.
+        (emb if id(p) in emb_ids else head if id(p) in head_ids else main).append(p)
+    groups = [{"params": main, "lr": lr, "weight_decay": weight_decay},
+              {"params": emb, "lr": embed_lr or lr, "weight_decay": weight_decay},
+              {"params": head, "lr": head_lr or embed_lr or lr, "weight_decay": weight_decay}]
+    return [g for g in groups if g["params"]]
+
+
+def fit(prepared: PreparedStage) -> Fit:
+    """Train, then score the held-out and the training examples; leaves the model in eval mode."""
+    tr, trainer = prepared.stage.train, prepared.trainer
+    own_peak = reset_peak_rss()
     t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings(), neftune(peft_model, tr.neftune_alpha):
+        with warnings.catch_warnings(), neftune(prepared.model, tr.neftune_alpha):
             warnings.filterwarnings("ignore", message=".*use_cpu.*")
             trainer.train()
     finally:
-        if cap is not None:
-            cap.remove()
+        if prepared.cap is not None:
+            prepared.cap.remove()
     seconds = time.perf_counter() - t0
-    train_peak = _peak_rss_mb() if own_peak else None
-    state = trainer.state
-    losses = [h for h in state.log_history if "loss" in h]
-    evals = [h for h in state.log_history if "eval_loss" in h]
+    train_peak = peak_rss_mb() if own_peak else None
+    history = list(trainer.state.log_history)
     eval_loss = train_loss_after = None
-    if has_eval:
+    if prepared.heldout_examples:
         eval_loss = float(trainer.evaluate()["eval_loss"])
         # The logged train losses are of single batches, taken with dropout and NEFTune noise
         # on; to set against the held-out loss, the training examples are scored the same way
         # (eval mode: no noise, no dropout) once training is done.
-        train_loss_after = float(trainer.evaluate(eval_dataset=train_ex, metric_key_prefix="train")["train_loss"])
+        train_loss_after = float(trainer.evaluate(eval_dataset=prepared.train_examples,
+                                                  metric_key_prefix="train")["train_loss"])
     l2_final = None
-    if l2 is not None:
+    if prepared.l2 is not None:
         with torch.no_grad():
-            l2_final = float(l2())
-        del l2  # full fine-tuning: frees the copy of the starting weights
-    peft_model.eval()
+            l2_final = float(prepared.l2())
+        # Full fine-tuning: frees the copy of the starting weights before the model is saved.
+        prepared.l2 = trainer.l2_to_base = None
+    prepared.model.eval()
+    return Fit(seconds, history, train_peak, eval_loss, train_loss_after, l2_final)
 
-    # --- save: adapter (PEFT format) and/or model, metrics, loss curve ----------------------
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    merge_note = None
-    if method.wraps:
-        # save_embedding_layers=False: PEFT would otherwise copy the full embedding/lm_head
-        # matrices into the adapter whenever they are targeted (~110 MB for SmolLM2); the vocab
-        # is never resized here, so the LoRA factors alone reproduce the adapter on the base.
-        peft_model.save_pretrained(partial / "adapter", save_embedding_layers=False)
-        artifact, artifact_bytes = "adapter", _folder_bytes(partial / "adapter")
-        next_model = peft_model
-        merge_note = no_merge_reason(method.name) or (None if stage.merge else "merge: false in the stage")
-        if merge_note is None:
-            next_model = peft_model.merge_and_unload()
-            next_model.eval()
-            next_model.save_pretrained(partial / "merged")
-            tokenizer.save_pretrained(partial / "merged")
-        elif not method.merges:
-            # Evaluated as base + adapter: make the logits line up with the input ids.
-            align_virtual_token_logits(next_model)
-    else:
-        # Full fine-tuning: the trained model is the result; merged/ holds it (no adapter/).
-        next_model = peft_model
-        for p in next_model.parameters():
-            p.requires_grad_(False)
-        next_model.save_pretrained(partial / "merged")
-        artifact, artifact_bytes = "model", _folder_bytes(partial / "merged")
-        tokenizer.save_pretrained(partial / "merged")
-    result = StageResult(
-        name=name,
-        kind=stage.kind,
+
+def save_stage(prepared: PreparedStage, measured: Fit, tokenizer) -> tuple[object, StageResult]:
+    """Save the trained model and train.json, then move `out_dir`.partial to `out_dir`.
+    Returns (model for the next stage, StageResult)."""
+    shutil.rmtree(prepared.partial / "checkpoints", ignore_errors=True)
+    saved = save_trained(prepared.model, tokenizer, prepared.method, prepared.stage.merge, prepared.partial)
+    if not prepared.method.merges:
+        # Evaluated as base + adapter: make the logits line up with the input ids.
+        align_virtual_token_logits(saved.model)
+    result = stage_result(prepared, measured, saved)
+    (prepared.partial / "train.json").write_text(json.dumps(asdict(result), indent=2))
+    shutil.rmtree(prepared.out_dir, ignore_errors=True)
+    os.replace(prepared.partial, prepared.out_dir)
+    return saved.model, result
+
+
+def stage_result(prepared: PreparedStage, measured: Fit, saved: SavedStage) -> StageResult:
+    """The stage's record (train.json) from what was prepared, measured and saved."""
+    state, tr = prepared.trainer.state, prepared.stage.train
+    losses = [h for h in measured.log_history if "loss" in h]
+    evals = [h for h in measured.log_history if "eval_loss" in h]
+    return StageResult(
+        name=prepared.name,
+        kind=prepared.stage.kind,
         steps=state.global_step,
-        examples=len(train_ex),
-        heldout_examples=len(eval_ex),
+        examples=len(prepared.train_examples),
+        heldout_examples=len(prepared.heldout_examples),
         train_tokens=int(state.num_input_tokens_seen),
-        seconds=round(seconds, 2),
-        tokens_per_second=round(state.num_input_tokens_seen / max(seconds, 1e-9), 1),
-        bf16=bf16,
-        trainable_params=trainable,
-        total_params=total,
-        target_modules=len(targets.modules),
+        seconds=round(measured.seconds, 2),
+        tokens_per_second=round(state.num_input_tokens_seen / max(measured.seconds, 1e-9), 1),
+        bf16=prepared.bf16,
+        trainable_params=prepared.trainable_params,
+        total_params=prepared.total_params,
+        target_modules=len(prepared.targets.modules),
         first_loss=losses[0]["loss"] if losses else None,
         final_loss=losses[-1]["loss"] if losses else None,
-        eval_loss=eval_loss,
-        train_loss_after=train_loss_after,
+        eval_loss=measured.eval_loss,
+        train_loss_after=measured.train_loss_after,
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         stopped_early=bool(tr.early_stopping_patience) and state.global_step < state.max_steps,
-        merged=merge_note is None,
-        method=method.name,
-        trainable_share=trainable / max(total, 1),
-        artifact=artifact,
-        artifact_bytes=artifact_bytes,
-        merge_note=merge_note,
-        train_peak_rss_mb=train_peak,
-        l2_to_base_final=l2_final,
-        update_norm_capped_steps=cap.capped_steps if cap is not None else None,
+        merged=saved.merge_note is None,
+        method=prepared.method.name,
+        trainable_share=prepared.trainable_params / max(prepared.total_params, 1),
+        artifact=saved.artifact,
+        artifact_bytes=saved.artifact_bytes,
+        merge_note=saved.merge_note,
+        train_peak_rss_mb=measured.train_peak_rss_mb,
+        l2_to_base_final=measured.l2_to_base_final,
+        update_norm_capped_steps=prepared.cap.capped_steps if prepared.cap is not None else None,
         loss_history=[{"step": h["step"], "loss": h["loss"], **({"l2_to_base": h["l2_to_base"]} if "l2_to_base" in h else {})}
                       for h in losses]
         + [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
     )
-    (partial / "train.json").write_text(json.dumps(asdict(result), indent=2))
-    plot_loss(result, partial / "loss.png")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
-    return next_model, result
-
-
-def plot_loss(result: StageResult, path: Path) -> None:
-    """Training (and held-out) loss against optimizer step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in result.loss_history if "loss" in h]
-    heldout = [(h["step"], h["eval_loss"]) for h in result.loss_history if "eval_loss" in h]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if heldout:
-        ax.plot(*zip(*heldout), "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(f"{result.name} ({result.kind}): {result.steps} steps, {result.tokens_per_second:,.0f} tok/s")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
