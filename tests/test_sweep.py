@@ -15,6 +15,7 @@ import yaml
 
 from factlab.config import experiment_from_dict
 from factlab.errors import FactlabError
+from factlab.experiment.run_folder import RunFolder, RunResults
 from factlab.experiment.store import RunStore, config_hash, flatten_metrics
 from factlab.experiment.sweep import expand_sweep
 
@@ -64,10 +65,11 @@ def test_store_round_trip(tmp_path):
     store.start(tmp_path / "r1", "a", cfg, sweep="s", point={"lr": 1})
     assert store.runs(status="running")[0]["run_dir"] == str(tmp_path / "r1")
     assert store.done_point("s", config_hash(cfg)) is None
-    results = {"summaries": {"base": {"recall": {"n": 2, "accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}},
-               "stages": [{"name": "cpt", "tokens_per_second": 100.0, "peak_rss_mb": 5.0, "final_loss": 1.5}]}
-    (tmp_path / "r1").mkdir()
-    (tmp_path / "r1" / "results.json").write_text(json.dumps(results))
+    results = RunResults.from_json({
+        "summaries": {"base": {"recall": {"n": 2, "accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}},
+        "stages": [{"name": "cpt", "tokens_per_second": 100.0, "peak_rss_mb": 5.0, "final_loss": 1.5}]})
+    RunFolder(tmp_path / "r1").path.mkdir()
+    RunFolder(tmp_path / "r1").write_results(results)
     store.finish(tmp_path / "r1", results)
     (row,) = store.runs(sweep="s")
     assert row["status"] == "done" and row["tokens_per_s"] == 100.0 and json.loads(row["point"]) == {"lr": 1}
@@ -206,7 +208,7 @@ def test_mlflow_logging_uses_the_mlflow_api(tmp_path, monkeypatch):
     fake.log_artifact = lambda path, artifact_path=None: calls.append(("artifact", Path(path).name))
     monkeypatch.setitem(sys.modules, "mlflow", fake)
     (tmp_path / "results.json").write_text("{}")
-    results = {"summaries": {"base": {"recall": {"accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}}}
+    results = RunResults.from_json({"summaries": {"base": {"recall": {"accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}}})
     log_run(tmp_path, {"name": "x", "stages": [{"kind": "cpt", "train": {"lr": 1e-4}}]}, results, experiment="sw")
     assert calls[0] == ("experiment", "sw") and calls[1] == ("start",) and calls[-1] == ("end",)
     by_kind = {c[0]: c[1] for c in calls if len(c) == 2}

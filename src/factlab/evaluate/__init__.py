@@ -21,7 +21,7 @@ from factlab.evaluate.probes import PROBE_KINDS, Probe, load_probes
 
 _LAZY = {
     "LogLik": "scoring", "Scorer": "scoring", "chat_prompt": "scoring", "split_pair": "scoring",
-    "score_probes": "facts", "summarize": "facts", "summary_table": "facts",
+    "score_probes": "facts", "summarize": "facts",
     "candidate_continuation": "facts",
 }
 
