@@ -284,6 +284,33 @@ def test_sweep_trains_a_shared_first_stage_once_and_gets_what_separate_runs_get(
     assert trained == ["cpt", "sft", "sft", "cpt", "sft"]
 
 
+def test_sweep_over_a_stage_corpus_does_not_reuse_the_wrong_in_context_baseline(tmp_path, tiny_dir, monkeypatch):
+    """With no top-level corpus, the in-context baseline puts the first stage's corpus in the
+    prompt; a sweep over that corpus must evaluate base+context once per corpus (and the
+    untrained model without context once)."""
+    from factlab.config import load_experiment
+    from factlab.experiment.evaluation import Evaluator
+    from factlab.experiment.sweep import run_sweep
+
+    exp_path = sweep_project(tmp_path, tiny_dir)
+    (tmp_path / "other.txt").write_text("Edda Sorn runs the press line. Tomas Brin leads the night shift.\n")
+    raw = yaml.safe_load(exp_path.read_text())
+    raw["data"] = {}
+    raw["stages"][0]["data"] = {"corpus": "docs.txt"}
+    raw["eval"]["in_context"] = True
+    raw["sweep"] = {"stages.0.data.corpus": ["docs.txt", "other.txt"]}
+    exp_path.write_text(yaml.safe_dump(raw))
+
+    labels = []
+    real = Evaluator.evaluate
+    monkeypatch.setattr(Evaluator, "evaluate", lambda self, label, *a, **k: labels.append(label) or real(self, label, *a, **k))
+    folders = run_sweep(load_experiment(exp_path), RunStore(tmp_path / "db.sqlite"))
+    assert labels.count("base") == 1 and labels.count("base+context") == 2
+    first, second = (RunFolder(f).read_scores("base+context") for f in folders)
+    assert [r["target_logprob"] for r in first] != [r["target_logprob"] for r in second]
+    assert RunFolder(folders[1]).read_scores("base") == RunFolder(folders[0]).read_scores("base")  # reused
+
+
 def test_config_hash_follows_the_contents_of_the_data_files(tmp_path):
     """A finished sweep point whose corpus (file or folder) or probes were edited is no longer
     the same point: restarting the sweep redoes it instead of skipping it."""
