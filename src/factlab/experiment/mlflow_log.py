@@ -52,6 +52,6 @@ def log_run(run_dir: Path, config: dict, results: RunResults, experiment: str) -
             if path.is_file():
                 mlflow.log_artifact(str(path))
         for stage in results.stages:
-            png = folder.stage_dir(stage) / "loss.png"
+            png = folder.loss_plot_path(stage)
             if png.is_file():
                 mlflow.log_artifact(str(png), artifact_path=f"loss/{png.parent.name}")

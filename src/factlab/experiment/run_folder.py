@@ -371,6 +371,10 @@ class RunFolder:
         except (json.JSONDecodeError, AttributeError):
             raise FactlabError(f"{path}: not a train.json written by factlab; restore the file") from None
 
+    def loss_plot_path(self, stage: StageRecord) -> Path:
+        """The stage's loss curve (drawn by report.plots.plot_stage_loss)."""
+        return self.stage_dir(stage) / "loss.png"
+
     def merged_model(self, stage: StageRecord) -> Path | None:
         """The stage's merged model folder, when it saved one."""
         path = self.stage_dir(stage) / "merged"

@@ -168,10 +168,10 @@ def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, 
             source, entry, ev = hit
             SweepCache.link_stage(source, entry, out)
             folder.copy_scores(source, name)
-            del model
-            model, _ = load_model(out / "merged")
-            console.print(f"[dim]stage {name} reused from {source.path} (same model, settings, data and seed)[/dim]")
             stage = replace(entry, reused_from=str(source.stage_dir(entry)))
+            del model
+            model, _ = load_model(folder.merged_model(stage))
+            console.print(f"[dim]stage {name} reused from {source.path} (same model, settings, data and seed)[/dim]")
         else:
             model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
             console.print(

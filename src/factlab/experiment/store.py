@@ -16,7 +16,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from factlab.experiment.run_folder import RunResults
+from factlab.experiment.run_folder import RunFolder, RunResults
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -168,7 +168,7 @@ class RunStore:
             return None
         with closing(self._connect()) as db:
             for row in db.execute("SELECT run_dir FROM runs WHERE sweep=? AND config_hash=? AND status='done'", (sweep, cfg_hash)):
-                if (Path(row["run_dir"]) / "results.json").is_file():
+                if RunFolder.is_run(row["run_dir"]):
                     return row["run_dir"]
         return None
 

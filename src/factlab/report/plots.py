@@ -39,8 +39,8 @@ def plot_stage_loss(folder: RunFolder, stage: StageRecord) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = folder.stage_dir(stage) / "loss.png"
-    tmp = path.with_name("loss.png.tmp")
+    path = folder.loss_plot_path(stage)
+    tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     os.replace(tmp, path)
