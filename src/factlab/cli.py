@@ -66,7 +66,7 @@ def _presenters():
     from factlab.report.console import print_run
     from factlab.report.plots import plot_stage_loss
 
-    return plot_stage_loss, lambda folder, results: print_run(err, folder, results)
+    return plot_stage_loss, lambda folder, results: print_run(err, results)
 
 
 @app.command()

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from rich.console import Console
 from rich.table import Table
 
-from factlab.experiment.run_folder import BASE, RunFolder, RunResults
+from factlab.experiment.run_folder import BASE, RunResults
 from factlab.report.format import change, interval, order_kinds
 
 # (key in a kind's summary, label): rows of the summary table, shown when any stage has them.
@@ -86,7 +86,7 @@ def style_table(style: Mapping[str, Mapping]) -> Table:
     return table
 
 
-def print_run(console: Console, folder: RunFolder, results: RunResults) -> None:
+def print_run(console: Console, results: RunResults) -> None:
     """The tables `factlab run` prints at the end of a run: probes by kind, forgetting, style."""
     if any(results.summaries.values()):
         console.print(summary_table(results.summaries, title=f"{results.name}: probes by kind (rate [95% CI] change vs base)"))
