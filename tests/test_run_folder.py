@@ -172,3 +172,52 @@ def test_one_interval_format_and_one_kind_order():
     rows = [{"kind": k, "correct": True, "greedy_match": False, "target_logprob": -1.0, "target_mean_logprob": -1.0,
              "rank": 1, "greedy_eos": True, "greedy_tokens": 3} for k in ("qa", "locality", "recall")]
     assert list(summarize(rows)) == ["recall", "locality", "qa", "all"]
+
+
+def _imports(package_dir: Path) -> dict[str, set[str]]:
+    """module file -> the factlab modules it imports (at any depth: lazy imports count)."""
+    import ast
+
+    out = {}
+    for f in package_dir.rglob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("factlab"):
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names if a.name.startswith("factlab")}
+        out[str(f.relative_to(package_dir.parent))] = names
+    return out
+
+
+def test_no_library_module_imports_the_report_or_the_cli():
+    """experiment/ hands presentation to callbacks; nothing below the CLI imports it or report/."""
+    import factlab
+
+    src = Path(factlab.__file__).parent
+    for module, names in _imports(src).items():
+        if module.startswith(("factlab/report/", "factlab/cli")) or module == "factlab/__main__.py":
+            continue
+        upward = {n for n in names if n.startswith(("factlab.report", "factlab.cli"))}
+        assert not upward, f"{module} imports {upward}"
+
+
+def test_reading_a_run_needs_no_torch():
+    """The report, compare and the store read run folders without loading torch."""
+    import subprocess
+
+    code = ("import sys, factlab.report.build, factlab.report.console, factlab.experiment.run_folder; "
+            f"factlab.report.tables.load_run({str(OLD_RUN)!r}); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_a_cut_short_score_file_is_one_line_naming_it(tmp_path):
+    folder = RunFolder(tmp_path)
+    folder.write_scores("cpt", [{"id": "p1", "greedy": "a"}, {"id": "p2", "greedy": "b"}])
+    path = folder.scores_path("cpt")
+    path.write_text(path.read_text()[:-8])
+    with pytest.raises(FactlabError, match=r"cpt\.jsonl:2: malformed JSON") as e:
+        folder.read_scores("cpt")
+    assert "\n" not in str(e.value)
