@@ -33,10 +33,11 @@ def _flat(d, prefix=""):
             yield key, v
 
 
-def log_run(run_dir: Path, config: dict, results: RunResults, experiment: str) -> None:
+def log_run(run_dir: Path, config: dict, results: RunResults | dict, experiment: str) -> None:
     """One MLflow run per factlab run: the resolved config as params, every indexed metric
     (`stage/kind/metric`), and results.json, config.yaml and the loss curves as artifacts."""
     mlflow = require_mlflow()
+    results = RunResults.coerce(results)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=Path(run_dir).name):
         # MLflow params are strings of at most a few hundred characters.

@@ -183,6 +183,11 @@ class RunResults:
                 "perplexity": self.perplexity, "forgetting": self.forgetting, "style": self.style}
 
     @classmethod
+    def coerce(cls, results: RunResults | dict, source: str = "results") -> RunResults:
+        """`results` as RunResults: records as they are, results.json's content parsed."""
+        return results if isinstance(results, RunResults) else cls.from_json(results, source)
+
+    @classmethod
     def from_json(cls, data: Any, source: str = "results.json") -> RunResults:
         """Parse (and migrate) results.json's content; FactlabError naming `source` when it
         has the wrong shape.

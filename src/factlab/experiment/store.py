@@ -77,8 +77,10 @@ def _input_paths(x) -> set[str]:
     return set()
 
 
-def flatten_metrics(results: RunResults) -> list[tuple]:
-    """(stage, kind, metric, value, ci_low, ci_high, n) rows from a run's results."""
+def flatten_metrics(results: RunResults | dict) -> list[tuple]:
+    """(stage, kind, metric, value, ci_low, ci_high, n) rows from a run's results (records, or
+    results.json's content)."""
+    results = RunResults.coerce(results)
     rows: list[tuple] = []
 
     def add(stage, kind, metric, x):
@@ -141,8 +143,9 @@ class RunStore:
             )
             db.execute("DELETE FROM metrics WHERE run_dir = ?", (str(run_dir),))
 
-    def finish(self, run_dir: Path, results: RunResults) -> None:
+    def finish(self, run_dir: Path, results: RunResults | dict) -> None:
         """Mark a run done and index its metrics, in one transaction."""
+        results = RunResults.coerce(results)
         stages = results.stages
         tps = [s.get("tokens_per_second") for s in stages if s.get("tokens_per_second")]
         with closing(self._connect()) as db, db:
