@@ -203,8 +203,10 @@ class RunResults:
         if not isinstance(data, dict):
             raise bad(f"expected a JSON object, found {type(data).__name__}")
         version = data.get("format", 1)
-        if not isinstance(version, int) or version > FORMAT:
-            raise bad(f"format {version!r} is newer than this factlab reads ({FORMAT}); update factlab")
+        if not isinstance(version, int):
+            raise bad(f"'format' must be a number, found {version!r}")
+        if version > FORMAT:
+            raise FactlabError(f"{source}: format {version} is newer than this factlab reads ({FORMAT}); update factlab")
         if "summaries" not in data and isinstance(data.get("probes"), dict):
             data = {**data, "summaries": data["probes"]}  # migrate: the old in-memory name
         sections = {}
