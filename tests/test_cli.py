@@ -44,6 +44,7 @@ def run_cli(monkeypatch, capsys, *args):
 
 
 def test_end_to_end_run_folder(project, monkeypatch, capsys):
+    # loss.png is the report's job (drawn through the runner's on_stage callback), not training's
     code, _, err = run_cli(monkeypatch, capsys, "run", project / "exp.yaml")
     assert code == 0, err
     (run,) = [p for p in (project / "runs").iterdir() if p.is_dir()]
@@ -58,10 +59,25 @@ def test_end_to_end_run_folder(project, monkeypatch, capsys):
     for folder in ("1-cpt", "2-sft"):
         assert (run / "stages" / folder / "merged" / "config.json").is_file()
         assert (run / "stages" / folder / "adapter" / "adapter_config.json").is_file()
+        assert (run / "stages" / folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert "probes by kind" in err and "forgetting" in err  # the tables, printed by the CLI
 
 
 def test_set_override_reaches_the_run(project, monkeypatch, capsys):
-    code, _, err = run_cli(monkeypatch, capsys, "run", project / "exp.yaml", "--set", "stages.0.train.max_steps=1", "--set", "stages=[]")
+    """The file says max_steps 2 for both stages; the overrides must change what was trained
+    (steps in results.json), not only what config.yaml says."""
+    from factlab.experiment.run_folder import RunFolder
+
+    code, _, err = run_cli(monkeypatch, capsys, "run", project / "exp.yaml", "--set", "stages.0.train.max_steps=1",
+                           "--set", "stages.1.train.max_steps=3")
+    assert code == 0, err
+    (run,) = [p for p in (project / "runs").iterdir() if p.is_dir()]
+    assert [st["train"]["max_steps"] for st in yaml.safe_load((run / "config.yaml").read_text())["stages"]] == [1, 3]
+    assert [st.get("steps") for st in RunFolder(run).read_results().stages] == [1, 3]
+
+
+def test_set_can_replace_a_whole_list(project, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "run", project / "exp.yaml", "--set", "stages=[]")
     assert code == 0, err
     (run,) = [p for p in (project / "runs").iterdir() if p.is_dir()]
     assert yaml.safe_load((run / "config.yaml").read_text())["stages"] == []

@@ -3,16 +3,19 @@ in-context baseline and `factlab eval`, on tiny models."""
 
 import json
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
 from factlab.config import EvalSpec
-from factlab.evaluate.facts import score_probes, summarize, summary_table
+from factlab.evaluate.facts import score_probes, summarize
 from factlab.evaluate.generation import generate
 from factlab.evaluate.metrics import contains_target
 from factlab.evaluate.probes import Probe
-from factlab.experiment.evaluation import Evaluator, forgetting, read_rows
+from factlab.experiment.evaluation import Evaluator, forgetting
+from factlab.experiment.run_folder import EvalRecord, RunFolder
+from factlab.report.console import summary_table
 from factlab.testing import tiny_model
 
 PROBES = [
@@ -87,30 +90,32 @@ def test_in_context_baseline_changes_only_the_context(tok, llama):
 
 def test_forgetting_comes_from_saved_tables_without_a_model(tmp_path, tok, llama, monkeypatch):
     spec = EvalSpec(probes=[], builtin_general_text=True, sampling={"n": 0})
-    ev = Evaluator(spec, PROBES, tok, scores_dir=tmp_path)
+    folder = RunFolder(tmp_path)
+    ev = Evaluator(spec, PROBES, tok, folder=folder)
     before = ev.evaluate("base", llama)
     with torch.no_grad():
         for p in llama.parameters():
             p.add_(0.05 * torch.randn_like(p))
     after = ev.evaluate("after", llama)
-    saved = {"base": json.loads(json.dumps(before)), "after": json.loads(json.dumps(after))}
+    saved = {k: EvalRecord(**json.loads(json.dumps(asdict(v)))) for k, v in (("base", before), ("after", after))}
 
     import factlab.evaluate.scoring as scoring
     monkeypatch.setattr(scoring.Scorer, "loglikelihood", lambda *a, **k: pytest.fail("model used"))
     f = forgetting(saved["base"], saved["after"])
     p = f["perplexity"]["builtin-general"]
-    assert p["perplexity_ratio"] == pytest.approx(after["perplexity"]["builtin-general"]["perplexity"] / before["perplexity"]["builtin-general"]["perplexity"])
-    assert f["locality"]["delta"] == after["probes"]["locality"]["accuracy"]["rate"] - before["probes"]["locality"]["accuracy"]["rate"]
-    assert [r["id"] for r in read_rows(tmp_path / "base.jsonl")] == ["r1", "l1", "q1"]
+    assert p["perplexity_ratio"] == pytest.approx(after.perplexity["builtin-general"]["perplexity"] / before.perplexity["builtin-general"]["perplexity"])
+    assert f["locality"]["delta"] == after.summaries["locality"]["accuracy"]["rate"] - before.summaries["locality"]["accuracy"]["rate"]
+    assert [r["id"] for r in folder.read_scores("base")] == ["r1", "l1", "q1"]
 
 
 def test_style_of_answers_to_training_prompts(tmp_path, tok, llama):
     convs = [[{"role": "user", "content": "Who runs the press line?"}, {"role": "assistant", "content": "Marta Ilvane."}]]
-    ev = Evaluator(EvalSpec(builtin_general_text=False, style_tokens=5), [], tok, scores_dir=tmp_path, conversations=convs)
+    folder = RunFolder(tmp_path)
+    ev = Evaluator(EvalSpec(builtin_general_text=False, style_tokens=5), [], tok, folder=folder, conversations=convs)
     out = ev.evaluate("base", llama)
-    st = out["style"]
+    st = out.style
     assert st["n"] == 1 and 0.0 <= st["rouge_l"]["mean"] <= 1.0 and st["chat_eos"]["n"] == 1
-    (row,) = read_rows(tmp_path / "base.style.jsonl")
+    (row,) = folder.read_style("base")
     assert row["reference"] == "Marta Ilvane." and row["tokens"] <= 5
 
 

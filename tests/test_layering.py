@@ -58,10 +58,7 @@ LAYERS: list[tuple[str, ...]] = [
 
 # Edges that break the rules today and are being removed on other branches; delete each line
 # once that branch is merged (the test then keeps them from coming back).
-ALLOWED: set[tuple[str, str]] = {
-    # i10-record: the runner stops importing report's table helpers.
-    ("factlab.experiment.runner", "factlab.report.tables"),
-}
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def _unit(module: str) -> str:

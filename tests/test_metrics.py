@@ -7,7 +7,8 @@ import math
 import pytest
 from rich.console import Console
 
-from factlab.evaluate.facts import summarize, summary_table
+from factlab.evaluate.facts import summarize
+from factlab.report.console import summary_table
 from factlab.evaluate.metrics import (
     candidate_correct,
     candidate_rank,

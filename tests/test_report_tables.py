@@ -1,8 +1,8 @@
 """Report tables built from saved results alone: every stage of every run, the cost of each
-training method, and the style of SFT answers."""
+training method, and the style of SFT answers. Fixtures are written by the run folder's own
+writer (RunFolder), so a change of the saved format shows here."""
 
-import json
-
+from factlab.experiment.run_folder import EvalRecord, RunFolder, RunResults, StageRecord
 from factlab.report.build import build_report
 from factlab.report.tables import load_run, style_rows, training_rows, variant_rows
 
@@ -16,12 +16,17 @@ def mean(v, n=4):
 
 
 def fake_run(folder, stages, style=None):
-    folder.mkdir(parents=True)
-    summaries = {"base": {"recall": {"accuracy": rate(1, 4)}}}
+    """A run folder with these stage records: recall 1/4 on the untrained model, 2/4, 3/4, ...
+    after each stage."""
+    style = style or {}
+    results = RunResults(name=folder.name, model="tiny", seed=0)
+    results.add(EvalRecord("base", summaries={"recall": {"accuracy": rate(1, 4)}}, style=style.get("base")))
     for i, st in enumerate(stages):
-        summaries[st["name"]] = {"recall": {"accuracy": rate(2 + i, 4)}}
-    results = {"stages": stages, "summaries": summaries, "forgetting": {}, "perplexity": {}, "style": style or {}}
-    (folder / "results.json").write_text(json.dumps(results))
+        name = st["name"]
+        results.stages.append(StageRecord(name, RunFolder.stage_folder_name(i, name), {k: v for k, v in st.items() if k != "name"}))
+        results.add(EvalRecord(name, summaries={"recall": {"accuracy": rate(2 + i, 4)}}, style=style.get(name), forgetting={}))
+    folder.mkdir(parents=True)
+    RunFolder(folder).write_results(results)
     return folder
 
 
@@ -84,8 +89,7 @@ def test_paired_difference_counts_probes_and_says_when_it_is_real(tmp_path):
 
     for name, r in (("a", a), ("b", b)):
         run = fake_run(tmp_path / name, [stage("cpt")])
-        (run / "scores").mkdir()
-        (run / "scores" / "cpt.jsonl").write_text("".join(json.dumps(x) + "\n" for x in r))
+        RunFolder(run).write_scores("cpt", r)
     runs = [load_run(tmp_path / "a", "one wording"), load_run(tmp_path / "b", "three wordings")]
     header, table = difference_rows(runs)
     row = dict(zip(header, table[0]))
@@ -106,7 +110,7 @@ def test_a_sweep_report_leaves_out_runs_whose_folder_is_gone(tmp_path):
     for name in ("kept", "moved"):
         run = fake_run(tmp_path / name, [stage("cpt")])
         store.start(run, "x", {"name": name}, sweep="sw", label=f"label-{name}")
-        store.finish(run, json.loads((run / "results.json").read_text()))
+        store.finish(run, RunFolder(run).read_results())
     (tmp_path / "moved" / "results.json").unlink()
     assert resolve_runs(["sw"], store) == [(tmp_path / "kept", "label-kept")]
     (tmp_path / "kept" / "results.json").unlink()
@@ -120,10 +124,10 @@ def test_stage_by_stage_table_pools_the_fact_kinds_per_stage(tmp_path):
     one = fake_run(tmp_path / "one", [stage("cpt")])
     assert stage_rows([load_run(one)]) == ([], [])  # single-stage runs: no such table
     two = fake_run(tmp_path / "two", [stage("cpt"), stage("sft")])
-    res = json.loads((two / "results.json").read_text())
-    res["summaries"]["sft"]["qa"] = {"accuracy": rate(1, 2), "eos": rate(2, 2)}
-    res["forgetting"] = {"sft": {"perplexity": {"general": {"perplexity_ratio": 1.5}}}}
-    (two / "results.json").write_text(json.dumps(res))
+    res = RunFolder(two).read_results()
+    res.evaluations["sft"].summaries["qa"] = {"accuracy": rate(1, 2), "eos": rate(2, 2)}
+    res.evaluations["sft"].forgetting = {"perplexity": {"general": {"perplexity_ratio": 1.5}}}
+    RunFolder(two).write_results(res)
     header, rows = stage_rows([load_run(one, "single"), load_run(two, "two-stage")])
     row = dict(zip(header, rows[1]))
     assert header[:4] == ["variant", "facts: base", "facts: cpt", "facts: sft"]

@@ -60,6 +60,15 @@ def _load(experiment: Path, overrides: Optional[list[str]], output_dir: Optional
     return exp
 
 
+def _presenters():
+    """The runner's presentation callbacks (experiment/ never imports report/): each stage's
+    loss.png as soon as it is saved, and the run's tables on stderr when it is done."""
+    from factlab.report.console import print_run
+    from factlab.report.plots import plot_stage_loss
+
+    return plot_stage_loss, lambda folder, results: print_run(err, results)
+
+
 @app.command()
 def run(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
@@ -72,7 +81,8 @@ def run(
     from factlab.experiment.runner import run_experiment
 
     exp = _load(experiment, set_, output_dir)
-    run_experiment(exp, console=err, store=_store(store, exp.output_dir), mlflow=mlflow)
+    on_stage, on_done = _presenters()
+    run_experiment(exp, console=err, store=_store(store, exp.output_dir), mlflow=mlflow, on_stage=on_stage, on_done=on_done)
 
 
 
@@ -106,7 +116,8 @@ def sweep(
         from factlab.experiment.mlflow_log import require_mlflow
 
         require_mlflow()
-    run_sweep(exp, _store(store, exp.output_dir), console=err, mlflow=mlflow)
+    on_stage, on_done = _presenters()
+    run_sweep(exp, _store(store, exp.output_dir), console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
     Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
 
 
@@ -176,17 +187,14 @@ def eval_(
     _quiet_libraries()
     import json
 
-    import yaml
-
     from factlab.config import EvalSpec
     from factlab.data.corpus import load_documents
-    from factlab.evaluate.facts import summary_table
     from factlab.experiment.evaluation import eval_targets, evaluate_models
-    from factlab.experiment.runner import forgetting_table
+    from factlab.experiment.run_folder import RunFolder
+    from factlab.report.console import forgetting_table, summary_table
 
-    run_cfg = Path(model_or_run) / "config.yaml"
-    if not probes and run_cfg.is_file():
-        probes = [Path(p) for p in (yaml.safe_load(run_cfg.read_text()).get("eval", {}) or {}).get("probes", [])]
+    if not probes and RunFolder(model_or_run).config_path.is_file():
+        probes = [Path(p) for p in (RunFolder(model_or_run).read_config().get("eval", {}) or {}).get("probes", [])]
     if not probes:
         raise FactlabError("no probes to score; give --probes FILE (JSONL, one probe per line)")
     from pydantic import ValidationError

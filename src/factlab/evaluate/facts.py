@@ -1,8 +1,8 @@
 """Fact scoring: run a probe set through a model, then aggregate and tabulate the rows.
 
 ``score_probes`` is the step run before and after every training stage. It produces one row
-per probe (plain dicts, ready for the run store); ``summarize`` and ``summary_table`` are pure
-functions over saved rows, so comparing stages never needs the model again.
+per probe (plain dicts, ready for the run store); ``summarize`` is a pure function over saved
+rows, so comparing stages never needs the model again (report/console.py tabulates them).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
-
-from rich.table import Table
 
 from factlab.errors import FactlabError
 from factlab.evaluate.metrics import (
@@ -21,7 +19,7 @@ from factlab.evaluate.metrics import (
     mean,
     rate_summary,
 )
-from factlab.evaluate.probes import PROBE_KINDS, Probe
+from factlab.evaluate.probes import Probe, order_kinds
 from factlab.evaluate.lm import LM, Generation
 from factlab.evaluate.tokens import chat_prompt, trailing_space
 from factlab.evaluate.textmetrics import bootstrap_mean_interval, eos_summary
@@ -174,67 +172,11 @@ def _summary(rows: Sequence[Mapping], kind: str) -> dict:
     return out
 
 
-def _kind_order(kinds) -> list[str]:
-    """Known kinds in PROBE_KINDS order, any others after them, then "all"."""
-    kinds = set(kinds) - {"all"}
-    return ([k for k in PROBE_KINDS if k in kinds] + sorted(kinds - set(PROBE_KINDS)) + ["all"])
-
-
 def summarize(rows: Sequence[Mapping]) -> dict[str, dict]:
     """Per kind and for "all": n, accuracy and greedy_match (rate summaries with 95% CI),
     mean target log-prob (sum and per token) and mean rank. Accuracy and mean rank count only
     probes with distractors; they are None/n=0 for kinds that have none."""
     out = {}
-    for kind in _kind_order(r["kind"] for r in rows):
+    for kind in order_kinds([*(r["kind"] for r in rows), "all"]):
         out[kind] = _summary([r for r in rows if kind == "all" or r["kind"] == kind], kind)
     return out
-
-
-def _fmt_rate(rs: Mapping | None, base: Mapping | None = None) -> str:
-    """"rate [lo,hi]" (or "mean [lo,hi]" for bootstrap summaries), plus the change against
-    ``base`` when given."""
-    if not rs or not rs.get("n"):
-        return "-"
-    value = rs["rate"] if "rate" in rs else rs["mean"]
-    text = f"{value:.2f} [{rs['ci_low']:.2f},{rs['ci_high']:.2f}]"
-    if base and base.get("n"):
-        text += f"\n{value - (base['rate'] if 'rate' in base else base['mean']):+.2f}"
-    return text
-
-
-# (key in a kind's summary, label): rows of the table, shown when any stage has them.
-TABLE_METRICS = (
-    ("accuracy", "accuracy"),
-    ("greedy_match", "greedy match"),
-    ("target_logprob", "target log-prob/token"),
-    ("sample_hit", "sample hit"),
-    ("eos", "ends with EOS"),
-    ("answer_tokens", "answer tokens"),
-)
-
-
-def summary_table(summaries: Mapping[str, Mapping[str, Mapping]], title: str,
-                  baseline: str | None = "base") -> Table:
-    """A rich table of ``{stage: summarize(rows)}``: one column per stage; per probe kind a
-    row per metric as "value [95% CI]", and after the first column the change against the
-    ``baseline`` stage. n is in the metric column (the same probes are scored at every
-    stage)."""
-    table = Table(title=title)
-    table.add_column("kind")
-    table.add_column("metric (n)")
-    for stage in summaries:
-        table.add_column(stage, justify="right")
-    kinds = _kind_order(k for s in summaries.values() for k in s)
-    base = summaries.get(baseline) if baseline else None
-    for i, kind in enumerate(kinds):
-        metrics = [(m, label) for m, label in TABLE_METRICS
-                   if any(s.get(kind, {}).get(m) for s in summaries.values())]
-        for j, (metric, label) in enumerate(metrics):
-            stats = [s.get(kind, {}).get(metric) for s in summaries.values()]
-            ref = base.get(kind, {}).get(metric) if base else None
-            n = max((st["n"] for st in stats if st), default=0)
-            cells = [_fmt_rate(st, None if name == baseline else ref) for name, st in zip(summaries, stats)]
-            table.add_row(kind if j == 0 else "", f"{label} ({n})", *cells,
-                          style="bold" if kind == "all" else None,
-                          end_section=j == len(metrics) - 1 and i < len(kinds) - 1)
-    return table

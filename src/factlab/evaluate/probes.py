@@ -26,6 +26,14 @@ ProbeKind = Literal["recall", "paraphrase", "reverse", "multihop", "locality", "
 PROBE_KINDS: tuple[str, ...] = get_args(ProbeKind)
 
 
+def order_kinds(kinds) -> list[str]:
+    """The one probe-kind order (summaries, tables, reports): known kinds in PROBE_KINDS order,
+    any others sorted after them, then "all" when it is among `kinds`."""
+    kinds = set(kinds)
+    rest = kinds - {"all"}
+    return ([k for k in PROBE_KINDS if k in rest] + sorted(rest - set(PROBE_KINDS)) + (["all"] if "all" in kinds else []))
+
+
 class Probe(BaseModel):
     """One probe: a prompt, the expected answer and optional wrong answers to rank against."""
 

@@ -1,14 +1,13 @@
 """The evaluation step run on the base model and after every stage (and by `factlab eval`).
 
 One call scores the probes (log-probs, greedy answers, samples) and the perplexity of the
-held-out general text, writes the per-probe rows, and returns the summaries. Forgetting is then
-computed from two saved summaries (base, stage) without touching a model.
+held-out general text, writes the per-probe rows into the run folder, and returns an
+EvalRecord. Forgetting is then computed from two saved records (base, stage) without touching
+a model.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -22,21 +21,7 @@ from factlab.evaluate.generation import generate
 from factlab.evaluate.textmetrics import eos_summary, style_summary
 from factlab.evaluate.perplexity import builtin_general_text, forgetting_summary, perplexity
 from factlab.evaluate.probes import Probe, load_probes
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves a truncated file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+from factlab.experiment.run_folder import BASE, CONTEXT, EvalRecord, RunFolder
 
 
 def load_probe_files(paths: list[str]) -> list[Probe]:
@@ -62,10 +47,11 @@ def general_texts(spec: EvalSpec) -> dict[str, str]:
 
 
 class Evaluator:
-    """Scores one model at a time with fixed probes and texts; writes rows under `scores_dir`."""
+    """Scores one model at a time with fixed probes and texts; writes the rows into `folder`
+    (scores/<label>.jsonl, scores/<label>.style.jsonl) when given."""
 
     def __init__(self, spec: EvalSpec, probes: list[Probe], tokenizer, *, seed: int = 0,
-                 scores_dir: Path | None = None, console: Console | None = None,
+                 folder: RunFolder | None = None, console: Console | None = None,
                  conversations: list[list[dict]] | None = None):
         """`conversations`: SFT training conversations; when given, every evaluation also
         answers their prompts and measures style against the training answers and the chat
@@ -73,17 +59,18 @@ class Evaluator:
         self.spec, self.probes, self.tokenizer, self.seed = spec, probes, tokenizer, seed
         self.conversations = conversations or []
         self.texts = general_texts(spec)
-        self.scores_dir = scores_dir
+        self.folder = folder
         self.console = console or Console(stderr=True)
 
-    def evaluate(self, label: str, model, context: str | None = None, with_perplexity: bool = True) -> dict:
-        """{"probes": summarize(rows), "perplexity": {name: {...}}, "style": {...} | None}.
+    def evaluate(self, label: str, model, context: str | None = None, with_perplexity: bool = True) -> EvalRecord:
+        """The model's EvalRecord: summarize(rows) per probe kind, perplexity per held-out text,
+        and style (answers to the SFT training prompts) when there are conversations.
 
         With `context` (the in-context baseline) no samples are drawn: sampling after a prompt
         of a whole corpus is the slowest part and adds little to that reference.
         """
         t0 = time.perf_counter()
-        out: dict = {"probes": {}, "perplexity": {}, "style": None}
+        out = EvalRecord(label)
         if self.probes:
             s = self.spec.sampling
             with self.console.status(f"scoring {len(self.probes)} probes on {label} ..."):
@@ -93,17 +80,17 @@ class Evaluator:
                     samples=0 if context else s.n, temperature=s.temperature, sample_tokens=s.max_new_tokens,
                     seed=self.seed, context=context,
                 )
-            if self.scores_dir is not None:
-                write_rows(self.scores_dir / f"{label}.jsonl", rows)
-            out["probes"] = summarize(rows)
+            if self.folder is not None:
+                self.folder.write_scores(label, rows)
+            out.summaries = summarize(rows)
         if with_perplexity:
             with self.console.status(f"perplexity of held-out text on {label} ..."):
                 for name, text in self.texts.items():
-                    out["perplexity"][name] = perplexity(model, self.tokenizer, text, seq_len=self.spec.perplexity_seq_len,
+                    out.perplexity[name] = perplexity(model, self.tokenizer, text, seq_len=self.spec.perplexity_seq_len,
                                                          batch_size=self.spec.batch_size)
         if self.conversations and context is None:
             with self.console.status(f"answering {len(self.conversations)} training prompts on {label} ..."):
-                out["style"] = self.style(model, label)
+                out.style = self.style(model, label)
         self.console.print(f"[dim]evaluated {label} in {time.perf_counter() - t0:.1f} s[/dim]")
         return out
 
@@ -115,19 +102,19 @@ class Evaluator:
                    for c in self.conversations]
         refs = [[c[-1]["content"]] for c in self.conversations]
         gens = [g[0] for g in generate(model, self.tokenizer, prompts, max_new_tokens=self.spec.style_tokens)]
-        if self.scores_dir is not None:
-            write_rows(self.scores_dir / f"{label}.style.jsonl",
+        if self.folder is not None:
+            self.folder.write_style(label,
                        [{"prompt": c[-2]["content"], "reference": r[0], "answer": g.text, "tokens": g.n_tokens,
                          "eos": g.ended_with_eos} for c, r, g in zip(self.conversations, refs, gens)])
         return {**style_summary([g.text for g in gens], refs),
                 **{f"chat_{k}": v for k, v in eos_summary([g.ended_with_eos for g in gens], [g.n_tokens for g in gens]).items()}}
 
 
-def forgetting(base: dict, after: dict) -> dict:
+def forgetting(base: EvalRecord, after: EvalRecord) -> dict:
     """Forgetting of a stage from two saved evaluations (see Evaluator.evaluate)."""
 
-    def view(ev: dict) -> dict:
-        return {"perplexity": ev.get("perplexity", {}), "locality": ev.get("probes", {}).get("locality", {}).get("accuracy")}
+    def view(ev: EvalRecord) -> dict:
+        return {"perplexity": ev.perplexity, "locality": ev.summaries.get("locality", {}).get("accuracy")}
 
     return forgetting_summary(view(base), view(after))
 
@@ -140,19 +127,20 @@ def eval_targets(model_or_run: str, console: Console | None = None) -> list[tupl
     from factlab.models.loading import resolve_model
 
     path = Path(model_or_run)
-    if (path / "config.yaml").is_file() and (path / "stages").is_dir():
-        import yaml
-
-        cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-        targets: list[tuple] = [("base", resolve_model(cfg["model"], console))]
+    if RunFolder.is_run(path) and RunFolder(path).config_path.is_file():
+        run = RunFolder(path)
+        model = run.read_config().get("model")
+        if not isinstance(model, str):
+            raise FactlabError(f"{run.config_path} names no model; restore the file")
+        targets: list[tuple] = [(BASE, resolve_model(model, console))]
         previous = targets[0][1]  # the model the next stage trained on
-        for stage_dir in sorted((path / "stages").iterdir(), key=lambda p: int(p.name.split("-", 1)[0]) if p.name.split("-", 1)[0].isdigit() else 1 << 30):
-            label = stage_dir.name.split("-", 1)[-1]
-            if (stage_dir / "merged" / "config.json").is_file():
-                targets.append((label, stage_dir / "merged"))
-                previous = stage_dir / "merged"
-            elif (stage_dir / "adapter" / "adapter_config.json").is_file():
-                targets.append((label, previous, stage_dir / "adapter"))
+        for stage in run.read_results().stages:
+            merged, adapter = run.merged_model(stage), run.adapter(stage)
+            if merged is not None:
+                targets.append((stage.name, merged))
+                previous = merged
+            elif adapter is not None:
+                targets.append((stage.name, previous, adapter))
         return targets
     return [(path.name if path.is_dir() else model_or_run, resolve_model(model_or_run, console))]
 
@@ -175,10 +163,11 @@ def load_target(target: tuple):
 
 
 def evaluate_models(targets: list[tuple], spec: EvalSpec, *, context: str | None = None,
-                    seed: int = 0, scores_dir: Path | None = None, console: Console | None = None) -> dict:
+                    seed: int = 0, folder: RunFolder | None = None, console: Console | None = None) -> dict:
     """Evaluate each (label, model folder[, adapter folder]) with the same probes and texts; the first is the
     baseline for forgetting. With `context`, the first model is also scored with the source
-    text in the prompt (label "<first>+context")."""
+    text in the prompt (label "<first>+context"). Returns {"summaries", "perplexity",
+    "forgetting"}, each by label (what `factlab eval -o` saves)."""
     from factlab.data.sft import require_chat_template
 
     console = console or Console(stderr=True)
@@ -191,14 +180,14 @@ def evaluate_models(targets: list[tuple], spec: EvalSpec, *, context: str | None
         if i == 0:
             if any(p.kind == "qa" for p in probes):
                 require_chat_template(tokenizer, "qa probes")
-            evaluator = Evaluator(spec, probes, tokenizer, seed=seed, scores_dir=scores_dir, console=console)
+            evaluator = Evaluator(spec, probes, tokenizer, seed=seed, folder=folder, console=console)
         ev = evaluator.evaluate(label, model)
-        results["summaries"][label], results["perplexity"][label] = ev["probes"], ev["perplexity"]
+        results["summaries"][label], results["perplexity"][label] = ev.summaries, ev.perplexity
         if i == 0:
             base = ev
             if context is not None:
-                ctx = evaluator.evaluate(f"{label}+context", model, context=context, with_perplexity=False)
-                results["summaries"][f"{label}+context"] = ctx["probes"]
+                ctx = evaluator.evaluate(f"{label}{CONTEXT}", model, context=context, with_perplexity=False)
+                results["summaries"][ctx.label] = ctx.summaries
         else:
             results["forgetting"][label] = forgetting(base, ev)
         del model

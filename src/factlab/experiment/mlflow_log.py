@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from factlab.errors import FactlabError
+from factlab.experiment.run_folder import RunFolder, RunResults
 from factlab.experiment.store import flatten_metrics
 
 
@@ -32,10 +33,11 @@ def _flat(d, prefix=""):
             yield key, v
 
 
-def log_run(run_dir: Path, config: dict, results: dict, experiment: str) -> None:
+def log_run(run_dir: Path, config: dict, results: RunResults | dict, experiment: str) -> None:
     """One MLflow run per factlab run: the resolved config as params, every indexed metric
     (`stage/kind/metric`), and results.json, config.yaml and the loss curves as artifacts."""
     mlflow = require_mlflow()
+    results = RunResults.coerce(results)
     mlflow.set_experiment(experiment)
     with mlflow.start_run(run_name=Path(run_dir).name):
         # MLflow params are strings of at most a few hundred characters.
@@ -46,8 +48,11 @@ def log_run(run_dir: Path, config: dict, results: dict, experiment: str) -> None
                 name = f"{stage}/{kind}/{metric}".replace("+", "_plus_").replace(":", "_")
                 metrics[name] = float(value)
         mlflow.log_metrics(metrics)
-        for name in ("results.json", "config.yaml"):
-            if (Path(run_dir) / name).is_file():
-                mlflow.log_artifact(str(Path(run_dir) / name))
-        for png in sorted(Path(run_dir).glob("stages/*/loss.png")):
-            mlflow.log_artifact(str(png), artifact_path=f"loss/{png.parent.name}")
+        folder = RunFolder(run_dir)
+        for path in (folder.results_path, folder.config_path):
+            if path.is_file():
+                mlflow.log_artifact(str(path))
+        for stage in results.stages:
+            png = folder.loss_plot_path(stage)
+            if png.is_file():
+                mlflow.log_artifact(str(png), artifact_path=f"loss/{png.parent.name}")

@@ -1,25 +1,17 @@
 """Run an experiment: load the model, score the probes, then for every stage train → merge →
-save → score again, and write the results beside the run.
-
-Run folder layout::
-
-    runs/<name>-<timestamp>/
-      config.yaml              resolved experiment (absolute paths, seed)
-      results.json             per stage: training metrics and probe summaries (rewritten after each stage)
-      scores/base.jsonl        per-probe rows of the untrained model
-      scores/<stage>.jsonl     ... after each stage
-      stages/<i>-<stage>/      adapter/ (PEFT), merged/ (plain transformers), train.json, loss.png
+save → score again, and record everything in the run folder (experiment/run_folder.py owns
+its layout and records).
 
 Everything that can be checked without training (data files, probes, layer groups, chat
 template) is checked before the first write, so bad input never leaves a half-made run.
+Presentation (tables, loss plots) is the caller's: it passes `on_stage` / `on_done`
+callbacks (the CLI plugs in report/), so this module never imports the report.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -28,27 +20,19 @@ from factlab.config import Experiment, dump_experiment
 from factlab.data.corpus import load_documents
 from factlab.data.sft import require_chat_template
 from factlab.errors import FactlabError
-from factlab.evaluate.facts import summary_table
 from factlab.evaluate.lm import max_positions
-from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_files, write_atomic
+from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_files
+from factlab.experiment.run_folder import BASE, CONTEXT, EvalRecord, RunFolder, RunResults, StageRecord
 from factlab.experiment.store import RunStore
+from factlab.experiment.sweep import SweepCache
 from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
 from factlab.methods import check_stage_order
 from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
 
 
-def new_run_dir(root: Path, name: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(1000):
-        d = root / (f"{name}-{stamp}" + (f"-{i}" if i else ""))
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-    raise FactlabError(f"cannot create a run folder under {root}")
+StageCallback = Callable[[RunFolder, StageRecord], None]
+RunCallback = Callable[[RunFolder, RunResults], None]
 
 
 def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None]:
@@ -56,12 +40,20 @@ def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None
     return st.data.corpus or exp.data.corpus, st.data.qa or exp.data.qa
 
 
+def _sft_conversations(exp: Experiment, raw_data: list) -> list | None:
+    """The first SFT stage's training conversations (their prompts measure style)."""
+    return next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
+
+
 def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Path | None = None,
                    store: RunStore | None = None, sweep: str | None = None, point: dict | None = None,
-                   label: str | None = None, mlflow: bool = False, base_cache: dict | None = None) -> Path:
+                   label: str | None = None, mlflow: bool = False, cache: SweepCache | None = None,
+                   on_stage: StageCallback | None = None, on_done: RunCallback | None = None) -> Path:
     """Run every stage of `exp`; return the run folder. With a `store`, the run is indexed
     there: `running` when its folder is created, `done` with its metrics at the end, `failed`
-    with the error if it raises."""
+    with the error if it raises. A sweep passes its `cache` (work shared by its points).
+    `on_stage(folder, stage)` is called after each stage is saved and evaluated, `on_done(folder,
+    results)` once the run is complete (the CLI prints tables and draws loss curves there)."""
     console = console or Console(stderr=True)
     names = exp.stage_names()
 
@@ -103,178 +95,98 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
                                f"of this model (context {limit}); turn in_context off or use a shorter corpus")
 
     # --- the run ------------------------------------------------------------------------------
-    run_dir = run_dir or new_run_dir(Path(exp.output_dir), exp.name)
-    (run_dir / "scores").mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(run_dir) if run_dir is not None else RunFolder.create(Path(exp.output_dir), exp.name)
+    folder.path.mkdir(parents=True, exist_ok=True)
     if store is not None:
-        store.start(run_dir, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point, label=label)
+        store.start(folder.path, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point, label=label)
     try:
-        results = _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
-                       base_cache)
+        results = _run(exp, console, folder, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
+                       cache, on_stage)
     except BaseException as e:
         if store is not None:
-            store.fail(run_dir, f"{type(e).__name__}: {e}")
+            store.fail(folder.path, f"{type(e).__name__}: {e}")
         raise
     if store is not None:
-        store.finish(run_dir, results)
+        store.finish(folder.path, results)
+    if on_done is not None:
+        on_done(folder, results)
+    console.print(f"results: {folder.results_path}")
     if mlflow:
         from factlab.experiment.mlflow_log import log_run
 
-        log_run(run_dir, exp.model_dump(mode="json"), results, experiment=sweep or exp.name)
-    return run_dir
+        log_run(folder.path, exp.model_dump(mode="json"), results, experiment=sweep or exp.name)
+    return folder.path
 
 
-def base_cache_key(exp: Experiment, model_path: Path, raw_data) -> str:
-    """What the untrained model's evaluation depends on: the model, the eval settings and
-    their files' contents, the seed, the SFT prompts (style) and the in-context corpus."""
-    import hashlib
-
-    parts = {"model": str(model_path), "eval": exp.eval.model_dump(mode="json"), "seed": exp.seed,
-             "files": [Path(p).read_bytes().hex() for p in exp.eval.probes + exp.eval.general_text],
-             "sft": next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None),
-             "context": [exp.data.corpus, exp.data.substitute] if exp.eval.in_context else None}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def stage_cache_key(base_key: str, exp: Experiment, i: int, stage_examples: list) -> str:
-    """What stages 0..i produce depends on: everything the base evaluation does (base_key),
-    those stages' settings and names, and the exact training examples they saw."""
-    import hashlib
-
-    parts = {"base": base_key, "stages": [st.model_dump(mode="json") for st in exp.stages[: i + 1]],
-             "names": exp.stage_names()[: i + 1]}
-    h = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
-    for examples in stage_examples[: i + 1]:  # token ids streamed, not one JSON string of the corpus
-        for ex in examples:
-            h.update(json.dumps(ex, sort_keys=True).encode())
-        h.update(b"\0")  # stage boundary
-    return h.hexdigest()
+def _reuse_or_evaluate(cache: SweepCache | None, key: str | None, label: str, folder: RunFolder, console: Console,
+                       evaluate: Callable[[], EvalRecord]) -> EvalRecord:
+    """An untrained-model evaluation from the sweep cache (its score files copied over), or
+    made now and kept there."""
+    hit = cache.evaluation(key) if cache is not None and key is not None else None
+    if hit is not None:
+        source, ev = hit
+        console.print(f"[dim]{label} evaluation reused from {source.path} (same model, probes and settings)[/dim]")
+        folder.copy_scores(source, label)
+        return ev
+    ev = evaluate()
+    if cache is not None and key is not None:
+        cache.keep_evaluation(key, folder, ev)
+    return ev
 
 
-def _link_or_copy(src, dst):
-    """Hard-link a finished file (never modified afterwards); copy across file systems."""
-    import os
+def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
+         cache: SweepCache | None = None, on_stage: StageCallback | None = None) -> RunResults:
+    """The run proper, after preflight: evaluations and stages, each recorded in results.json
+    as soon as it is done; returns the complete RunResults.
 
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
-         base_cache: dict | None = None) -> dict:
-    """The run proper, after preflight: evaluations and stages; returns results.json's content.
-
-    `base_cache` (a sweep passes one dict to all its points) reuses work that sweep points
-    share, because it is deterministic on CPU and repeating it would cost as much as the new
-    work: the untrained model's evaluation across runs whose base_cache_key matches, and a
-    merged stage that is not the last one (the CPT stage of a sweep over SFT settings) across
-    runs whose stage_cache_key matches. A reused stage's folder is hard-linked from the run
-    that trained it, its model loaded from its merged/ folder, and its entry in results.json
-    says `reused_from`."""
-    write_atomic(run_dir / "config.yaml", dump_experiment(exp))
-    console.print(f"run folder: [bold]{run_dir}[/bold]  (model {model_path})")
-    sft_convs = next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
-    evaluator = Evaluator(exp.eval, probes, tokenizer, seed=exp.seed, scores_dir=run_dir / "scores", console=console,
+    With a sweep's `cache`, work the points share is reused (see SweepCache): a reused
+    stage's folder is hard-linked from the run that trained it, its model loaded from its
+    merged/ folder, and its record says `reused_from`."""
+    folder.write_config(dump_experiment(exp))
+    console.print(f"run folder: [bold]{folder.path}[/bold]  (model {model_path})")
+    sft_convs = _sft_conversations(exp, raw_data)
+    evaluator = Evaluator(exp.eval, probes, tokenizer, seed=exp.seed, folder=folder, console=console,
                           conversations=sft_convs)
-    results: dict = {"name": exp.name, "model": str(model_path), "seed": exp.seed, "stages": [],
-                     "summaries": {}, "perplexity": {}, "forgetting": {}, "style": {}}
+    results = RunResults(name=exp.name, model=str(model_path), seed=exp.seed)
 
-    def record(label: str, ev: dict) -> None:
-        results["summaries"][label] = ev["probes"]
-        results["perplexity"][label] = ev["perplexity"]
-        if ev.get("style"):
-            results["style"][label] = ev["style"]
-        write_atomic(run_dir / "results.json", json.dumps(results, indent=2))
+    def record(ev: EvalRecord) -> None:
+        results.add(ev)
+        folder.write_results(results)
 
-    key = base_cache_key(exp, model_path, raw_data) if base_cache is not None else None
-    if key is not None and key in base_cache:
-        source, cached = base_cache[key]
-        console.print(f"[dim]base evaluation reused from {source} (same model, probes and settings)[/dim]")
-        for f in (source / "scores").glob("base*.jsonl"):
-            shutil.copyfile(f, run_dir / "scores" / f.name)
-        for label, ev in cached.items():
-            record(label, ev)
-        base_eval = cached["base"]
-    else:
-        base_eval = evaluator.evaluate("base", model)
-        record("base", base_eval)
-        cached = {"base": base_eval}
-        if context is not None:
-            cached["base+context"] = evaluator.evaluate("base+context", model, context=context, with_perplexity=False)
-            record("base+context", cached["base+context"])
-        if key is not None:
-            base_cache[key] = (run_dir, cached)
+    key = SweepCache.base_key(exp, model_path, sft_convs) if cache is not None else None
+    base_eval = _reuse_or_evaluate(cache, key, BASE, folder, console, lambda: evaluator.evaluate(BASE, model))
+    record(base_eval)
+    if context is not None:
+        # keyed on the context text itself: a sweep over a stage's corpus changes it
+        ctx_key = SweepCache.context_key(key, context) if key is not None else None
+        record(_reuse_or_evaluate(cache, ctx_key, BASE + CONTEXT, folder, console,
+                                  lambda: evaluator.evaluate(BASE + CONTEXT, model, context=context, with_perplexity=False)))
     for i, (st, name) in enumerate(zip(exp.stages, names)):
-        out = run_dir / "stages" / f"{i + 1}-{name}"
-        skey = (stage_cache_key(key, exp, i, stage_examples) if key is not None and i < len(exp.stages) - 1 else None)
-        hit = base_cache.get(("stage", skey)) if skey is not None else None
-        if hit is not None and (hit[0] / hit[1]["folder"] / "merged").is_dir():
+        out = folder.stage_path(i, name)
+        skey = SweepCache.stage_key(key, exp, i, stage_examples) if key is not None and i < len(exp.stages) - 1 else None
+        hit = cache.stage(skey) if cache is not None and skey is not None else None
+        if hit is not None:
             source, entry, ev = hit
-            shutil.copytree(source / entry["folder"], out, copy_function=_link_or_copy)
-            for f in (source / "scores").glob(f"{name}.*jsonl"):
-                shutil.copyfile(f, run_dir / "scores" / f.name)
+            SweepCache.link_stage(source, entry, out)
+            folder.copy_scores(source, name)
+            stage = replace(entry, reused_from=str(source.stage_dir(entry)))
             del model
-            model, _ = load_model(out / "merged")
-            console.print(f"[dim]stage {name} reused from {source} (same model, settings, data and seed)[/dim]")
-            results["stages"].append({**entry, "reused_from": str(source / entry["folder"])})
-            results["forgetting"][name] = forgetting(base_eval, ev)
-            record(name, ev)
-            continue
-        model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
-        console.print(
-            f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
-            f"{res.tokens_per_second:,.0f} tok/s{' (bf16)' if res.bf16 else ''}, {res.seconds:.0f} s"
-        )
-        stage_entry = {k: v for k, v in asdict(res).items() if k != "loss_history"}
-        stage_entry["folder"] = str(out.relative_to(run_dir))
-        results["stages"].append(stage_entry)
-        ev = evaluator.evaluate(name, model)
-        results["forgetting"][name] = forgetting(base_eval, ev)
-        record(name, ev)
-        if skey is not None and res.merged:
-            base_cache[("stage", skey)] = (run_dir, stage_entry, ev)
-
-    if probes:
-        console.print(summary_table(results["summaries"], title=f"{exp.name}: probes by kind (rate [95% CI] change vs base)"))
-    if results["forgetting"]:
-        console.print(forgetting_table(results["perplexity"], results["forgetting"]))
-    if results["style"]:
-        console.print(style_table(results["style"]))
-    console.print(f"results: {run_dir / 'results.json'}")
+            model, _ = load_model(folder.merged_model(stage))
+            console.print(f"[dim]stage {name} reused from {source.path} (same model, settings, data and seed)[/dim]")
+        else:
+            model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
+            console.print(
+                f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
+                f"{res.tokens_per_second:,.0f} tok/s{' (bf16)' if res.bf16 else ''}, {res.seconds:.0f} s"
+            )
+            stage = StageRecord(name, RunFolder.stage_folder_name(i, name),
+                                metrics={k: v for k, v in asdict(res).items() if k not in ("name", "loss_history")})
+            ev = evaluator.evaluate(name, model)
+        results.stages.append(stage)
+        ev = replace(ev, forgetting=forgetting(base_eval, ev))
+        record(ev)
+        if on_stage is not None:
+            on_stage(folder, stage)
+        if hit is None and skey is not None and stage.merged:
+            cache.keep_stage(skey, folder, stage, ev)
     return results
-
-
-def forgetting_table(perplexity: dict, forgetting: dict, baseline: str = "base"):
-    """Per model: held-out perplexity (and its ratio to the baseline) and the change of
-    locality accuracy against the baseline."""
-    from rich.table import Table
-
-    table = Table(title="forgetting (held-out perplexity, locality accuracy)")
-    table.add_column("model")
-    base = perplexity.get(baseline, {})
-    for n in base:
-        table.add_column(f"ppl {n}", justify="right")
-    table.add_column("locality acc. change", justify="right")
-    table.add_row(baseline, *[f"{base[n]['perplexity']:.2f}" for n in base], "")
-    for label, f in forgetting.items():
-        ppl = perplexity.get(label, {})
-        cells = [f"{ppl[n]['perplexity']:.2f} (x{ppl[n]['perplexity'] / base[n]['perplexity']:.2f})" if n in ppl else "-" for n in base]
-        loc = (f.get("locality") or {}).get("delta")
-        table.add_row(label, *cells, "-" if loc is None else f"{loc:+.2f}")
-    return table
-
-
-def style_table(style: dict):
-    """Answers to the SFT training prompts, per model: overlap with the training answers,
-    repetition, length and whether the answer ends with EOS (mean [95% CI])."""
-    from rich.table import Table
-
-    from factlab.report.tables import STYLE_COLUMNS, mean_cell
-
-    table = Table(title="answers to the SFT prompts (first 50 words vs the training answers)")
-    table.add_column("model")
-    for _, label in STYLE_COLUMNS:
-        table.add_column(label, justify="right")
-    for label, st in style.items():
-        table.add_row(f"{label} (n={st['n']})", *[mean_cell(st.get(k)) for k, _ in STYLE_COLUMNS])
-    return table

@@ -16,6 +16,8 @@ import time
 from contextlib import closing
 from pathlib import Path
 
+from factlab.experiment.run_folder import RunFolder, RunResults
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_dir      TEXT PRIMARY KEY,
@@ -75,8 +77,10 @@ def _input_paths(x) -> set[str]:
     return set()
 
 
-def flatten_metrics(results: dict) -> list[tuple]:
-    """(stage, kind, metric, value, ci_low, ci_high, n) rows from a run's results.json."""
+def flatten_metrics(results: RunResults | dict) -> list[tuple]:
+    """(stage, kind, metric, value, ci_low, ci_high, n) rows from a run's results (records, or
+    results.json's content)."""
+    results = RunResults.coerce(results)
     rows: list[tuple] = []
 
     def add(stage, kind, metric, x):
@@ -86,28 +90,28 @@ def flatten_metrics(results: dict) -> list[tuple]:
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
             rows.append((stage, kind, metric, float(x), None, None, None))
 
-    for stage, kinds in results.get("summaries", {}).items():
+    for stage, kinds in results.summaries.items():
         for kind, summary in kinds.items():
             for metric, x in summary.items():
                 add(stage, kind, metric, x)
-    for stage, texts in results.get("perplexity", {}).items():
+    for stage, texts in results.perplexity.items():
         for name, p in texts.items():
             add(stage, "perplexity", name, p.get("perplexity"))
-    for stage, f in results.get("forgetting", {}).items():
+    for stage, f in results.forgetting.items():
         for name, p in (f.get("perplexity") or {}).items():
             add(stage, "forgetting", f"ppl_ratio:{name}", p.get("perplexity_ratio"))
         loc = f.get("locality") or {}
         add(stage, "forgetting", "locality_delta", loc.get("delta"))
-    for stage, st in results.get("style", {}).items():
+    for stage, st in results.style.items():
         for metric, x in st.items():
             add(stage, "style", metric, x)
-    for st in results.get("stages", []):
+    for st in results.stages:
         for metric in ("final_loss", "eval_loss", "train_loss_after", "tokens_per_second", "seconds", "trainable_params", "trainable_share",
                        "artifact_bytes", "peak_rss_mb", "train_peak_rss_mb", "steps", "l2_to_base_final",
                        "update_norm_capped_steps"):
-            add(st["name"], "train", metric, st.get(metric))
-        if "merged" in st:  # prompt methods are evaluated as base + adapter: 0 here
-            add(st["name"], "train", "merged", float(bool(st["merged"])))
+            add(st.name, "train", metric, st.get(metric))
+        if "merged" in st.metrics:  # prompt methods are evaluated as base + adapter: 0 here
+            add(st.name, "train", "merged", float(st.merged))
     return rows
 
 
@@ -139,10 +143,11 @@ class RunStore:
             )
             db.execute("DELETE FROM metrics WHERE run_dir = ?", (str(run_dir),))
 
-    def finish(self, run_dir: Path, results: dict) -> None:
+    def finish(self, run_dir: Path, results: RunResults | dict) -> None:
         """Mark a run done and index its metrics, in one transaction."""
-        stages = results.get("stages", [])
-        tps = [s["tokens_per_second"] for s in stages if s.get("tokens_per_second")]
+        results = RunResults.coerce(results)
+        stages = results.stages
+        tps = [s.get("tokens_per_second") for s in stages if s.get("tokens_per_second")]
         with closing(self._connect()) as db, db:
             started = db.execute("SELECT started FROM runs WHERE run_dir = ?", (str(run_dir),)).fetchone()["started"]
             now = time.time()
@@ -166,7 +171,7 @@ class RunStore:
             return None
         with closing(self._connect()) as db:
             for row in db.execute("SELECT run_dir FROM runs WHERE sweep=? AND config_hash=? AND status='done'", (sweep, cfg_hash)):
-                if (Path(row["run_dir"]) / "results.json").is_file():
+                if RunFolder.is_run(row["run_dir"]):
                     return row["run_dir"]
         return None
 

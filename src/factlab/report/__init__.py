@@ -1,2 +1,4 @@
-"""Reports over finished runs: tables, plots and a self-contained HTML (or Markdown) file,
-built from the saved run folders alone (no model is loaded)."""
+"""Reports over finished runs, built from the saved run folders alone (read through
+experiment.run_folder.RunFolder; no model is loaded): `format` (the one interval format),
+`console` (rich tables printed by the CLI), `tables` (rows side by side), `plots` (figures and
+each stage's loss.png) and `build` (one self-contained HTML or Markdown file)."""

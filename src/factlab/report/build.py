@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from factlab.errors import FactlabError  # noqa: E402
-from factlab.experiment.store import RunStore  # noqa: E402
-from factlab.report.tables import (  # noqa: E402
-    Run, difference_rows, fact_recall, kinds_of, load_run, ppl_ratio, stage_rows, style_rows,
-    training_rows, variant_rows,
+from factlab.errors import FactlabError
+from factlab.experiment.run_folder import BASE, RunFolder
+from factlab.experiment.store import RunStore
+from factlab.report.plots import plot_losses, plot_stage_bars, plot_tradeoff, png
+from factlab.report.tables import (
+    Run, difference_rows, load_run, stage_rows, style_rows, training_rows, variant_rows,
 )
 
 
@@ -27,126 +22,20 @@ def resolve_runs(sources: list[str], store: RunStore) -> list[tuple[Path, str]]:
     point order, labelled by their overrides) or a run folder."""
     out: list[tuple[Path, str]] = []
     for src in sources:
-        if Path(src, "results.json").is_file():
+        if RunFolder.is_run(src):
             out.append((Path(src), Path(src).name))
             continue
         rows = [r for r in store.runs(sweep=src, status="done")]
         if not rows:
             raise FactlabError(f"'{src}' is neither a run folder nor a sweep with finished runs in {store.path}; "
                                "see `factlab runs`")
-        kept = [r for r in rows if Path(r["run_dir"], "results.json").is_file()]
+        kept = [r for r in rows if RunFolder.is_run(r["run_dir"])]
         if not kept:  # every folder was deleted or moved since the store indexed it
             raise FactlabError(f"the finished runs of sweep '{src}' are no longer on disk (e.g. {rows[0]['run_dir']}); "
                                "run the sweep again or give run folders")
         for r in sorted(kept, key=lambda r: r["run_dir"]):
             out.append((Path(r["run_dir"]), r["label"] or Path(r["run_dir"]).name))
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# Plots
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of the points not dominated when x (forgetting) is minimised and y (recall)
-    maximised, sorted by x."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i):
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
-
-
-def plot_tradeoff(runs: list[Run]):
-    """Recall (pooled accuracy on fact probes) against held-out perplexity ratio, last stage."""
-    pts, labels = [], []
-    for r in runs:
-        st = r.last_stage()
-        rec = fact_recall(r.results["summaries"].get(st, {}))
-        pr = ppl_ratio(r, st)
-        if rec and rec["rate"] is not None and pr is not None:
-            pts.append((pr, rec["rate"]))
-            labels.append(r.label)
-    if not pts:
-        return None
-    # Variants often land on top of each other (same recall, close perplexity): each point is
-    # numbered on the plot and named in the legend beside it, rather than labelled in place.
-    fig, ax = plt.subplots(figsize=(11, 4.8))
-    front = pareto_front(pts)
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="tab:red", label="Pareto front", zorder=2)
-    cmap = plt.get_cmap("tab10" if len(pts) <= 10 else "tab20")
-    for i, ((x, y), lab) in enumerate(zip(pts, labels)):
-        ax.scatter([x], [y], s=46, color=cmap(i % cmap.N), zorder=3, label=f"{i + 1}: {lab}" + (" (front)" if i in front else ""))
-        ax.annotate(str(i + 1), (x, y), textcoords="offset points", xytext=(4, 4 + 7 * (i % 3)), fontsize=8)
-    ax.set_xlabel("held-out perplexity after / before (lower: less forgetting)")
-    ax.set_ylabel("fact recall (candidate accuracy)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
-    fig.tight_layout()
-    return fig
-
-
-def plot_losses(runs: list[Run]):
-    stage_names = []
-    for r in runs:
-        for s in r.loss:
-            if s not in stage_names:
-                stage_names.append(s)
-    if not stage_names:
-        return None
-    fig, axes = plt.subplots(1, len(stage_names), figsize=(5 * len(stage_names), 3.6), squeeze=False)
-    for ax, st in zip(axes[0], stage_names):
-        held_out = False
-        for i, r in enumerate(runs):
-            color = f"C{i % 10}"
-            hist = [(h["step"], h["loss"]) for h in r.loss.get(st, []) if "loss" in h]
-            if hist:
-                ax.plot(*zip(*hist), label=r.label, lw=1.2, color=color)
-            heldout = [(h["step"], h["eval_loss"]) for h in r.loss.get(st, []) if "eval_loss" in h]
-            if heldout:  # stages with train.eval_fraction: the held-out loss, dashed, same colour
-                ax.plot(*zip(*heldout), ls="--", marker=".", lw=1.2, color=color)
-                held_out = True
-        ax.set_title(f"{st}: training loss" + (" (dashed: held-out)" if held_out else ""))
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_stage_bars(runs: list[Run]):
-    """Per variant: accuracy of each probe kind at base and after each stage."""
-    kinds = kinds_of(runs)
-    if not kinds:
-        return None
-    n = len(runs)
-    cols = min(3, n)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.2 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    for ax, r in zip(axes.flat, runs):
-        labels = [s for s in r.results["summaries"]]
-        width = 0.8 / max(1, len(labels))
-        for i, st in enumerate(labels):
-            vals = [((r.results["summaries"][st].get(k) or {}).get("accuracy") or {}).get("rate") or 0.0 for k in kinds]
-            ax.bar([j + i * width for j in range(len(kinds))], vals, width, label=st)
-        ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(kinds))])
-        ax.set_xticklabels(kinds, fontsize=7, rotation=20)
-        ax.set_ylim(0, 1)
-        ax.set_title(r.label, fontsize=8)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------
@@ -158,14 +47,14 @@ def sample_sections(runs: list[Run], probe_ids: list[str], limit: int = 3) -> li
     variant and per evaluated model: the greedy answer and the samples (the untrained model's
     once, from the first run)."""
     if not probe_ids and runs:
-        rows = runs[0].rows("base")
+        rows = runs[0].rows(BASE)
         probe_ids = [r["id"] for r in rows if r["kind"] != "locality"][:limit]
     out = []
     for pid in probe_ids:
         entries = []
         for i, r in enumerate(runs):
-            for st in r.results.get("summaries", {}):
-                if i > 0 and st.startswith("base"):
+            for st in r.results.evaluations:
+                if i > 0 and r.results.is_untrained(st):
                     continue  # the untrained model answers the same for every variant: shown once
                 row = next((x for x in r.rows(st) if x["id"] == pid), None)
                 if row:
@@ -235,7 +124,7 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
             else:
                 n_fig += 1
                 name = f"figure{n_fig}.png"
-                (assets / name).write_bytes(_png(sec[2]))
+                (assets / name).write_bytes(png(sec[2]))
                 md += ["", f"## {sec[1]}", "", f"![{sec[1]}]({assets.name}/{name})"]
         for s in samples:
             md += ["", f"## Answers to `{s['id']}`: {s['prompt']} → **{s['target']}**", ""]
@@ -255,7 +144,7 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
             parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in trs]
             parts.append("</table>")
         else:
-            data = base64.b64encode(_png(sec[2])).decode()
+            data = base64.b64encode(png(sec[2])).decode()
             parts.append(f"<h2>{esc(sec[1])}</h2><img alt='{esc(sec[1])}' src='data:image/png;base64,{data}'>")
     for s in samples:
         parts.append(f"<h2>Answers to <code>{esc(s['id'])}</code></h2><p>{esc(s['prompt'])} → <b>{esc(s['target'])}</b></p>"

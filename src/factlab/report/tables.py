@@ -1,58 +1,58 @@
-"""Run data as tables: load saved runs and lay them side by side."""
+"""Run data as tables: load saved runs (through RunFolder) and lay them side by side."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from rich.table import Table
 
-from factlab.errors import FactlabError
 from factlab.evaluate.metrics import wilson_interval
-from factlab.evaluate.probes import PROBE_KINDS
 from factlab.evaluate.textmetrics import bootstrap_mean_interval
+from factlab.experiment.run_folder import BASE, RunFolder, RunResults
+from factlab.report.console import STYLE_COLUMNS
+from factlab.report.format import interval, number, order_kinds
 
 
 @dataclass
 class Run:
     """Everything a report needs from one run folder."""
 
-    folder: Path
+    run: RunFolder
     label: str
     config: dict
-    results: dict
+    results: RunResults
     loss: dict[str, list[dict]] = field(default_factory=dict)
     """stage name -> loss history (train.json)."""
 
     @property
+    def folder(self) -> Path:
+        return self.run.path
+
+    @property
     def stages(self) -> list[str]:
-        return [s for s in self.results.get("summaries", {}) if s not in ("base", "base+context")]
+        """The stages that were evaluated, in order (not the untrained model's evaluations)."""
+        return self.results.trained_labels
 
     def last_stage(self) -> str:
-        return (self.stages or ["base"])[-1]
+        return (self.stages or [BASE])[-1]
 
-    def rows(self, stage: str) -> list[dict]:
-        path = self.folder / "scores" / f"{stage}.jsonl"
-        if not path.is_file():
-            return []
-        return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    def summary(self, label: str) -> dict:
+        """Probe kind -> metric summaries of one evaluation ({} when there is none)."""
+        ev = self.results.evaluations.get(label)
+        return ev.summaries if ev is not None else {}
+
+    def rows(self, label: str) -> list[dict]:
+        """The per-probe rows of one evaluation."""
+        return self.run.read_scores(label)
 
 
 def load_run(folder: str | Path, label: str | None = None) -> Run:
-    folder = Path(folder)
-    res_path = folder / "results.json"
-    if not res_path.is_file():
-        raise FactlabError(f"{folder} is not a finished run folder (no results.json); give a folder under runs/")
-    results = json.loads(res_path.read_text(encoding="utf-8"))
-    config = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) if (folder / "config.yaml").is_file() else {}
-    loss = {}
-    for st in results.get("stages", []):
-        tj = folder / st.get("folder", "") / "train.json"
-        if tj.is_file():
-            loss[st["name"]] = json.loads(tj.read_text()).get("loss_history", [])
-    return Run(folder, label or folder.name, config, results, loss)
+    """A run folder's results, config and loss histories (FactlabError when it is not a run)."""
+    run = RunFolder(folder)
+    results = run.read_results()
+    loss = {st.name: run.loss_history(st) for st in results.stages}
+    return Run(run, label or run.path.name, run.read_config(), results, {k: v for k, v in loss.items() if v})
 
 
 def fact_recall(summary: dict) -> dict | None:
@@ -68,24 +68,18 @@ def fact_recall(summary: dict) -> dict | None:
 
 
 def ppl_ratio(run: Run, stage: str) -> float | None:
-    f = run.results.get("forgetting", {}).get(stage) or {}
+    f = run.results.forgetting.get(stage) or {}
     ratios = [p["perplexity_ratio"] for p in (f.get("perplexity") or {}).values()]
     return ratios[0] if ratios else None
 
 
 def locality_delta(run: Run, stage: str) -> float | None:
-    return ((run.results.get("forgetting", {}).get(stage) or {}).get("locality") or {}).get("delta")
+    return ((run.results.forgetting.get(stage) or {}).get("locality") or {}).get("delta")
 
 
 def kinds_of(runs: list[Run]) -> list[str]:
-    present = {k for r in runs for s in r.results.get("summaries", {}).values() for k in s}
-    return [k for k in PROBE_KINDS if k in present]
-
-
-def fmt_rate(x: dict | None) -> str:
-    if not x or not x.get("n"):
-        return "-"
-    return f"{x['rate']:.2f} [{x['ci_low']:.2f},{x['ci_high']:.2f}]"
+    """The probe kinds any run scored (not "all"), in the one kind order."""
+    return order_kinds({k for r in runs for s in r.results.summaries.values() for k in s} - {"all"})
 
 
 def variant_rows(runs: list[Run], stage: str | None = None, all_stages: bool = False) -> tuple[list[str], list[list[str]]]:
@@ -97,17 +91,17 @@ def variant_rows(runs: list[Run], stage: str | None = None, all_stages: bool = F
     rows = []
 
     def row(r: Run, st: str, label: str) -> list[str]:
-        summ = r.results.get("summaries", {}).get(st, {})
+        summ = r.summary(st)
         cells = [label, st]
         for k in kinds:
             acc = (summ.get(k) or {}).get("accuracy")
-            cells.append(f"{fmt_rate(acc)} ({acc['n']})" if acc and acc.get("n") else "-")
-        pr, ld = ppl_ratio(r, st), locality_delta(r, st)
-        cells += ["-" if pr is None else f"x{pr:.2f}", "-" if ld is None else f"{ld:+.2f}", fmt_rate((summ.get("qa") or {}).get("eos"))]
+            cells.append(f"{interval(acc)} ({acc['n']})" if acc and acc.get("n") else "-")
+        cells += [number(ppl_ratio(r, st), prefix="x"), number(locality_delta(r, st), "{:+.2f}"),
+                  interval((summ.get("qa") or {}).get("eos"))]
         return cells
 
-    if all_stages and runs and "base" in runs[0].results.get("summaries", {}):
-        rows.append(row(runs[0], "base", "(untrained)"))
+    if all_stages and runs and BASE in runs[0].results.evaluations:
+        rows.append(row(runs[0], BASE, "(untrained)"))
     for r in runs:
         for st in (r.stages if all_stages else [stage or r.last_stage()]):
             rows.append(row(r, st, r.label))
@@ -131,7 +125,7 @@ def training_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
               "trainable (share)", "saved artefact", "peak RSS MB", "merged"]
     rows = []
     for r in runs:
-        for st in r.results.get("stages", []):
+        for st in r.results.stages:
             first, last = st.get("first_loss"), st.get("final_loss")
             loss = f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "-"
             held, after = st.get("eval_loss"), st.get("train_loss_after")
@@ -140,25 +134,11 @@ def training_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             trainable = f"{params:,} ({share:.3%})" if params is not None and share else (f"{params:,}" if params else "-")
             rss = st.get("train_peak_rss_mb") or st.get("peak_rss_mb")
             merged = "yes" if st.get("merged") else "no: evaluated as base + adapter" if st.get("artifact", "adapter") == "adapter" else "no"
-            rows.append([r.label, st.get("name", "?"), st.get("method", "lora"), str(st.get("steps", "-")), loss,
-                         "-" if after is None else f"{after:.3f}", "-" if held is None else f"{held:.3f}", f"{st['tokens_per_second']:.0f}" if st.get("tokens_per_second") else "-",
+            rows.append([r.label, st.name, st.get("method", "lora"), str(st.get("steps", "-")), loss,
+                         "-" if after is None else f"{after:.3f}", "-" if held is None else f"{held:.3f}", f"{st.get('tokens_per_second'):.0f}" if st.get("tokens_per_second") else "-",
                          trainable, f"{_size(st.get('artifact_bytes'))} {st.get('artifact', '')}".strip(),
                          f"{rss:.0f}" if rss else "-", merged])
     return header, rows
-
-
-STYLE_COLUMNS = [("length", "words"), ("rouge_l", "ROUGE-L vs training answers"), ("bleu", "BLEU"), ("rep_2", "rep-2"),
-                 ("chat_eos", "ends with EOS"), ("chat_length", "tokens")]
-
-
-def mean_cell(x) -> str:
-    """"value [low,high]" of a rate or bootstrap summary; a plain number as is; "-" when empty."""
-    if x is None or (isinstance(x, dict) and not x.get("n")):
-        return "-"
-    if isinstance(x, dict):
-        v = x["rate"] if "rate" in x else x["mean"]
-        return f"{v:.2f} [{x['ci_low']:.2f},{x['ci_high']:.2f}]"
-    return f"{x:.2f}"
 
 
 def style_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
@@ -168,11 +148,12 @@ def style_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     header = ["variant", "model"] + [label for _, label in STYLE_COLUMNS]
     rows = []
     for i, r in enumerate(runs):
-        for label, st in r.results.get("style", {}).items():
-            if label.startswith("base") and i > 0:
-                continue  # the base model's answers are the same for every variant
-            rows.append([r.label if not label.startswith("base") else "(untrained)", f"{label} (n={st.get('n', 0)})"]
-                        + [mean_cell(st.get(k)) for k, _ in STYLE_COLUMNS])
+        for label, st in r.results.style.items():
+            untrained = r.results.is_untrained(label)
+            if untrained and i > 0:
+                continue  # the untrained model's answers are the same for every variant
+            rows.append([r.label if not untrained else "(untrained)", f"{label} (n={st.get('n', 0)})"]
+                        + [interval(st.get(k)) for k, _ in STYLE_COLUMNS])
     return header, rows
 
 
@@ -232,15 +213,15 @@ def difference_rows(runs: list[Run], stage: str | None = None) -> tuple[list[str
     for r in runs[1:]:
         mine = r.rows(stage or r.last_stage())
         present = {x["kind"] for x in ref_rows} & {x["kind"] for x in mine}
-        for k in [k for k in PROBE_KINDS if k in present] + sorted(present - set(PROBE_KINDS)):
+        for k in order_kinds(present - {"all"}):
             d = paired_difference(ref_rows, mine, k)
             if not d["n"]:
                 continue
             da, dl = d["accuracy"], d["target_logprob"]
             rows.append([r.label, ref.label, k, str(d["n"]),
-                         "-" if not da["n"] else f"{da['mean']:+.2f} [{da['ci_low']:+.2f},{da['ci_high']:+.2f}]{' *' if d['real'] else ''}",
+                         "-" if not da["n"] else interval(da, signed=True) + (" *" if d["real"] else ""),
                          "-" if not da["n"] else f"{d['b_only']} / {d['a_only']}",
-                         f"{dl['mean']:+.2f} [{dl['ci_low']:+.2f},{dl['ci_high']:+.2f}]"])
+                         interval(dl, signed=True)])
     return header, rows
 
 
@@ -259,22 +240,21 @@ def stage_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         + [f"ppl ×: {n}" for n in names]
     rows = []
     for r in runs:
-        summ = r.results.get("summaries", {})
+        summ = r.results.summaries
 
         def facts(st):
             rec = fact_recall(summ[st]) if st in summ else None
             if not rec or not rec["n"]:
                 return "-"
             low, high = wilson_interval(rec["k"], rec["n"])
-            return f"{fmt_rate({**rec, 'ci_low': low, 'ci_high': high})} ({rec['n']})"
+            return f"{interval({**rec, 'ci_low': low, 'ci_high': high})} ({rec['n']})"
 
         def eos(st):
-            return fmt_rate(((summ.get(st) or {}).get("qa") or {}).get("eos"))
+            return interval(((summ.get(st) or {}).get("qa") or {}).get("eos"))
 
         def ppl(st):
-            x = ppl_ratio(r, st) if st in summ else None
-            return "-" if x is None else f"x{x:.2f}"
+            return number(ppl_ratio(r, st) if st in summ else None, prefix="x")
 
-        rows.append([r.label, facts("base")] + [facts(n) for n in names] + [eos("base")] + [eos(n) for n in names]
+        rows.append([r.label, facts(BASE)] + [facts(n) for n in names] + [eos(BASE)] + [eos(n) for n in names]
                     + [ppl(n) for n in names])
     return header, rows

@@ -1,0 +1,96 @@
+"""Console tables (rich) of one run's results, printed by the CLI after `factlab run`, after
+each sweep point and by `factlab eval`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rich.console import Console
+from rich.table import Table
+
+from factlab.experiment.run_folder import BASE, RunResults
+from factlab.report.format import change, interval, order_kinds
+
+# (key in a kind's summary, label): rows of the summary table, shown when any stage has them.
+TABLE_METRICS = (
+    ("accuracy", "accuracy"),
+    ("greedy_match", "greedy match"),
+    ("target_logprob", "target log-prob/token"),
+    ("sample_hit", "sample hit"),
+    ("eos", "ends with EOS"),
+    ("answer_tokens", "answer tokens"),
+)
+
+STYLE_COLUMNS = [("length", "words"), ("rouge_l", "ROUGE-L vs training answers"), ("bleu", "BLEU"), ("rep_2", "rep-2"),
+                 ("chat_eos", "ends with EOS"), ("chat_length", "tokens")]
+"""(key in a style summary, column label): the answers to the SFT training prompts."""
+
+
+def summary_table(summaries: Mapping[str, Mapping[str, Mapping]], title: str,
+                  baseline: str | None = BASE) -> Table:
+    """A rich table of ``{label: summarize(rows)}``: one column per evaluation; per probe kind
+    a row per metric as "value [95% CI]", and after the baseline's column the change against
+    the ``baseline`` evaluation. n is in the metric column (the same probes are scored at
+    every stage)."""
+    table = Table(title=title)
+    table.add_column("kind")
+    table.add_column("metric (n)")
+    for stage in summaries:
+        table.add_column(stage, justify="right")
+    kinds = order_kinds(k for s in summaries.values() for k in s)
+    base = summaries.get(baseline) if baseline else None
+    for i, kind in enumerate(kinds):
+        metrics = [(m, label) for m, label in TABLE_METRICS
+                   if any(s.get(kind, {}).get(m) for s in summaries.values())]
+        for j, (metric, label) in enumerate(metrics):
+            stats = [s.get(kind, {}).get(metric) for s in summaries.values()]
+            ref = base.get(kind, {}).get(metric) if base else None
+            n = max((st["n"] for st in stats if st), default=0)
+            cells = []
+            for name, st in zip(summaries, stats):
+                delta = None if name == baseline else change(st, ref)
+                cells.append(interval(st) + (f"\n{delta}" if delta and interval(st) != "-" else ""))
+            table.add_row(kind if j == 0 else "", f"{label} ({n})", *cells,
+                          style="bold" if kind == "all" else None,
+                          end_section=j == len(metrics) - 1 and i < len(kinds) - 1)
+    return table
+
+
+def forgetting_table(perplexity: Mapping[str, Mapping], forgetting: Mapping[str, Mapping], baseline: str = BASE) -> Table:
+    """Per model: held-out perplexity (and its ratio to the baseline) and the change of
+    locality accuracy against the baseline."""
+    table = Table(title="forgetting (held-out perplexity, locality accuracy)")
+    table.add_column("model")
+    base = perplexity.get(baseline, {})
+    for n in base:
+        table.add_column(f"ppl {n}", justify="right")
+    table.add_column("locality acc. change", justify="right")
+    table.add_row(baseline, *[f"{base[n]['perplexity']:.2f}" for n in base], "")
+    for label, f in forgetting.items():
+        ppl = perplexity.get(label, {})
+        cells = [f"{ppl[n]['perplexity']:.2f} (x{ppl[n]['perplexity'] / base[n]['perplexity']:.2f})" if n in ppl else "-" for n in base]
+        loc = (f.get("locality") or {}).get("delta")
+        table.add_row(label, *cells, "-" if loc is None else f"{loc:+.2f}")
+    return table
+
+
+def style_table(style: Mapping[str, Mapping]) -> Table:
+    """Answers to the SFT training prompts, per model: overlap with the training answers,
+    repetition, length and whether the answer ends with EOS (mean [95% CI])."""
+    table = Table(title="answers to the SFT prompts (first 50 words vs the training answers)")
+    table.add_column("model")
+    for _, label in STYLE_COLUMNS:
+        table.add_column(label, justify="right")
+    for label, st in style.items():
+        table.add_row(f"{label} (n={st['n']})", *[interval(st.get(k)) for k, _ in STYLE_COLUMNS])
+    return table
+
+
+def print_run(console: Console, results: RunResults) -> None:
+    """The tables `factlab run` prints at the end of a run: probes by kind, forgetting, style."""
+    if any(results.summaries.values()):
+        console.print(summary_table(results.summaries, title=f"{results.name}: probes by kind (rate [95% CI] change vs base)"))
+    if results.forgetting:
+        console.print(forgetting_table(results.perplexity, results.forgetting))
+    if results.style:
+        console.print(style_table(results.style))
