@@ -111,6 +111,23 @@ def sweep(
 
 
 @app.command()
+def tune(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file with a `tune:` block.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key before tuning (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Search the `tune:` space with Optuna (multi-objective TPE or NSGA-II); every trial is a
+    run in the store; a killed study resumes; prints the Pareto front."""
+    from factlab.experiment.tune import front_table, run_tune
+
+    exp = _load(experiment, set_, output_dir)
+    study = run_tune(exp, _store(store, exp.output_dir), console=err)
+    Console().print(front_table(study))
+    Console().print(f"report with: factlab report {exp.name} -o report.html")
+
+
+@app.command()
 def runs(
     sweep_name: Annotated[Optional[str], typer.Option("--sweep", help="Only runs of this sweep.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Only runs of this experiment name.")] = None,

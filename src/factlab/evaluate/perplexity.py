@@ -135,7 +135,16 @@ def perplexity(model, tokenizer, text: str, seq_len: int = 256, stride: int | No
     finally:
         model.train(was_training)
     nll = total / count
-    return {"nll_per_token": nll, "perplexity": math.exp(nll), "n_tokens": count, "seq_len": seq_len, "stride": stride}
+    # A wrecked model (a tuning trial at a huge learning rate) can exceed exp's range: inf, not a crash.
+    return {"nll_per_token": nll, "perplexity": _exp(nll), "n_tokens": count, "seq_len": seq_len, "stride": stride}
+
+
+def _exp(x: float) -> float:
+    """exp(x), inf beyond float range (a perplexity of a wrecked model)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def _read_general_text(path: Path) -> str:
@@ -208,7 +217,7 @@ def forgetting_summary(before: dict, after: dict) -> dict:
         out[name] = {
             "perplexity_before": b["perplexity"],
             "perplexity_after": a["perplexity"],
-            "perplexity_ratio": math.exp(a["nll_per_token"] - b["nll_per_token"]),
+            "perplexity_ratio": _exp(a["nll_per_token"] - b["nll_per_token"]),
             "nll_before": b["nll_per_token"],
             "nll_after": a["nll_per_token"],
             "nll_delta": a["nll_per_token"] - b["nll_per_token"],

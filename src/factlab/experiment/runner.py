@@ -21,6 +21,7 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 
@@ -57,10 +58,13 @@ def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None
 
 def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Path | None = None,
                    store: RunStore | None = None, sweep: str | None = None, point: dict | None = None,
-                   label: str | None = None, mlflow: bool = False, base_cache: dict | None = None) -> Path:
+                   label: str | None = None, mlflow: bool = False, base_cache: dict | None = None,
+                   on_stage: Callable[[int, str, dict, Path], None] | None = None) -> Path:
     """Run every stage of `exp`; return the run folder. With a `store`, the run is indexed
     there: `running` when its folder is created, `done` with its metrics at the end, `failed`
-    with the error if it raises."""
+    with the error if it raises. `on_stage(index, stage name, results so far, run folder)` is
+    called after each stage's evaluation (factlab tune reports intermediate values through it
+    and may raise there to stop the run)."""
     console = console or Console(stderr=True)
     names = exp.stage_names()
 
@@ -108,7 +112,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
         store.start(run_dir, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point, label=label)
     try:
         results = _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
-                       base_cache)
+                       base_cache, on_stage)
     except BaseException as e:
         if store is not None:
             store.fail(run_dir, f"{type(e).__name__}: {e}")
@@ -160,7 +164,7 @@ def _link_or_copy(src, dst):
 
 
 def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
-         base_cache: dict | None = None) -> dict:
+         base_cache: dict | None = None, on_stage=None) -> dict:
     """The run proper, after preflight: evaluations and stages; returns results.json's content.
 
     `base_cache` (a sweep passes one dict to all its points) reuses work that sweep points
@@ -218,6 +222,8 @@ def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, 
             results["stages"].append({**entry, "reused_from": str(source / entry["folder"])})
             results["forgetting"][name] = forgetting(base_eval, ev)
             record(name, ev)
+            if on_stage is not None:
+                on_stage(i, name, results, run_dir)
             continue
         model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
         console.print(
@@ -230,6 +236,8 @@ def _run(exp, console, run_dir, model, tokenizer, model_path, probes, raw_data, 
         ev = evaluator.evaluate(name, model)
         results["forgetting"][name] = forgetting(base_eval, ev)
         record(name, ev)
+        if on_stage is not None:
+            on_stage(i, name, results, run_dir)
         if skey is not None and res.merged:
             base_cache[("stage", skey)] = (run_dir, stage_entry, ev)
 
