@@ -171,9 +171,17 @@ def report(
 ) -> None:
     """Build a report from stored runs without re-running models."""
     from factlab.report.build import build_report, resolve_runs
+    from factlab.report.tune import tune_sections
 
-    run_dirs = resolve_runs(source, _store(store, "runs"))
-    path = build_report(run_dirs, output, fmt=fmt, probes=probe or [])
+    st = _store(store, "runs")
+    extra = [sec for src in source for sec in tune_sections(src, st)]  # a `factlab tune` study: front, trials, importances
+    try:
+        run_dirs = resolve_runs(source, st)
+    except FactlabError:
+        if not extra:
+            raise
+        run_dirs = []  # a study whose trials were all pruned: its own sections only
+    path = build_report(run_dirs, output, fmt=fmt, probes=probe or [], extra=extra)
     err.print(f"report: {path}")
 
 

@@ -402,7 +402,9 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
             if last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                if node.get(part) is None:  # an unset optional section (replay: null) takes keys too
+                    node[part] = {}
+                node = node[part]
         else:
             raise FactlabError(f"--set {dotted}: '{'.'.join(path[:i])}' is a value, not a section")
 

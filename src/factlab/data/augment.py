@@ -382,8 +382,8 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
     Per relation, the wordings (the relation's doc and held-out templates) are split by the
     seed into ``heldout_phrasings`` held-out ones (probes only) and ``phrasings`` training ones
     (too few: an error naming the relation). Per subject: ``phrasings`` documents, document j
-    stating each fact in training wording j, plus ``shuffled_docs`` documents with mixed
-    wordings in shuffled sentence order; with ``reverse``, every fact of a relation that is
+    stating each fact in training wording j, plus up to ``shuffled_docs`` documents with mixed
+    wordings in shuffled sentence order (fewer when a small subject has no new order left); with ``reverse``, every fact of a relation that is
     one-to-one in the table and has a held-out reverse wording is also stated object-first in
     each of them and asked as a ``reverse`` probe (target: the subject). ``paraphrases``: the
     user's own texts per fact id, split by the seed: ``heldout_phrasings`` per fact (at most all
@@ -483,15 +483,16 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
         seen = {d["text"] for d in documents[-phrasings:]}
         for k in range(shuffled_docs):
             # a subject with one or two facts has few distinct orders: redraw (a few times) a
-            # document that repeats an earlier one, which would only weigh it double
+            # document that repeats an earlier one, and leave it out if every draw does (a
+            # duplicate would only weigh that subject double)
             for _ in range(20):
                 offsets = [doc_rng.randrange(phrasings) for _ in fs]
                 sents = [sentence(f, o + k) for f, o in zip(fs, offsets)] + rev
                 doc_rng.shuffle(sents)
                 if join.join(sents) not in seen:
+                    seen.add(join.join(sents))
+                    documents.append({"id": f"s{n:05d}-x{k}", "text": join.join(sents)})
                     break
-            seen.add(join.join(sents))
-            documents.append({"id": f"s{n:05d}-x{k}", "text": join.join(sents)})
         own = [t for f in fs for t in user_train.get(f.id, [])]
         if own:
             doc_rng.shuffle(own)

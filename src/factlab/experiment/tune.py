@@ -143,7 +143,8 @@ def trial_experiment(exp: Experiment, values: dict[str, Any]) -> Experiment:
 def _label(exp: Experiment, number: int, values: dict) -> str:
     from factlab.experiment.sweep import point_label
 
-    return f"trial {number}: {point_label(exp, values)}"
+    short = {k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in values.items()}  # lr=0.000183, not 17 digits
+    return f"trial {number}: {point_label(exp, short)}"
 
 
 # ---------------------------------------------------------------------------------------
