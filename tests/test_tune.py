@@ -32,8 +32,11 @@ def project(tmp_path: Path, model: str = "m", **tune) -> Path:
                                            + P("l1", "locality", "The quick brown fox", "jumps", ["sleeps"]))
     exp = {
         "name": "st", "model": model, "output_dir": str(tmp_path / "runs"), "data": {"corpus": "docs.txt"},
+        # two stages: a trial can be pruned after the first (the second then never trains)
         "stages": [{"kind": "cpt", "peft": {"targets": ["all"], "r": 2},
-                    "train": {"max_steps": 2, "batch_size": 2, "seq_len": 8, "bf16": False}}],
+                    "train": {"max_steps": 2, "batch_size": 2, "seq_len": 8, "bf16": False}},
+                   {"kind": "cpt", "peft": {"targets": ["mlp"], "r": 2},
+                    "train": {"lr": 1e-9, "max_steps": 1, "batch_size": 2, "seq_len": 8, "bf16": False}}],
         "eval": {"probes": "report.jsonl", "sampling": {"n": 0}},
         "tune": {"space": {"stages.0.train.lr": {"type": "float", "low": 1e-9, "high": 100, "log": True},
                            "stages.0.peft.method": {"type": "categorical", "choices": ["lora", "full"]},
@@ -151,3 +154,5 @@ def test_study_prunes_resumes_after_sigkill_and_reports_the_front(tmp_path, tiny
     numbers = {line.split("|")[1].strip() for line in front.splitlines() if line.startswith("| ") and not line.startswith("| trial")}
     assert numbers == {str(t.number) for t in study.best_trials} and numbers <= {"0", "3"}
     assert "pruned at stage 1" in md and "Which settings mattered" in md
+    pruned = json.loads((tmp_path / "runs" / "st" / "trial-002" / "results.json").read_text())
+    assert list(pruned["summaries"]) == ["base", "cpt1"]  # stopped before the second stage

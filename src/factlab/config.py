@@ -259,7 +259,8 @@ class TuneSpec(_Strict):
     select_probes: list[str] = Field(min_length=1)
     """Probe files the recipe is chosen on; eval.probes (different files) report it."""
     prune: bool = True
-    """Stop trials that are clearly behind after a stage (median rule, or prune_threshold)."""
+    """Stop trials that are clearly behind after a stage other than the last (median rule, or
+    prune_threshold); needs two or more stages to save anything."""
     prune_metric: str | None = None
     """Metric reported after every stage for pruning (default: the first objective)."""
     prune_probes: int | None = Field(None, gt=0)

@@ -294,7 +294,9 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None):
                 return
             shadow.report(v, i)
             trial.set_user_attr(f"intermediate.{i}", v)
-            if shadow.should_prune():
+            # Pruning after the last stage would save nothing and drop a finished trial (which
+            # may still be on the front through its other objectives): only earlier stages.
+            if i < len(texp.stages) - 1 and shadow.should_prune():
                 raise optuna.TrialPruned(f"after stage {stage}: {prune_metric} = {v:.4g}")
 
         console.rule(f"trial {trial.number}: {_label(exp, trial.number, values).split(': ', 1)[1]}")
