@@ -76,6 +76,21 @@ def test_objective_metrics_come_from_the_rows_given_and_from_perplexity():
     assert metric_value("reverse.accuracy", [row("a", True)], results, "cpt") is None
 
 
+@pytest.mark.parametrize("change, message", [({"model": "no-such-model"}, "neither an alias nor an existing folder"),
+                                             ({"data": {"corpus": "missing.txt"}}, "missing.txt does not exist")])
+def test_missing_model_or_data_fail_before_the_study_is_created(tmp_path, change, message):
+    from factlab.experiment.store import RunStore
+    from factlab.experiment.tune import run_tune
+
+    path = project(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw.update(change)
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(FactlabError, match=message):
+        run_tune(load_experiment(path), RunStore(tmp_path / "runs" / "factlab.db"))
+    assert not (tmp_path / "runs").exists()  # no study storage, no store, no run folder
+
+
 def test_a_file_without_tune_block_is_refused():
     with pytest.raises(FactlabError, match="no tune: block"):
         check_tune(experiment_from_dict({"name": "x", "model": "m"}))

@@ -190,6 +190,19 @@ def check_tune(exp: Experiment) -> tuple[set[str], set[str]]:
     return sel_ids, rep_ids
 
 
+def _preflight_data_and_model(exp: Experiment, console: Console) -> None:
+    """The stages' data files and the model, checked before the study's storage is created,
+    so that bad input leaves nothing behind (the runner checks them again per trial)."""
+    from factlab.models.loading import resolve_model
+    from factlab.train.stage import load_stage_data
+
+    texp = trial_experiment(exp, {})
+    for st in texp.stages:
+        load_stage_data(st, st.data.corpus or texp.data.corpus, st.data.qa or texp.data.qa,
+                        substitute=st.data.substitute or texp.data.substitute)
+    resolve_model(texp.model, console)
+
+
 # ---------------------------------------------------------------------------------------
 # The study
 
@@ -240,6 +253,7 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None):
     console = console or Console(stderr=True)
     t = exp.tune
     sel_ids, rep_ids = check_tune(exp)
+    _preflight_data_and_model(exp, console)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = exp.name
     db = storage_path(store, name)
