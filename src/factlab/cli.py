@@ -122,6 +122,24 @@ def sweep(
 
 
 @app.command()
+def tune(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file with a `tune:` block.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key before tuning (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir).")] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Search the `tune:` space with Optuna (multi-objective TPE or NSGA-II); every trial is a
+    run in the store; a killed study resumes; prints the Pareto front."""
+    from factlab.experiment.tune import front_table, run_tune
+
+    exp = _load(experiment, set_, output_dir)
+    on_stage, on_done = _presenters()
+    study = run_tune(exp, _store(store, exp.output_dir), console=err, on_stage=on_stage, on_done=on_done)
+    Console().print(front_table(study))
+    Console().print(f"report with: factlab report {exp.name} -o report.html")
+
+
+@app.command()
 def runs(
     sweep_name: Annotated[Optional[str], typer.Option("--sweep", help="Only runs of this sweep.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Only runs of this experiment name.")] = None,
@@ -165,9 +183,17 @@ def report(
 ) -> None:
     """Build a report from stored runs without re-running models."""
     from factlab.report.build import build_report, resolve_runs
+    from factlab.report.tune import tune_sections
 
-    run_dirs = resolve_runs(source, _store(store, "runs"))
-    path = build_report(run_dirs, output, fmt=fmt, probes=probe or [])
+    st = _store(store, "runs")
+    extra = [sec for src in source for sec in tune_sections(src, st)]  # a `factlab tune` study: front, trials, importances
+    try:
+        run_dirs = resolve_runs(source, st)
+    except FactlabError:
+        if not extra:
+            raise
+        run_dirs = []  # a study whose trials were all pruned: its own sections only
+    path = build_report(run_dirs, output, fmt=fmt, probes=probe or [], extra=extra)
     err.print(f"report: {path}")
 
 

@@ -153,6 +153,64 @@ def substitute(
 
 
 # --------------------------------------------------------------------------------------------
+# augment
+# --------------------------------------------------------------------------------------------
+
+
+@data_app.command()
+@_user_errors
+def augment(
+    facts: Annotated[Path, typer.Argument(help="Fact table (.csv/.tsv/.jsonl: subject, relation, object, optional id, aliases, split) or a synth world folder / world.json.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (new or empty; written atomically).")],
+    phrasings: Annotated[int, typer.Option(help="Training wordings per fact.")] = 3,
+    reverse: Annotated[bool, typer.Option("--reverse/--no-reverse", help="State one-to-one relations object-first too, and probe them in reverse.")] = True,
+    shuffled_docs: Annotated[int, typer.Option(help="Extra documents per subject with mixed wordings in shuffled sentence order.")] = 2,
+    qa: Annotated[bool, typer.Option("--qa/--no-qa", help="Write SFT Q&A (qa.jsonl) and qa probes for held-out subjects.")] = True,
+    heldout_phrasings: Annotated[int, typer.Option(help="Wordings per fact kept out of training for paraphrase probes (2+: the extra ones go to select-probes.jsonl).")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same files byte for byte.")] = 0,
+    paraphrases: Annotated[Optional[Path], typer.Option("--paraphrases", help="Your own paraphrases: JSONL of {\"fact\": id, \"text\": ...}, several per fact; split into training / held-out by the seed.")] = None,
+    relations: Annotated[Optional[Path], typer.Option("--relations", help="YAML/JSON templates for relations factlab does not know (doc, heldout, question, reverse_doc, reverse_probe).")] = None,
+    generic: Annotated[bool, typer.Option("--generic", help="Word unknown relations generically (\"The <relation> of <subject> is <object>.\") instead of refusing them.")] = False,
+    lang: Annotated[Optional[str], typer.Option(help="en or ja (default: the world's language, else en).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Write training documents (several wordings, reversed statements, shuffled order), Q&A
+    and probes in held-out wordings from a fact table; no probe's wording is training text."""
+    from factlab.data.augment import augment_facts, load_facts_input, load_relations_file, load_user_paraphrases, write_augmented
+
+    _refuse_non_empty(out, force)
+    fact_list, aliases, world_lang = load_facts_input(facts)
+    templates = load_relations_file(relations) if relations else {}
+    user = load_user_paraphrases(paraphrases, fact_list) if paraphrases else {}
+    aug = augment_facts(fact_list, phrasings=phrasings, reverse=reverse, shuffled_docs=shuffled_docs, qa=qa,
+                        heldout_phrasings=heldout_phrasings, seed=seed, lang=lang or world_lang, relations=templates,
+                        generic=generic, aliases=aliases, paraphrases=user)
+    paths = write_augmented(aug, out, overwrite=force)
+    m = aug.manifest
+    table = Table(title=f"augmented {m['counts']['facts']} facts (seed {seed})")
+    table.add_column("file")
+    table.add_column("contents")
+    table.add_row(str(paths["docs"]), f"{m['counts']['documents']} documents ({phrasings} wordings per fact, "
+                  f"{shuffled_docs} shuffled per subject)")
+    table.add_row(str(paths["qa"]), f"{m['counts']['qa']} Q&A pairs")
+    table.add_row(str(paths["probes"]), ", ".join(f"{k} {v}" for k, v in m["counts"]["probes"].items()))
+    if "select_probes" in paths:
+        table.add_row(str(paths["select_probes"]), f"{m['counts']['select_probes']} paraphrase probes in other held-out wordings "
+                      "(to choose a recipe on; report on probes.jsonl)")
+    table.add_row(str(paths["manifest"]), "counts, seed, what was held out, which relations were reversed")
+    Console().print(table)
+    if m["reversed_relations"]:
+        Console().print(f"reversed: {', '.join(m['reversed_relations'])}")
+    for rel, why in m["not_reversed"].items():
+        _err().print(f"note: {escape(rel)} not reversed: {escape(why)}")
+    if m["generic_relations"]:
+        _err().print(f"note: generic wordings for {escape(', '.join(m['generic_relations']))}; "
+                     "give better ones with --relations FILE")
+    if m["dropped_probes"]:
+        _err().print(f"warning: {len(m['dropped_probes'])} probes dropped because their text is in the training data")
+
+
+# --------------------------------------------------------------------------------------------
 # check
 # --------------------------------------------------------------------------------------------
 

@@ -206,6 +206,88 @@ class EvalSpec(_Strict):
         return _listify(v, "probes", "general_text")
 
 
+class TuneParam(_Strict):
+    """One dimension of a `tune:` search space (Optuna distributions)."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    """Sample on a log scale (learning rates)."""
+    step: float | None = None
+    choices: list[Any] | None = None
+    """Values of a categorical dimension (lists allowed, e.g. targets: [[mlp], [attention]])."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneParam":
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs choices: [...]")
+        else:
+            if self.low is None or self.high is None or not self.low < self.high:
+                raise ValueError(f"a {self.type} dimension needs low < high, got low={self.low}, high={self.high}")
+            if self.log and self.low <= 0:
+                raise ValueError("log: true needs low > 0")
+            if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+                raise ValueError("an int dimension needs whole-number low and high")
+        return self
+
+
+class TuneObjective(_Strict):
+    metric: str
+    """`damage` (relative perplexity increase on general text, see evaluate.metrics.damage) or
+    `<probe kind>.<accuracy|greedy_match|sample_hit>` (e.g. paraphrase.accuracy), measured on
+    the selection probes after the last stage."""
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class TuneSpec(_Strict):
+    """`factlab tune`: an Optuna study over dotted keys of this experiment (`factlab run` and
+    `factlab sweep` ignore the block)."""
+
+    space: dict[str, TuneParam] = Field(min_length=1)
+    """Dotted key (as in --set) -> dimension, e.g. stages.0.train.lr: {type: float, low: 1e-5, high: 1e-3, log: true}."""
+    objectives: list[TuneObjective] = Field(min_length=1, max_length=4)
+    trials: int | None = Field(None, gt=0)
+    """Finished (complete or pruned) trials to reach; a resumed study counts its earlier ones."""
+    timeout_minutes: float | None = Field(None, gt=0)
+    """Stop starting new trials after this long (per invocation)."""
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    """tpe: (multi-objective) TPE; nsga2: NSGA-II (for larger budgets)."""
+    select_probes: list[str] = Field(min_length=1)
+    """Probe files the recipe is chosen on; eval.probes (different files) report it."""
+    prune: bool = True
+    """Stop trials that are clearly behind after a stage other than the last (median rule, or
+    prune_threshold); needs two or more stages to save anything."""
+    prune_metric: str | None = None
+    """Metric reported after every stage for pruning (default: the first objective)."""
+    prune_probes: int | None = Field(None, gt=0)
+    """Use only the first N selection probes for that intermediate value (cheaper, noisier)."""
+    prune_threshold: float | None = None
+    """Prune when the intermediate value is worse than this (instead of the median rule)."""
+    prune_startup_trials: int = Field(2, ge=0)
+    """The median rule starts pruning after this many finished trials."""
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
+    """Points to try first, e.g. the current recipe: [{stages.0.train.lr: 5.0e-4}]."""
+    seed: int | None = None
+    """Sampler seed (default: the experiment's seed)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _listify(v, "select_probes")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TuneSpec":
+        if self.trials is None and self.timeout_minutes is None:
+            raise ValueError("tune needs a budget: trials: N and/or timeout_minutes: M")
+        for point in self.enqueue:
+            unknown = set(point) - set(self.space)
+            if unknown:
+                raise ValueError(f"tune.enqueue names {sorted(unknown)[0]!r}, which is not in tune.space")
+        return self
+
+
 class Experiment(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
@@ -224,6 +306,8 @@ class Experiment(_Strict):
     plus `points: [{key: value, ...}, ...]` for settings that only make sense together (each
     item is one point, crossed with the grid), plus `repeat: N` to run each point with seeds
     seed, seed+1, ... (`factlab run` ignores the block)."""
+    tune: TuneSpec | None = None
+    """Search space, objectives and budget for `factlab tune` (see TuneSpec)."""
 
     @model_validator(mode="after")
     def _check(self) -> "Experiment":
@@ -317,7 +401,9 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
             if last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                if node.get(part) is None:  # an unset optional section (replay: null) takes keys too
+                    node[part] = {}
+                node = node[part]
         else:
             raise FactlabError(f"--set {dotted}: '{'.'.join(path[:i])}' is a value, not a section")
 
@@ -337,6 +423,8 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
         if getattr(d, "replay", None):
             d.replay.source = [p if p == "corpus" else fix(p) for p in d.replay.source]
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
+    if exp.tune is not None:
+        exp.tune.select_probes = [fix(p) for p in exp.tune.select_probes]
     exp.eval.general_text = [fix(p) for p in exp.eval.general_text]
     # A local model folder given relatively: resolve it too (aliases and hub ids stay as they are).
     cand = base / exp.model

@@ -20,24 +20,41 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import random
 import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
+import yaml
+
+from factlab.data.checks import find_leakage
 from factlab.data.io import iter_jsonl, read_text
 from factlab.data.synth import (
+    DOCS_AS_FILES_MAX,
+    N_DISTRACTORS,
+    RELATIONS,
     Fact,
+    RelationTemplates,
     check_lang,
     fill,
     invertible_relations,
+    locality_probes,
+    prefix,
     relation_templates,
     render_documents,
+    sentence_joiner,
 )
 from factlab.errors import FactlabError
 
 __all__ = ["Fact", "as_fact", "load_fact_table", "paraphrase_documents", "shuffle_sentences",
-           "reverse_statements", "qa_from_facts", "invertible_relations"]
+           "reverse_statements", "qa_from_facts", "invertible_relations", "Augmented", "augment_facts",
+           "write_augmented", "load_facts_input", "load_relations_file", "load_user_paraphrases"]
 
 FIELDS = ("subject", "relation", "object")
 
@@ -80,7 +97,19 @@ def load_fact_table(path: str | Path) -> list[Fact]:
 
     Every malformed row is a FactlabError naming ``file:line``.
     """
-    path = Path(path)
+    return [f for f, _ in _load_table(Path(path))]
+
+
+def _aliases(v) -> tuple[str, ...]:
+    """An ``aliases`` cell: a JSON list, or one text with names separated by ``;`` or ``|``."""
+    if v is None:
+        return ()
+    items = v if isinstance(v, list) else re.split(r"[;|]", str(v))
+    return tuple(a for a in (str(x).strip() for x in items) if a)
+
+
+def _load_table(path: Path) -> list[tuple[Fact, tuple[str, ...]]]:
+    """(fact, subject aliases) per row; see load_fact_table."""
     suffix = path.suffix.lower()
     rows: list[tuple[int, Mapping]] = []
     if suffix == ".jsonl":
@@ -110,7 +139,7 @@ def load_fact_table(path: str | Path) -> list[Fact]:
     else:
         raise FactlabError(f"fact table {path}: unsupported file type {path.suffix or '(none)'!r}; "
                            "use .csv, .tsv or .jsonl with subject, relation, object")
-    facts: list[Fact] = []
+    facts: list[tuple[Fact, tuple[str, ...]]] = []
     first: dict[str, int] = {}
     for n, (lineno, row) in enumerate(rows, 1):
         s, r, o = (_value(row[k], path, lineno, k) for k in FIELDS)
@@ -121,7 +150,8 @@ def load_fact_table(path: str | Path) -> list[Fact]:
         split = str(row.get("split") or "train").strip()
         if split not in ("train", "heldout"):
             raise FactlabError(f"{path}:{lineno}: split must be 'train' or 'heldout', got {split!r}")
-        facts.append(Fact(s, r, o, fid, split, str(row.get("subject_type") or ""), str(row.get("object_type") or "")))
+        facts.append((Fact(s, r, o, fid, split, str(row.get("subject_type") or ""), str(row.get("object_type") or "")),
+                      _aliases(row.get("aliases"))))
     if not facts:
         raise FactlabError(f"fact table {path} has no facts; add rows with subject, relation, object")
     return facts
@@ -197,3 +227,398 @@ def qa_from_facts(facts: Iterable, lang: str = "en") -> list[dict]:
         out.append({"question": fill(spec.question, s=f.subject, o=f.object),
                     "answer": fill(spec.answer, s=f.subject, o=f.object), "fact": f.id})
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# `factlab data augment`: a whole training + probe set from a fact table
+# --------------------------------------------------------------------------------------------
+#
+# Why these pieces: in the Physics-of-LMs 3.1 biographies, one wording per fact gave 9.7% on
+# held-out questions and five wordings with shuffled sentence order 96.6%; a relation trained
+# in one direction only is not answered in the other. The probes ask in wordings that were
+# never trained (held-out templates, held-out user paraphrases, held-out Q&A facts), and a
+# probe whose text turns up in the training text anyway is dropped before anything is written.
+
+
+@dataclass
+class Augmented:
+    """What :func:`augment_facts` builds; :func:`write_augmented` saves it."""
+
+    documents: list[dict]
+    """``{"id", "text"}``: training documents (CPT)."""
+    qa: list[dict]
+    """``{"question", "answer", "fact"}``: SFT Q&A for ``train``-split facts."""
+    probes: list[dict]
+    """recall / paraphrase (held-out wording 1) / reverse / qa / locality probes."""
+    select_probes: list[dict]
+    """paraphrase probes of held-out wordings 2..M (empty when M = 1): a second probe file to
+    choose a recipe on (``factlab tune``'s ``select_probes``) while ``probes`` reports it."""
+    manifest: dict
+
+
+def load_facts_input(path: str | Path) -> tuple[list[Fact], dict[str, tuple[str, ...]], str]:
+    """(facts, subject aliases by fact id, language) from a fact table (.csv/.tsv/.jsonl) or a
+    ``factlab data synth`` world (its folder or its world.json)."""
+    path = Path(path)
+    lang = "en"
+    if path.is_dir() or path.name == "world.json":
+        folder = path if path.is_dir() else path.parent
+        summary = folder / "world.json"
+        if not summary.is_file() or not (folder / "facts.jsonl").is_file():
+            raise FactlabError(f"{path} is not a synth world (needs world.json and facts.jsonl); "
+                               "give a fact table (.csv/.jsonl) or a folder written by `factlab data synth`")
+        try:
+            lang = str(json.loads(read_text(summary, "world summary")).get("lang") or "en")
+        except json.JSONDecodeError:
+            raise FactlabError(f"{summary} is not valid JSON; write the world again with `factlab data synth`") from None
+        path = folder / "facts.jsonl"
+    rows = _load_table(path)
+    return [f for f, _ in rows], {f.id: a for f, a in rows if a}, lang
+
+
+def load_relations_file(path: str | Path) -> dict[str, RelationTemplates]:
+    """Templates for relations the registry does not know (or to replace its wordings), from a
+    YAML or JSON mapping ``relation -> {doc: [...], heldout: [...], question, answer,
+    reverse_doc: [...], reverse_probe}``. ``{s}`` is the subject, ``{o}`` the object; in
+    ``doc`` / ``heldout`` the subject comes before the object, in ``reverse_probe`` after."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(read_text(path, "relations file"))
+    except yaml.YAMLError as e:
+        raise FactlabError(f"relations file {path} is not valid YAML/JSON ({str(e).splitlines()[0]}); fix the syntax") from None
+    if not isinstance(raw, dict) or not raw:
+        raise FactlabError(f"relations file {path} must map relation names to templates, e.g. "
+                           "mascot: {doc: [\"The mascot of {s} is {o}.\"], heldout: [...], question: \"...\"}")
+    allowed = {"doc", "heldout", "question", "answer", "reverse_doc", "reverse_probe"}
+    out: dict[str, RelationTemplates] = {}
+    for name, spec in raw.items():
+        where = f"relations file {path}: relation {name!r}"
+        if not isinstance(spec, dict):
+            raise FactlabError(f"{where} must be a mapping with doc, heldout and question")
+        unknown = set(spec) - allowed
+        if unknown:
+            raise FactlabError(f"{where}: unknown key {sorted(unknown)[0]!r}; use {', '.join(sorted(allowed))}")
+        doc, heldout = spec.get("doc") or [], spec.get("heldout") or []
+        if isinstance(doc, str):
+            doc = [doc]
+        if isinstance(heldout, str):
+            heldout = [heldout]
+        reverse_doc = spec.get("reverse_doc") or []
+        reverse_doc = [reverse_doc] if isinstance(reverse_doc, str) else reverse_doc
+        question = spec.get("question") or f"What is the {str(name).replace('_', ' ')} of {{s}}?"
+        if not doc:
+            raise FactlabError(f"{where} has no doc templates; give at least one, e.g. \"The {name} of {{s}} is {{o}}.\"")
+        t = RelationTemplates(str(name), "", "", tuple(map(str, doc)), tuple(map(str, heldout)), str(question),
+                              str(spec.get("answer") or "{o}."), tuple(map(str, reverse_doc)),
+                              str(spec["reverse_probe"]) if spec.get("reverse_probe") else None)
+        for tpl in (*t.doc, *t.heldout):
+            if tpl.count("{o}") != 1 or tpl.count("{s}") != 1 or tpl.index("{s}") > tpl.index("{o}"):
+                raise FactlabError(f"{where}: template {tpl!r} needs one {{s}} before one {{o}}")
+        for tpl in (*t.reverse_doc, *([t.reverse_probe] if t.reverse_probe else [])):
+            if tpl.count("{o}") != 1 or tpl.count("{s}") != 1 or tpl.index("{o}") > tpl.index("{s}"):
+                raise FactlabError(f"{where}: reverse template {tpl!r} needs one {{o}} before one {{s}}")
+        out[str(name)] = t
+    return out
+
+
+def load_user_paraphrases(path: str | Path, facts: Sequence[Fact]) -> dict[str, list[str]]:
+    """``{fact id: [texts]}`` from a JSONL of ``{"fact": id, "text": ...}`` lines (several
+    texts per fact); every text must contain the fact's object after some text (the part
+    before the object is the paraphrase probe's prompt)."""
+    path = Path(path)
+    by_id = {f.id: f for f in facts}
+    out: dict[str, list[str]] = {}
+    for lineno, obj in iter_jsonl(path, "paraphrase file"):
+        fid, text = obj.get("fact"), obj.get("text")
+        if not isinstance(fid, str) or not isinstance(text, str) or not text.strip():
+            raise FactlabError(f"{path}:{lineno}: each line needs \"fact\" (a fact id) and a non-empty \"text\"")
+        if fid not in by_id:
+            raise FactlabError(f"{path}:{lineno}: unknown fact id {fid!r}; use the ids of the fact table (its id column)")
+        f, text = by_id[fid], " ".join(text.split())
+        i = text.find(f.object)
+        if i <= 0:
+            raise FactlabError(f"{path}:{lineno}: the text must state the object {f.object!r} after some words "
+                               "(the words before it become the held-out question); rewrite it")
+        if text not in out.setdefault(fid, []):
+            out[fid].append(text)
+    if not out:
+        raise FactlabError(f"paraphrase file {path} has no lines; add {{\"fact\": id, \"text\": ...}} lines")
+    return out
+
+
+GENERIC_REVERSE_PROBE = {"en": "Asked whose {r} is {o}, the answer is {s}.", "ja": "{r}が{o}であるのは{s}です。"}
+"""Held-out reverse wording for relations on generic templates (never a training sentence)."""
+
+
+def _templates(relation: str, lang: str, user: Mapping[str, RelationTemplates], generic: bool) -> tuple[RelationTemplates, bool]:
+    """(templates, is_generic) for a relation: the user's, the registry's, or (only with
+    ``generic``) the generic fallbacks with a held-out reverse wording."""
+    if relation in user:
+        return user[relation], False
+    if relation in RELATIONS[lang]:
+        return RELATIONS[lang][relation], False
+    if not generic:
+        raise FactlabError(f"relation {relation!r} has no templates; give them in a relations file (--relations FILE) "
+                           f"or pass --generic to use \"The {relation.replace('_', ' ')} of {{subject}} is {{object}}.\"")
+    spec = relation_templates(relation, lang)
+    words = relation.replace("_", " ").strip()
+    return replace(spec, reverse_probe=GENERIC_REVERSE_PROBE[lang].replace("{r}", words)), True
+
+
+def _distractors(target: str, pool: Sequence[str], exclude: set[str], rng: random.Random, n: int = N_DISTRACTORS) -> list[str]:
+    """Up to ``n`` wrong answers from ``pool`` (same relation, same side), never in ``exclude``."""
+    cands = sorted({c for c in pool if c != target and c not in exclude})
+    rng.shuffle(cands)
+    return cands[:n]
+
+
+def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = True, shuffled_docs: int = 2,
+                  qa: bool = True, heldout_phrasings: int = 1, seed: int = 0, lang: str = "en",
+                  relations: Mapping[str, RelationTemplates] | None = None, generic: bool = False,
+                  aliases: Mapping[str, Sequence[str]] | None = None,
+                  paraphrases: Mapping[str, Sequence[str]] | None = None, qa_heldout: float = 0.5) -> Augmented:
+    """Training documents, Q&A and probes from facts (see the section comment above).
+
+    Per relation, the wordings (the relation's doc and held-out templates) are split by the
+    seed into ``heldout_phrasings`` held-out ones (probes only) and ``phrasings`` training ones
+    (too few: an error naming the relation). Per subject: ``phrasings`` documents, document j
+    stating each fact in training wording j, plus up to ``shuffled_docs`` documents with mixed
+    wordings in shuffled sentence order (fewer when a small subject has no new order left); with ``reverse``, every fact of a relation that is
+    one-to-one in the table and has a held-out reverse wording is also stated object-first in
+    each of them and asked as a ``reverse`` probe (target: the subject). ``paraphrases``: the
+    user's own texts per fact id, split by the seed: ``heldout_phrasings`` per fact (at most all
+    but one) become paraphrase probes, the rest training documents. Q&A: facts with split
+    ``train``; when no fact is marked ``heldout``, a ``qa_heldout`` share of subjects is held
+    out by the seed and asked as ``qa`` probes instead. Deterministic per seed.
+    """
+    check_lang(lang)
+    for name, v, lo in (("phrasings", phrasings, 1), ("heldout_phrasings", heldout_phrasings, 1), ("shuffled_docs", shuffled_docs, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise FactlabError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if not 0.0 <= qa_heldout < 1.0:
+        raise FactlabError(f"qa_heldout must be in [0, 1), got {qa_heldout!r}")
+    facts = _facts(facts)
+    if not facts:
+        raise FactlabError("no facts to augment; give a table with subject, relation, object rows")
+    ids = [f.id for f in facts]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})[0]
+        raise FactlabError(f"duplicate fact id {dup!r}; give each fact a unique id")
+    relations, aliases, paraphrases = dict(relations or {}), dict(aliases or {}), dict(paraphrases or {})
+    rng = lambda what: random.Random(f"factlab/augment/{seed}/{what}")  # noqa: E731  (one stream per purpose)
+
+    # -- wordings per relation: held-out vs training ------------------------------------------
+    specs: dict[str, RelationTemplates] = {}
+    generic_rel: list[str] = []
+    train_t: dict[str, list[str]] = {}
+    held_t: dict[str, list[str]] = {}
+    for rel in sorted({f.relation for f in facts}):
+        spec, is_generic = _templates(rel, lang, relations, generic)
+        specs[rel] = spec
+        if is_generic:
+            generic_rel.append(rel)
+        # The designed held-out wordings go first to the held-out side; the seed orders each group.
+        held_first, docs_ = list(spec.heldout), list(spec.doc)
+        r = rng(f"templates/{rel}")
+        r.shuffle(held_first)
+        r.shuffle(docs_)
+        pool = held_first + docs_
+        if len(pool) < phrasings + heldout_phrasings:
+            raise FactlabError(f"relation {rel!r} has {len(pool)} wordings, but --phrasings {phrasings} + "
+                               f"--heldout-phrasings {heldout_phrasings} need {phrasings + heldout_phrasings}; lower them "
+                               "or give more wordings for it in a relations file (--relations FILE)")
+        held_t[rel] = pool[:heldout_phrasings]
+        rest = pool[heldout_phrasings:]
+        # training wordings: the relation's doc templates first (made for documents), then the rest
+        train_t[rel] = ([t for t in rest if t in spec.doc] + [t for t in rest if t not in spec.doc])[:phrasings]
+
+    invertible = invertible_relations(facts)
+    reversed_rel = sorted(rel for rel in invertible if reverse and specs[rel].reverse_doc and specs[rel].reverse_probe)
+    not_reversed = {rel: ("reverse off" if not reverse else
+                          "not one-to-one in the table (the reverse question has several answers)" if rel not in invertible else
+                          "no reverse wordings (give reverse_doc and reverse_probe in a relations file)")
+                    for rel in specs if rel not in reversed_rel}
+
+    # -- Q&A split -----------------------------------------------------------------------------
+    subjects = list(dict.fromkeys(f.subject for f in facts))
+    if any(f.split == "heldout" for f in facts) or not qa:
+        qa_held = {f.subject for f in facts if f.split == "heldout"}
+    else:
+        order = list(subjects)
+        rng("qa-split").shuffle(order)
+        qa_held = set(order[: round(len(order) * qa_heldout)])
+
+    # -- documents -----------------------------------------------------------------------------
+    join = sentence_joiner(lang)
+    by_subject: dict[str, list[Fact]] = {}
+    for f in facts:
+        by_subject.setdefault(f.subject, []).append(f)
+
+    def sentence(f: Fact, j: int, subject: str | None = None) -> str:
+        return fill(train_t[f.relation][j % phrasings], s=subject or f.subject, o=f.object)
+
+    def rev_sentence(f: Fact) -> list[str]:
+        return [fill(specs[f.relation].reverse_doc[0], s=f.subject, o=f.object)] if f.relation in reversed_rel else []
+
+    documents: list[dict] = []
+    doc_rng = rng("documents")
+    user_train: dict[str, list[str]] = {}
+    user_held: dict[str, list[str]] = {}
+    for fid, texts in sorted(paraphrases.items()):
+        texts = list(texts)
+        rng(f"paraphrases/{fid}").shuffle(texts)
+        k = min(heldout_phrasings, len(texts) - 1)
+        user_held[fid], user_train[fid] = texts[:k], texts[k:]
+    for n, subject in enumerate(subjects):
+        fs = by_subject[subject]
+        al = [a for f in fs for a in aliases.get(f.id, ())]
+        al = list(dict.fromkeys(al))
+        extra = [fill("{s} is also known as {o}." if lang == "en" else "{s}は{o}とも呼ばれる。", s=subject, o=a) for a in al]
+        rev = [s for f in fs for s in rev_sentence(f)]
+        for j in range(phrasings):
+            # ordered documents: wording j of every fact, an alias as subject in turn
+            name = al[(j - 1) % len(al)] if al and j > 0 else None
+            sents = [sentence(f, j, name) for f in fs] + rev + (extra if j == 0 else [])
+            documents.append({"id": f"s{n:05d}-p{j}", "text": join.join(sents)})
+        seen = {d["text"] for d in documents[-phrasings:]}
+        for k in range(shuffled_docs):
+            # a subject with one or two facts has few distinct orders: redraw (a few times) a
+            # document that repeats an earlier one, and leave it out if every draw does (a
+            # duplicate would only weigh that subject double)
+            for _ in range(20):
+                offsets = [doc_rng.randrange(phrasings) for _ in fs]
+                sents = [sentence(f, o + k) for f, o in zip(fs, offsets)] + rev
+                doc_rng.shuffle(sents)
+                if join.join(sents) not in seen:
+                    seen.add(join.join(sents))
+                    documents.append({"id": f"s{n:05d}-x{k}", "text": join.join(sents)})
+                    break
+        own = [t for f in fs for t in user_train.get(f.id, [])]
+        if own:
+            doc_rng.shuffle(own)
+            documents.append({"id": f"s{n:05d}-u", "text": join.join(own)})
+
+    qa_rows = []
+    if qa:
+        for f in facts:
+            if f.subject not in qa_held:
+                spec = specs[f.relation]
+                qa_rows.append({"question": fill(spec.question, s=f.subject, o=f.object),
+                                "answer": fill(spec.answer, s=f.subject, o=f.object), "fact": f.id})
+
+    # -- probes --------------------------------------------------------------------------------
+    objects_of: dict[tuple[str, str], set[str]] = {}
+    subjects_of: dict[tuple[str, str], set[str]] = {}
+    for f in facts:
+        objects_of.setdefault((f.subject, f.relation), set()).add(f.object)
+        subjects_of.setdefault((f.object, f.relation), set()).add(f.subject)
+    obj_pool = {rel: [f.object for f in facts if f.relation == rel] for rel in specs}
+    subj_pool = {rel: [f.subject for f in facts if f.relation == rel] for rel in specs}
+    all_aliases = {a for v in aliases.values() for a in v}
+    prng = rng("probes")
+
+    def probe(pid: str, f: Fact, kind: str, prompt: str, target: str, d: list[str]) -> dict:
+        return {"id": pid, "fact": f.id, "kind": kind, "prompt": prompt, "target": target, "distractors": d}
+
+    probes: list[dict] = []
+    select: list[dict] = []
+    for f in facts:
+        d = _distractors(f.object, obj_pool[f.relation], objects_of[(f.subject, f.relation)], prng)
+        probes.append(probe(f"{f.id}-recall", f, "recall", prefix(train_t[f.relation][0], "o", s=f.subject), f.object, d))
+        for m, t in enumerate(held_t[f.relation], 1):
+            (probes if m == 1 else select).append(
+                probe(f"{f.id}-para" + (str(m) if m > 1 else ""), f, "paraphrase", prefix(t, "o", s=f.subject), f.object, list(d)))
+        for m, text in enumerate(user_held.get(f.id, []), 1):
+            (probes if m == 1 else select).append(
+                probe(f"{f.id}-upara{m}", f, "paraphrase", text[: text.find(f.object)].rstrip(), f.object, list(d)))
+        if f.relation in reversed_rel:
+            rd = _distractors(f.subject, subj_pool[f.relation], subjects_of[(f.object, f.relation)] | all_aliases, prng)
+            probes.append(probe(f"{f.id}-rev", f, "reverse", prefix(specs[f.relation].reverse_probe, "s", o=f.object), f.subject, rd))
+        if qa and f.subject in qa_held:
+            probes.append(probe(f"{f.id}-qa", f, "qa", fill(specs[f.relation].question, s=f.subject, o=f.object), f.object, list(d)))
+    order = ("recall", "paraphrase", "reverse", "qa")
+    probes = sorted(probes, key=lambda p: order.index(p["kind"]))  # stable: fact order within a kind
+
+    # -- the invariant: no probe's wording is training text -------------------------------------
+    # find_leakage is the check `factlab data check` runs; here with a shorter minimum so that
+    # short prompts are searched too, and a leaking probe is dropped (and counted), not written.
+    train_texts = [d["text"] for d in documents] + [f"{q['question']}\n{q['answer']}" for q in qa_rows]
+    leaks = find_leakage(train_texts, probes + select, min_chars=8)
+    dropped = sorted({leak["probe"] for leak in leaks})
+    probes = [p for p in probes if p["id"] not in dropped]
+    select = [p for p in select if p["id"] not in dropped]
+    probes += locality_probes(lang)
+
+    manifest = {
+        "seed": seed, "lang": lang,
+        "options": {"phrasings": phrasings, "heldout_phrasings": heldout_phrasings, "shuffled_docs": shuffled_docs,
+                    "reverse": reverse, "qa": qa, "qa_heldout": qa_heldout, "generic": generic},
+        "counts": {"facts": len(facts), "subjects": len(subjects), "documents": len(documents), "qa": len(qa_rows),
+                   "probes": dict(sorted(Counter(p["kind"] for p in probes).items())), "select_probes": len(select),
+                   "user_paraphrases": {"train": sum(map(len, user_train.values())), "heldout": sum(map(len, user_held.values()))}},
+        "heldout": {
+            "templates": {rel: held_t[rel] for rel in sorted(held_t)},
+            "training_templates": {rel: train_t[rel] for rel in sorted(train_t)},
+            "qa_subjects": sorted(qa_held),
+            "user_paraphrases": {fid: v for fid, v in sorted(user_held.items()) if v},
+        },
+        "reversed_relations": reversed_rel,
+        "not_reversed": dict(sorted(not_reversed.items())),
+        "generic_relations": generic_rel,
+        "dropped_probes": dropped,
+        "notes": [
+            "paraphrase probes use held-out wordings (templates or your paraphrases) that no training text contains.",
+            "reverse probes (target: the subject) exist for the relations in reversed_relations; the training "
+            "documents state those facts object-first too.",
+            "qa probes ask about the subjects in heldout.qa_subjects, which qa.jsonl leaves out.",
+            "locality probes are well-known real facts the base model should keep.",
+        ] + ([f"relations on generic templates (\"The <relation> of <subject> is <object>.\"): {', '.join(generic_rel)}; "
+              "give better wordings in a relations file"] if generic_rel else [])
+          + ([f"{len(dropped)} probes were dropped because their text is in the training data"] if dropped else []),
+    }
+    return Augmented(documents, qa_rows, probes, select, manifest)
+
+
+def _jsonl_text(rows: Iterable[Mapping]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+
+
+def write_augmented(aug: Augmented, out: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``docs/`` (one .txt per document, or ``docs/corpus.jsonl`` for many), ``qa.jsonl``,
+    ``probes.jsonl``, ``select-probes.jsonl`` (when there are selection probes) and
+    ``manifest.json`` into ``out``, atomically: everything goes to a temporary sibling folder
+    that is renamed to ``out`` once complete. A non-empty ``out`` is refused unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FactlabError(f"{out} exists and is not a folder; choose another output folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FactlabError(f"output folder {out} is not empty; choose a new folder or pass --force to overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        docs = tmp / "docs"
+        docs.mkdir()
+        if len(aug.documents) <= DOCS_AS_FILES_MAX:
+            for d in aug.documents:
+                (docs / f"{d['id']}.txt").write_bytes((d["text"] + "\n").encode("utf-8"))
+        else:
+            (docs / "corpus.jsonl").write_bytes(_jsonl_text(aug.documents).encode("utf-8"))
+        names = {"qa": "qa.jsonl", "probes": "probes.jsonl"}
+        (tmp / "qa.jsonl").write_bytes(_jsonl_text(aug.qa).encode("utf-8"))
+        (tmp / "probes.jsonl").write_bytes(_jsonl_text(aug.probes).encode("utf-8"))
+        if aug.select_probes:
+            names["select_probes"] = "select-probes.jsonl"
+            (tmp / "select-probes.jsonl").write_bytes(_jsonl_text(aug.select_probes).encode("utf-8"))
+        manifest = {**aug.manifest, "files": {"docs": "docs/", **names}}
+        (tmp / "manifest.json").write_bytes((json.dumps(manifest, ensure_ascii=False, sort_keys=True, indent=2) + "\n").encode("utf-8"))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"docs": out / "docs", **{k: out / v for k, v in names.items()}, "manifest": out / "manifest.json"}

@@ -101,3 +101,18 @@ def rate_summary(flags: Sequence[bool]) -> dict:
 def mean(xs: Sequence[float]) -> float | None:
     """Arithmetic mean; None for an empty sequence (JSON-friendly, unlike NaN)."""
     return sum(xs) / len(xs) if len(xs) else None
+
+
+def damage(base_ppl: float, after_ppl: float) -> float:
+    """The damage figure of a tuned model: its relative perplexity increase on general text,
+    ``after_ppl / base_ppl - 1`` (0: unchanged; 0.15: 15% higher perplexity; below 0: better).
+
+    Why perplexity on held-out general text: it is measured on every run anyway, needs no
+    labels, and catches what candidate accuracy on a few locality facts hides (a model that
+    still ranks "Paris" first but writes worse English).
+    """
+    if not (base_ppl > 0 and math.isfinite(base_ppl)):
+        raise ValueError(f"base perplexity must be a positive finite number, got {base_ppl!r}")
+    if not after_ppl > 0:  # nan fails this too
+        raise ValueError(f"perplexity after training must be positive, got {after_ppl!r}")
+    return after_ppl / base_ppl - 1.0

@@ -56,8 +56,17 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text:
         raise FactlabError("cannot measure perplexity on empty text; give some plain text")
     (scored,) = LM(model, tokenizer, batch_size=batch_size).loglikelihood_rolling([text], seq_len, stride)
     nll = -scored.logprob / scored.n_tokens
-    return {"nll_per_token": nll, "perplexity": math.exp(nll), "n_tokens": scored.n_tokens,
+    # A wrecked model (a tuning trial at a huge learning rate) can exceed exp's range: inf, not a crash.
+    return {"nll_per_token": nll, "perplexity": _exp(nll), "n_tokens": scored.n_tokens,
             "seq_len": seq_len, "stride": seq_len if stride is None else stride}
+
+
+def _exp(x: float) -> float:
+    """exp(x), inf beyond float range (a perplexity of a wrecked model)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
 
 
 def _read_general_text(path: Path) -> str:
@@ -130,7 +139,7 @@ def forgetting_summary(before: dict, after: dict) -> dict:
         out[name] = {
             "perplexity_before": b["perplexity"],
             "perplexity_after": a["perplexity"],
-            "perplexity_ratio": math.exp(a["nll_per_token"] - b["nll_per_token"]),
+            "perplexity_ratio": _exp(a["nll_per_token"] - b["nll_per_token"]),
             "nll_before": b["nll_per_token"],
             "nll_after": a["nll_per_token"],
             "nll_delta": a["nll_per_token"] - b["nll_per_token"],

@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS runs (
     label        TEXT,            -- the overrides as a short text, e.g. "cpt.alpha=32"
     config_hash  TEXT NOT NULL,
     config       TEXT NOT NULL,   -- JSON: the resolved experiment
-    status       TEXT NOT NULL,   -- running | done | failed
+    status       TEXT NOT NULL,   -- running | done | failed | pruned
     error        TEXT,
     started      REAL NOT NULL,
     finished     REAL,
@@ -164,6 +164,12 @@ class RunStore:
     def fail(self, run_dir: Path, error: str) -> None:
         with closing(self._connect()) as db, db:
             db.execute("UPDATE runs SET status='failed', finished=?, error=? WHERE run_dir=?", (time.time(), error[:500], str(run_dir)))
+
+    def mark(self, run_dir: Path, status: str, note: str | None = None) -> None:
+        """Set a run's status, e.g. `pruned` (a tune trial stopped early) or `failed` (a run
+        left `running` by a killed process)."""
+        with closing(self._connect()) as db, db:
+            db.execute("UPDATE runs SET status=?, finished=?, error=? WHERE run_dir=?", (status, time.time(), note, str(run_dir)))
 
     def done_point(self, sweep: str, cfg_hash: str) -> str | None:
         """The run folder of a finished run of this sweep point, if any (and still on disk)."""

@@ -74,12 +74,14 @@ td:first-child,th:first-child,td:nth-child(2){text-align:left}th{background:#f3f
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}code{background:#f6f6f6}.s{color:#555;font-size:12px}"""
 
 
-def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "html", probes: list[str] | None = None) -> Path:
-    """Write the report for these runs; returns its path."""
+def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "html", probes: list[str] | None = None,
+                 extra: list[tuple] | None = None) -> Path:
+    """Write the report for these runs; returns its path. `extra`: sections put first (a
+    tuning study's, from report.tune.tune_sections)."""
     if fmt not in ("html", "md"):
         raise FactlabError(f"unknown report format '{fmt}'; use html or md")
     runs = [load_run(folder, label) for folder, label in run_sources]
-    if not runs:
+    if not runs and not extra:
         raise FactlabError("no runs to report")
     # The report in reading order: each section is ("table", title, note, header, rows) or
     # ("figure", title, matplotlib figure); empty ones are left out.
@@ -91,7 +93,7 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
          "interval] (n), the EOS rate of chat answers, and held-out perplexity after / before, after the base model and "
          "each stage. Did the facts survive the later stage, and did the model learn to stop?", *stage_rows(runs)),
         ("figure", "Recall versus forgetting (last stage; dashed: Pareto front)", plot_tradeoff(runs)),
-        ("table", f"Differences against {runs[0].label}", "Each variant minus the first one, on the same probes "
+        ("table", f"Differences against {runs[0].label if runs else ''}", "Each variant minus the first one, on the same probes "
          "(last stage of each): mean per-probe change of candidate accuracy with a 95% paired bootstrap interval "
          "(* when it excludes 0: the difference is real at that level), how many probes only this variant or only "
          "the first got right, and the change of the target's log-prob per token.", *difference_rows(runs)),
@@ -106,7 +108,7 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
         ("figure", "Loss curves", plot_losses(runs)),
         ("figure", "Accuracy per probe kind, before and after each stage", plot_stage_bars(runs)),
     ]
-    sections = [s for s in sections if (s[0] == "table" and s[4]) or (s[0] == "figure" and s[2] is not None)]
+    sections = [s for s in list(extra or []) + sections if (s[0] == "table" and s[4]) or (s[0] == "figure" and s[2] is not None)]
     samples = sample_sections(runs, probes or [])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

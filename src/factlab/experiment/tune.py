@@ -1,0 +1,415 @@
+"""`factlab tune`: find a recipe on the recall-versus-forgetting front with Optuna.
+
+The experiment's `tune:` block (config.TuneSpec) declares a search space over dotted keys
+(the same overrides as `--set`), objectives and a budget. Every trial is an ordinary run in
+the run store (sweep name = study name; the point holds the trial number and its
+parameters), so `factlab runs`, `compare` and `report` see trials like sweep points.
+
+Why Optuna: multi-objective TPE / NSGA-II samplers, a resumable study storage, enqueued
+trials, pruners, the Pareto front (`study.best_trials`) and parameter importances come with
+it; none of them is re-written here. Two things are added around it:
+
+- **Selection vs report probes.** A trial scores `tune.select_probes` and `eval.probes`
+  (different files) in one evaluation; the objectives are computed only from the rows of the
+  selection probes, and the same metrics on the report probes are stored beside them. So the
+  recipe is chosen on one set and reported on another.
+- **Pruning a multi-objective study.** Optuna's `Trial.report` / `should_prune` exist only
+  for single-objective studies, so every trial has a shadow trial in a single-objective
+  study `<study>:prune` (same storage) that receives the intermediate value (the prune
+  metric on the selection probes after each stage) and asks a real Optuna pruner (median
+  rule, or a threshold) whether to stop.
+
+Resume: the study lives in `sqlite:///<store folder>/<study>-optuna.db`. A restarted study
+keeps its finished (complete or pruned) trials; a trial left running by a killed process is
+marked failed, its run too, and its parameters are enqueued again (what Optuna's
+RetryFailedTrialCallback does for heartbeat storages). One process per study at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from factlab.config import Experiment, TuneParam, apply_override, experiment_from_dict
+from factlab.errors import FactlabError
+from factlab.evaluate.facts import summarize
+from factlab.evaluate.metrics import damage
+from factlab.evaluate.probes import PROBE_KINDS, load_probes
+from factlab.experiment.run_folder import RunFolder
+from factlab.experiment.store import RunStore
+from factlab.experiment.sweep import SweepCache
+
+RATE_STATS = ("accuracy", "greedy_match", "sample_hit", "eos")
+
+
+def storage_path(store: RunStore, study: str) -> Path:
+    """The Optuna SQLite file of a study: beside the run store."""
+    return store.path.parent / f"{study}-optuna.db"
+
+
+def _storage_url(path: Path) -> str:
+    return f"sqlite:///{path.resolve()}"
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics of a finished (or running) trial
+
+
+def metric_value(metric: str, rows: list[dict], results: dict, stage: str) -> float | None:
+    """An objective's value after `stage`: `damage` from results.json's perplexity entries
+    (mean over the general texts of evaluate.metrics.damage), or `<kind>.<stat>` from the
+    per-probe score rows (the rate of that kind's summary). None when it cannot be computed
+    (no such probes; a model that produced no finite perplexity)."""
+    if metric == "damage":
+        base, after = results.get("perplexity", {}).get("base", {}), results.get("perplexity", {}).get(stage, {})
+        figures = []
+        for name, b in base.items():
+            a = after.get(name)
+            if a is None:
+                continue
+            try:
+                figures.append(damage(b["perplexity"], a["perplexity"]))
+            except ValueError:
+                return None
+        return sum(figures) / len(figures) if figures else None
+    kind, _, stat = metric.partition(".")
+    summary = summarize(rows).get(kind, {}).get(stat) if rows else None
+    if not isinstance(summary, dict):
+        return None
+    v = summary.get("rate", summary.get("mean"))
+    return None if v is None else float(v)
+
+
+def _check_metric(metric: str, kinds: set[str], has_general_text: bool, where: str) -> None:
+    if metric == "damage":
+        if not has_general_text:
+            raise FactlabError(f"{where}: damage needs general text; keep eval.builtin_general_text on or give eval.general_text")
+        return
+    kind, dot, stat = metric.partition(".")
+    if not dot or stat not in RATE_STATS or kind not in (*PROBE_KINDS, "all"):
+        raise FactlabError(f"{where}: unknown metric {metric!r}; use damage or <kind>.<stat> with kind one of "
+                           f"{', '.join(PROBE_KINDS)}, all and stat one of {', '.join(RATE_STATS)} (e.g. paraphrase.accuracy)")
+    if kind != "all" and kind not in kinds:
+        raise FactlabError(f"{where}: {metric} needs {kind} probes, but the selection probes have only "
+                           f"{', '.join(sorted(kinds))}; add them to tune.select_probes or choose another metric")
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters: Optuna distributions hold scalars, so list choices (targets) travel as JSON text
+
+
+def _encode(v: Any) -> Any:
+    return v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v)
+
+
+def _decode(dim: TuneParam, v: Any) -> Any:
+    if dim.type == "categorical" and isinstance(v, str):
+        for c in dim.choices or []:
+            if _encode(c) == v:
+                return c
+    return v
+
+
+def suggest(trial, key: str, dim: TuneParam) -> Any:
+    """The trial's value of one dimension (optuna's suggest_*), decoded."""
+    if dim.type == "float":
+        return trial.suggest_float(key, dim.low, dim.high, log=dim.log, step=dim.step)
+    if dim.type == "int":
+        return trial.suggest_int(key, int(dim.low), int(dim.high), log=dim.log, step=int(dim.step or 1))
+    return _decode(dim, trial.suggest_categorical(key, [_encode(c) for c in dim.choices]))
+
+
+def trial_experiment(exp: Experiment, values: dict[str, Any]) -> Experiment:
+    """`exp` with a trial's values applied through the dotted-override code of `--set`, no
+    sweep/tune block, scoring the selection probes and then the report probes."""
+    raw = exp.model_dump(mode="json")
+    raw.pop("sweep", None)
+    raw.pop("tune", None)
+    for key, value in values.items():
+        apply_override(raw, key.split("."), value)
+    raw["eval"]["probes"] = list(exp.tune.select_probes) + list(exp.eval.probes)
+    try:
+        return experiment_from_dict(raw, source=f"tune trial {values}", base=exp._base)
+    except FactlabError as e:
+        raise FactlabError(f"{e} (check the tune: block)") from None
+
+
+def _label(exp: Experiment, number: int, values: dict) -> str:
+    from factlab.experiment.sweep import point_label
+
+    short = {k: float(f"{v:.3g}") if isinstance(v, float) else v for k, v in values.items()}  # lr=0.000183, not 17 digits
+    return f"trial {number}: {point_label(exp, short)}"
+
+
+# ---------------------------------------------------------------------------------------
+# Preflight
+
+
+def check_tune(exp: Experiment) -> tuple[set[str], set[str]]:
+    """Everything about the tune block that can be wrong, before anything is written; returns
+    the ids of the selection and of the report probes."""
+    t = exp.tune
+    if t is None:
+        raise FactlabError("the experiment has no tune: block; add space, objectives, trials and select_probes (see examples/tune.yaml)")
+    if not exp.stages:
+        raise FactlabError("tune needs at least one stage to train")
+    if not exp.eval.probes:
+        raise FactlabError("tune reports the chosen recipe on eval.probes; give eval.probes (files other than tune.select_probes)")
+    for s in t.select_probes:
+        for e in exp.eval.probes:
+            same = Path(s).resolve() == Path(e).resolve() or (
+                Path(s).is_file() and Path(e).is_file() and Path(s).read_bytes() == Path(e).read_bytes())
+            if same:
+                raise FactlabError(f"tune.select_probes and eval.probes both use {Path(s).name}: the probes that choose the recipe "
+                                   "must be different files from those that report it (e.g. select-probes.jsonl from "
+                                   "`factlab data augment --heldout-phrasings 2`)")
+    select = [p for f in t.select_probes for p in load_probes(f)]
+    report = [p for f in exp.eval.probes for p in load_probes(f)]
+    sel_ids, rep_ids = {p.id for p in select}, {p.id for p in report}
+    if sel_ids & rep_ids:
+        raise FactlabError(f"probe ids {sorted(sel_ids & rep_ids)[:3]} are both in tune.select_probes and eval.probes; "
+                           "a probe either chooses or reports")
+    has_text = exp.eval.builtin_general_text or bool(exp.eval.general_text)
+    kinds = {p.kind for p in select}
+    for i, o in enumerate(t.objectives):
+        _check_metric(o.metric, kinds, has_text, f"tune.objectives.{i}")
+    if t.prune:
+        _check_metric(t.prune_metric or t.objectives[0].metric, kinds, has_text, "tune.prune_metric")
+    # every dimension at its ends / every choice must make a valid experiment
+    for key, dim in t.space.items():
+        for v in ([dim.low, dim.high] if dim.type != "categorical" else dim.choices):
+            trial_experiment(exp, {key: int(v) if dim.type == "int" else v})
+    for point in t.enqueue:
+        trial_experiment(exp, point)
+    return sel_ids, rep_ids
+
+
+def _preflight_data_and_model(exp: Experiment, console: Console) -> None:
+    """The stages' data files and the model, checked before the study's storage is created,
+    so that bad input leaves nothing behind (the runner checks them again per trial)."""
+    from factlab.models.loading import resolve_model
+    from factlab.train.stage import load_stage_data
+
+    texp = trial_experiment(exp, {})
+    for st in texp.stages:
+        load_stage_data(st, st.data.corpus or texp.data.corpus, st.data.qa or texp.data.qa,
+                        substitute=st.data.substitute or texp.data.substitute)
+    resolve_model(texp.model, console)
+
+
+# ---------------------------------------------------------------------------------------
+# The study
+
+
+def _samplers(kind: str, seed: int):
+    import optuna
+
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _pruner(exp: Experiment, direction: str):
+    import optuna
+
+    t = exp.tune
+    if t.prune_threshold is not None:
+        # worse than the threshold: below it when maximising, above it when minimising
+        return (optuna.pruners.ThresholdPruner(lower=t.prune_threshold) if direction == "maximize"
+                else optuna.pruners.ThresholdPruner(upper=t.prune_threshold))
+    return optuna.pruners.MedianPruner(n_startup_trials=t.prune_startup_trials, n_warmup_steps=0)
+
+
+def _recover(study, pstudy, store: RunStore, console: Console) -> None:
+    """Trials left `running` by a killed process: failed in Optuna and in the store, and their
+    parameters enqueued again."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(t.number, state=TrialState.FAIL)
+        run_dir = t.user_attrs.get("run_dir")
+        if run_dir:
+            store.mark(Path(run_dir), "failed", "killed while running; retried")
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        console.print(f"[yellow]trial {t.number} was interrupted: marked failed and queued again[/yellow]")
+    if pstudy is not None:
+        for t in pstudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            pstudy.tell(t.number, state=TrialState.FAIL)
+
+
+def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, on_stage=None, on_done=None):
+    """Run (or resume) the study of `exp.tune`; returns the Optuna study. `on_stage` and
+    `on_done` are the runner's presentation callbacks (see run_experiment), passed to every trial."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from factlab.experiment.runner import run_experiment
+
+    console = console or Console(stderr=True)
+    t = exp.tune
+    sel_ids, rep_ids = check_tune(exp)
+    _preflight_data_and_model(exp, console)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = exp.name
+    db = storage_path(store, name)
+    db.parent.mkdir(parents=True, exist_ok=True)
+    url = _storage_url(db)
+    directions = [o.direction for o in t.objectives]
+    seed = exp.seed if t.seed is None else t.seed
+    study = optuna.create_study(storage=url, study_name=name, directions=directions, load_if_exists=True,
+                                sampler=_samplers(t.sampler, seed))
+    if [d.name.lower() for d in study.directions] != directions:
+        raise FactlabError(f"study {name} in {db} has other objectives ({len(study.directions)}); "
+                           "rename the experiment or delete that file to start a new study")
+    attrs = {"objectives": [o.model_dump() for o in t.objectives], "select_probes": list(t.select_probes),
+             "eval_probes": list(exp.eval.probes), "space": {k: v.model_dump() for k, v in t.space.items()},
+             "store": str(store.path)}
+    for k, v in attrs.items():
+        study.set_user_attr(k, v)
+    # Reseed by history: a resumed study must not draw the first invocation's random points again.
+    study.sampler = _samplers(t.sampler, seed + len(study.trials))
+    prune_metric = t.prune_metric or t.objectives[0].metric
+    prune_dir = next((o.direction for o in t.objectives if o.metric == prune_metric),
+                     "minimize" if prune_metric == "damage" else "maximize")
+    pstudy = (optuna.create_study(storage=url, study_name=f"{name}:prune", direction=prune_dir, load_if_exists=True,
+                                  pruner=_pruner(exp, prune_dir)) if t.prune else None)
+    _recover(study, pstudy, store, console)
+    for point in t.enqueue:
+        study.enqueue_trial({k: _encode(v) for k, v in point.items()}, skip_if_exists=True)
+
+    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    remaining = None if t.trials is None else max(0, t.trials - finished)
+    root = Path(exp.output_dir) / name
+    cache = SweepCache()  # the untrained model's evaluation is shared by every trial
+    # the cheap early signal: the first prune_probes selection probes (default: all of them)
+    select_order = [p.id for f in t.select_probes for p in load_probes(f)]
+    prune_ids = set(select_order[: t.prune_probes]) if t.prune_probes else sel_ids
+
+    def objective(trial):
+        values = {k: suggest(trial, k, dim) for k, dim in t.space.items()}
+        texp = trial_experiment(exp, values)
+        run_dir = root / f"trial-{trial.number:03d}"
+        if run_dir.exists():  # left by an interrupted invocation
+            shutil.rmtree(run_dir)
+        trial.set_user_attr("run_dir", str(run_dir))
+        shadow = pstudy.ask() if pstudy is not None else None
+
+        def trial_on_stage(folder: RunFolder, record) -> None:
+            if on_stage is not None:
+                on_stage(folder, record)
+            if shadow is None:
+                return
+            stage = record.name
+            i = texp.stage_names().index(stage)
+            results = folder.read_results().to_json()
+            rows = [r for r in folder.read_scores(stage) if r["id"] in prune_ids]
+            v = metric_value(prune_metric, rows, results, stage)
+            if v is None or math.isnan(v):
+                return
+            shadow.report(v, i)
+            trial.set_user_attr(f"intermediate.{i}", v)
+            # Pruning after the last stage would save nothing and drop a finished trial (which
+            # may still be on the front through its other objectives): only earlier stages.
+            if i < len(texp.stages) - 1 and shadow.should_prune():
+                raise optuna.TrialPruned(f"after stage {stage}: {prune_metric} = {v:.4g}")
+
+        console.rule(f"trial {trial.number}: {_label(exp, trial.number, values).split(': ', 1)[1]}")
+        try:
+            run_experiment(texp, console=console, run_dir=run_dir, store=store, sweep=name,
+                           point={"trial": trial.number, **values}, label=_label(exp, trial.number, values),
+                           cache=cache, on_stage=trial_on_stage, on_done=on_done)
+        except optuna.TrialPruned as e:
+            store.mark(run_dir, "pruned", str(e))
+            pstudy.tell(shadow, state=TrialState.PRUNED)
+            console.print(f"[yellow]trial {trial.number} pruned {e}[/yellow]")
+            raise
+        except BaseException:
+            if shadow is not None:
+                pstudy.tell(shadow, state=TrialState.FAIL)
+            raise
+        folder = RunFolder(run_dir)
+        results = folder.read_results().to_json()
+        last = texp.stage_names()[-1]
+        rows = folder.read_scores(last)
+        sel = [r for r in rows if r["id"] in sel_ids]
+        rep = [r for r in rows if r["id"] in rep_ids]
+        chosen = [metric_value(o.metric, sel, results, last) for o in t.objectives]
+        reported = [metric_value(o.metric, rep, results, last) for o in t.objectives]
+        trial.set_user_attr("report", {o.metric: v for o, v in zip(t.objectives, reported)})
+        trial.set_user_attr("report_kinds", {k: s["accuracy"]["rate"] for k, s in summarize(rep).items()} if rep else {})
+        if shadow is not None:
+            pv = metric_value(prune_metric, [r for r in rows if r["id"] in prune_ids], results, last)
+            pstudy.tell(shadow, pv if pv is not None and not math.isnan(pv) else None,
+                        state=None if pv is not None and not math.isnan(pv) else TrialState.FAIL)
+        if any(v is None for v in chosen):
+            missing = [o.metric for o, v in zip(t.objectives, chosen) if v is None]
+            raise FactlabError(f"trial {trial.number}: {', '.join(missing)} could not be computed on the selection probes "
+                               f"(see {run_dir / 'results.json'})")
+        return tuple(chosen) if len(chosen) > 1 else chosen[0]
+
+    if remaining == 0:
+        console.print(f"[dim]study {name} already has {finished} finished trials (tune.trials = {t.trials})[/dim]")
+    else:
+        t0 = time.perf_counter()
+        study.optimize(objective, n_trials=remaining, timeout=t.timeout_minutes * 60 if t.timeout_minutes else None,
+                       catch=())
+        console.print(f"[dim]study {name}: {time.perf_counter() - t0:.0f} s this invocation[/dim]")
+    return study
+
+
+def front_table(study) -> Table:
+    """The Pareto front: trial, settings, objectives on the selection probes and the same
+    metrics on the report probes."""
+    objectives = study.user_attrs.get("objectives", [])
+    table = Table(title=f"study {study.study_name}: Pareto front ({len(study.best_trials)} of "
+                        f"{len(study.trials)} trials; chosen on tune.select_probes, reported on eval.probes)")
+    table.add_column("trial", justify="right")
+    table.add_column("settings")
+    for o in objectives:
+        arrow = "↑" if o["direction"] == "maximize" else "↓"
+        table.add_column(f"{o['metric']} {arrow} (select)", justify="right")
+        table.add_column(f"{o['metric']} (report)", justify="right")
+    for tr in front_trials(study):
+        cells = []
+        rep = tr.user_attrs.get("report", {})
+        for o, v in zip(objectives, tr.values):
+            r = rep.get(o["metric"])
+            cells += [f"{v:.3f}", "-" if r is None else f"{r:.3f}"]
+        table.add_row(str(tr.number), settings_text(tr.params), *cells)
+    return table
+
+
+def front_trials(study) -> list:
+    """study.best_trials (the Pareto front; the best trial for one objective), by number."""
+    return sorted(study.best_trials, key=lambda t: t.number)
+
+
+def settings_text(params: dict) -> str:
+    """`lr=0.0003 r=8`: the last part of each dotted key, with its value."""
+    out = []
+    for k, v in params.items():
+        if isinstance(v, float):
+            v = f"{v:.3g}"
+        out.append(f"{k.split('.')[-1]}={v}")
+    return " ".join(out)
+
+
+def load_study(store: RunStore, name: str):
+    """The Optuna study `name` beside `store`, or None when there is none."""
+    path = storage_path(store, name)
+    if not path.is_file():
+        return None
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=_storage_url(path))
+    except KeyError:
+        return None
