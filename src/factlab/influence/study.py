@@ -59,6 +59,12 @@ def _rows_of(rows: list[Sample], n_clean: int) -> dict[str, list[int]]:
     return out
 
 
+def sparsity_k(top_k: int, n: int) -> int:
+    """The k used for the sparsity of an n x n matrix: top_k, at most half of the n − 1
+    off-diagonal entries of a row (at least 1)."""
+    return max(1, min(top_k, (n - 1) // 2))
+
+
 def desiderata(M: np.ndarray, rows: list[Sample], cols: list[Sample], n_clean: int, kind: str,
                top_k: int = 5, n_boot: int = 1000, seed: int = 0) -> dict:
     """The paper's desiderata for one matrix M (R, C) whose first ``n_clean`` rows are the clean
@@ -66,8 +72,8 @@ def desiderata(M: np.ndarray, rows: list[Sample], cols: list[Sample], n_clean: i
     ci_high} (95% percentile bootstrap), or None when the sample set has no such structure.
 
     symmetry: corr(EIF, EIFᵀ) over the samples that are both rows and columns (bootstrap over
-    samples). sparsity: mean share of a row's |influence| in its top_k entries on that square
-    part (diagonal left out). distance_*: per clean row, the mean EIF on other samples of the
+    samples). sparsity: mean share of a row's |influence| in its k largest entries on that
+    square part (diagonal left out; k = ``sparsity_k(top_k, n)``). distance_*: per clean row, the mean EIF on other samples of the
     same group (same fact), of the same relation but another fact, and of another relation;
     then the mean over rows. noise_<level>: Pearson correlation of each noised row with its
     clean row, mean over samples. transitive (chains): per pair u<v two or more links apart,
@@ -84,7 +90,8 @@ def desiderata(M: np.ndarray, rows: list[Sample], cols: list[Sample], n_clean: i
         ri, ci = zip(*sq)
         S = M[np.ix_(ri, ci)]
         out["symmetry"] = D.symmetry_interval(S, n_boot, seed)
-        out["sparsity"] = D.sparsity_interval(S, min(top_k, len(sq) - 1), True, n_boot, seed)
+        # k below half a row's off-diagonal entries: at k = n − 1 every row's share is 1.
+        out["sparsity"] = D.sparsity_interval(S, sparsity_k(top_k, len(sq)), True, n_boot, seed)
     else:
         out["symmetry"] = out["sparsity"] = None
 
@@ -152,7 +159,7 @@ def desiderata(M: np.ndarray, rows: list[Sample], cols: list[Sample], n_clean: i
 
 DESIDERATA_LABELS = {
     "symmetry": "symmetry: corr(EIF, EIFᵀ)",
-    "sparsity": "sparsity: top-k share of |row|",
+    "sparsity": "sparsity: top-k share of a row's absolute influence",
     "distance_same_fact": "distance: same fact, other phrasing",
     "distance_same_relation": "distance: same relation, other fact",
     "distance_other_relation": "distance: other relation",
@@ -217,8 +224,9 @@ def _matrix_jsonl(path: Path, mats: list[tuple[int | None, np.ndarray]], row_ids
                 f.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-def heatmap(path: Path, M: np.ndarray, row_ids: list[str], col_ids: list[str], title: str) -> None:
-    """The matrix as a heatmap, 0 white, blue negative (the row helped the column), red positive."""
+def heatmap_figure(M: np.ndarray, row_ids: list[str], col_ids: list[str], title: str):
+    """The matrix as a heatmap figure: 0 white, blue negative (the row helped the column), red
+    positive; tick labels while there are at most 80 of them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,6 +245,14 @@ def heatmap(path: Path, M: np.ndarray, row_ids: list[str], col_ids: list[str], t
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="EIF[i, j] = ΔL_j (nats/token)")
     fig.tight_layout()
+    return fig
+
+
+def heatmap(path: Path, M: np.ndarray, row_ids: list[str], col_ids: list[str], title: str) -> None:
+    """heatmap_figure saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(M, row_ids, col_ids, title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -340,6 +356,7 @@ def run_influence(exp: Experiment, console: Console | None = None) -> Path:
                      "weight_decay": spec.weight_decay, "max_grad_norm": spec.max_grad_norm},
         "peft": spec.peft.model_dump(mode="json"),
         "trainable_params": res.trainable_params,
+        "sparsity_k": sparsity_k(spec.top_k, sum(1 for r in rows[:n_clean] if r.id in {c.id for c in cols})),
         "timing": {
             "finetune_seconds": round(res.seconds, 2),
             "finetune_seconds_per_row": round(float(res.row_seconds.mean()), 3),
