@@ -158,3 +158,12 @@ def test_prepare_needs_an_influence_section(tmp_path):
 
     with pytest.raises(FactlabError, match="no influence: section"):
         prepare(experiment_from_dict({"name": "x", "model": "m"}))
+
+
+@pytest.mark.parametrize("name,rows,cols", [("influence-chains", 12, 36 + 132), ("influence-containment", 36, 36 + 48)])
+def test_examples_load_with_the_sizes_their_estimates_assume(name, rows, cols):
+    from factlab.config import load_experiment
+
+    exp = load_experiment(Path(__file__).parent.parent / "examples" / f"{name}.yaml")
+    _, r, c, n_clean = prepare(exp)
+    assert (len(r), len(c), n_clean) == (rows, cols, 12)

@@ -143,10 +143,18 @@ def sample_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch
 def column_losses(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                   pairs: Sequence[tuple[str, str]], batch_size: int = 16) -> np.ndarray:
     """L_j for each (context, continuation) pair: mean NLL per continuation token, (C,) float64,
-    in one batched pass of the Scorer (pairs with the same context share its forward)."""
+    in one batched pass of the Scorer.
+
+    The Scorer's shared-prefix path (each distinct context once, continuations from its cache)
+    is used only when contexts repeat (fewer distinct contexts than 3/4 of the pairs, e.g.
+    documents, which all start from BOS): for all-distinct contexts it costs two forwards
+    instead of one (50 SmolLM2 columns: 3.4 s CPU shared vs 2.5 s plain, same losses to 3e-5).
+    """
     from factlab.evaluate.scoring import Scorer
 
-    out = Scorer(model, tokenizer, batch_size=batch_size).loglikelihood(list(pairs))
+    pairs = list(pairs)
+    share = len({ctx for ctx, _ in pairs}) < 0.75 * len(pairs)
+    out = Scorer(model, tokenizer, batch_size=batch_size, share_prefix=share).loglikelihood(pairs)
     return np.array([-ll.logprob / ll.n_tokens for ll in out], dtype=np.float64)
 
 
