@@ -263,7 +263,8 @@ class RowTrainer:
         return self.model
 
 
-def _progress(console: Console | None):
+def progress_bar(console: Console | None):
+    """A rich progress bar (rows done, seconds per row), shown on a terminal or with FACTLAB_PROGRESS=1."""
     from rich.console import Console as RichConsole
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -297,7 +298,7 @@ def exact_eif(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: 
     row_seconds = np.zeros((n_s, n_r))
     trainable = 0
     t0 = time.perf_counter()
-    with deterministic(), _progress(console) as progress:
+    with deterministic(), progress_bar(console) as progress:
         task = progress.add_task("influence rows", total=n_s * n_r, rate="")
         for s, seed in enumerate(seeds):
             trainer = RowTrainer(model, tokenizer, peft, schedule, seed)

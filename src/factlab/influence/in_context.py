@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from factlab.influence.exact import _progress, column_losses, deterministic
+from factlab.influence.exact import column_losses, deterministic, progress_bar
 from factlab.influence.samples import Sample, sample_text, scored_pair
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def in_context_eif(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
     t0 = time.perf_counter()
     eif = np.zeros((len(rows), len(columns)))
     row_seconds = np.zeros(len(rows))
-    with deterministic(), _progress(console) as progress:
+    with deterministic(), progress_bar(console) as progress:
         if base_loss is None:
             base_loss = column_losses(model, tokenizer, [scored_pair(c, tokenizer) for c in columns], batch_size)
         task = progress.add_task("in-context rows", total=len(rows), rate="")

@@ -73,9 +73,9 @@ def desiderata(M: np.ndarray, rows: list[Sample], cols: list[Sample], n_clean: i
 
     symmetry: corr(EIF, EIFᵀ) over the samples that are both rows and columns (bootstrap over
     samples). sparsity: mean share of a row's |influence| in its k largest entries on that
-    square part (diagonal left out; k = ``sparsity_k(top_k, n)``). distance_*: per clean row, the mean EIF on other samples of the
-    same group (same fact), of the same relation but another fact, and of another relation;
-    then the mean over rows. noise_<level>: Pearson correlation of each noised row with its
+    square part (diagonal left out; k = ``sparsity_k(top_k, n)``). distance_*: per clean
+    row, the mean EIF on other samples of the same group (same fact), of the same relation
+    but another fact, and of another relation; then the mean over rows. noise_<level>: Pearson correlation of each noised row with its
     clean row, mean over samples. transitive (chains): per pair u<v two or more links apart,
     Σ over the links on the path of [EIF(link, "u causes v") − EIF(link, "v causes u")]; < 0:
     the links lowered the forward statement more. containment_A / containment_B: per fact
@@ -299,6 +299,7 @@ def prepare(exp: Experiment) -> tuple[SampleSet, list[Sample], list[Sample], int
 
 def run_influence(exp: Experiment, console: Console | None = None) -> Path:
     """Run the influence study of ``exp.influence`` and write its run folder; returns its path."""
+    import torch
     from rich.console import Console as RichConsole
 
     from factlab.config import dump_experiment
@@ -344,6 +345,9 @@ def run_influence(exp: Experiment, console: Console | None = None) -> Path:
         per_seed = [desiderata(res.eif[s], rows, cols, n_clean, sset.kind, spec.top_k, 200, exp.seed)
                     for s in range(len(seeds))]
         des["finetune_per_seed"] = {k: [p[k]["value"] if p[k] else None for p in per_seed] for k in des["finetune"]}
+        # the interval over seeds: mean of the per-seed values, bootstrap over seeds
+        des["finetune_over_seeds"] = {k: D.mean_interval([v for v in vals if v is not None], spec.bootstrap, exp.seed)
+                                      for k, vals in des["finetune_per_seed"].items()}
     if ctx is not None:
         des["in_context"] = desiderata(ctx.eif, rows, cols, n_clean, sset.kind, spec.top_k, spec.bootstrap, exp.seed)
     results = {
@@ -364,7 +368,7 @@ def run_influence(exp: Experiment, console: Console | None = None) -> Path:
             "in_context_seconds": round(ctx.seconds, 2) if ctx else None,
             "in_context_seconds_per_row": round(float(ctx.row_seconds.mean()), 3) if ctx else None,
             "in_context_cpu_seconds": round(cpu_ctx, 2) if ctx else None,
-            "threads": int(__import__("torch").get_num_threads()),
+            "threads": torch.get_num_threads(),
         },
         "desiderata": des,
     }
