@@ -39,9 +39,12 @@ def test_row_order_and_repetition_leave_no_trace(model, tok):
     assert not np.array_equal(first.eif[0, 0], first.eif[0, 1])  # rows do differ
 
 
-def test_model_comes_back_unchanged(model, tok):
+@pytest.mark.parametrize("peft", [PEFT, PeftSpec(method="full", targets=["mlp"]), PeftSpec(method="ia3", targets=["mlp"])],
+                         ids=["lora", "full", "ia3"])
+def test_model_comes_back_unchanged(model, tok, peft):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    exact_eif(model, tok, SAMPLES[:2], SAMPLES, PEFT, Schedule(lr=1e-2))
+    res = exact_eif(model, tok, SAMPLES[:2], SAMPLES, peft, Schedule(lr=1e-2))
+    assert (np.diag(res.eif[0][:, :2]) < 0).all()
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
