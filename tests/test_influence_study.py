@@ -116,6 +116,16 @@ def test_noise_copies_are_seeded_and_keep_scoring():
     assert len(words[0].text.split()) == len(s[0].text.split())
 
 
+def test_pairs_targets_are_joined_like_probe_targets(tmp_path):
+    from factlab.influence.sources import joined_target
+
+    assert joined_target("Mebikel is in", "Krosund") == " Krosund"
+    assert joined_target("Mebikel is in ", "Krosund") == "Krosund"  # split_pair moves the space over
+    assert joined_target("Mebikel is in", " Krosund") == " Krosund"
+    assert joined_target("日本の首都は", "東京") == "東京"
+    assert joined_target("", "A whole document.") == "A whole document."
+
+
 def test_select_rows():
     s = [Sample("a", "", "x", meta={"kind": "recall"}), Sample("b", "", "y", meta={"kind": "reverse"})]
     assert select_rows(s, "all") == s and select_rows(s, 1) == s[:1]

@@ -79,6 +79,18 @@ def _qa(path: str) -> list[Sample]:
     return out
 
 
+def joined_target(prompt: str, target: str) -> str:
+    """The target as the scored continuation, by the probes' rule (``candidate_continuation``):
+    a space before it unless the prompt is empty or ends with whitespace, the target starts
+    with whitespace, or the prompt ends in a script written without spaces (CJK, kana)."""
+    from factlab.evaluate.facts import candidate_continuation
+    from factlab.evaluate.probes import Probe
+
+    if not prompt:
+        return target
+    return candidate_continuation(Probe(id="x", kind="recall", prompt=prompt, target=target), target)
+
+
 def _pairs(path: str) -> list[Sample]:
     out = []
     for lineno, obj in iter_jsonl(Path(path), "influence pairs file"):
@@ -87,7 +99,7 @@ def _pairs(path: str) -> list[Sample]:
         sid = str(obj.get("id") or f"s{lineno}")
         _check_target(sid, obj["target"], f"{path}:{lineno}")
         meta = {k: v for k, v in obj.items() if k not in ("id", "prompt", "target", "group")}
-        out.append(Sample(sid, obj["prompt"], obj["target"], group=obj.get("group"), meta=meta))
+        out.append(Sample(sid, obj["prompt"], joined_target(obj["prompt"], obj["target"]), group=obj.get("group"), meta=meta))
     return out
 
 
