@@ -1,3 +1,5 @@
+"""`python -m factlab`: the same command as the `factlab` script."""
+
 from factlab.cli import main
 
 main()

@@ -87,6 +87,19 @@ def run(
 
 
 @app.command()
+def influence(
+    experiment: Annotated[Path, typer.Argument(help="Experiment YAML file with an `influence:` section.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: influence.lr=1e-3 (repeatable).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir, runs/).")] = None,
+) -> None:
+    """Empirical influence: fine-tune on each sample alone, score every sample; write the matrices,
+    heatmaps and the desiderata (symmetry, sparsity, distance, noise, causality, containment)."""
+    from factlab.influence.study import run_influence
+
+    run_influence(_load(experiment, set_, output_dir), console=err)
+
+
+@app.command()
 def sweep(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file with a `sweep:` block.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key before expanding (repeatable).")] = None,

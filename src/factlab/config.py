@@ -288,6 +288,94 @@ class TuneSpec(_Strict):
         return self
 
 
+class InfluenceSamples(_Strict):
+    """The sample set of `factlab influence`: exactly one source."""
+
+    corpus: list[str] | None = None
+    """Documents (.txt files, folders, or .jsonl with {"text", "id"?, "group"?}): the whole text is scored."""
+    qa: str | None = None
+    """Q&A JSONL ({"question", "answer", "id"?, "group"? or "fact"?}): chat samples, the answer scored."""
+    pairs: str | None = None
+    """JSONL of {"prompt", "target", "id"?, "group"?}: the target scored after the prompt."""
+    world: str | None = None
+    """A folder written by `factlab data synth` (world, chain or containment): its probes of `kinds`
+    become samples, grouped by fact; chains and containment add their structure columns."""
+    kinds: list[str] = Field(default_factory=lambda: ["recall", "paraphrase", "reverse"], min_length=1)
+    """World probe kinds used as samples."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _listify(v, "corpus")
+
+    @model_validator(mode="after")
+    def _check(self) -> "InfluenceSamples":
+        given = [k for k in ("corpus", "qa", "pairs", "world") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("influence.samples needs exactly one of corpus, qa, pairs, world"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        return self
+
+
+class InfluenceNoise(_Strict):
+    """Noised copies of the training samples as extra rows (noise invariance)."""
+
+    levels: list[float] = Field(default_factory=lambda: [0.05, 0.1, 0.2], min_length=1)
+    """Share of characters (or words) replaced, each in (0, 1]."""
+    kind: Literal["char", "word"] = "char"
+
+    @model_validator(mode="after")
+    def _check(self) -> "InfluenceNoise":
+        if any(not 0 < x <= 1 for x in self.levels):
+            raise ValueError(f"influence.noise.levels must lie in (0, 1], got {self.levels}")
+        return self
+
+
+class InfluenceSpec(_Strict):
+    """`factlab influence`: the empirical influence of each sample, fine-tuned on alone."""
+
+    samples: InfluenceSamples
+    train: Literal["all"] | int | list[str] = "all"
+    """Rows: `all`, the first N samples, or a list of sample ids and/or `kind:NAME` (world probe kind)."""
+    score_samples: bool = True
+    """Score the samples themselves as columns."""
+    probes: list[str] = Field(default_factory=list)
+    """Probe JSONL files scored as extra columns."""
+    steps: int = Field(1, gt=0)
+    """Optimizer steps on the one sample (1 = one epoch of it)."""
+    lr: float = Field(1e-4, gt=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    batch_size: int = Field(16, gt=0)
+    """Columns per scoring forward."""
+    peft: PeftSpec = Field(default_factory=lambda: PeftSpec(targets=["attention", "mlp"]))
+    seeds: list[int] | None = None
+    """Adapter-initialisation seeds (default: the experiment's seed); several give intervals over seeds."""
+    in_context: bool = True
+    """Also the in-context matrix (sample i in the prompt before j, no training)."""
+    noise: InfluenceNoise | None = None
+    top_k: int = Field(5, gt=0)
+    """k of the sparsity desideratum (share of a row's |influence| in its top k)."""
+    bootstrap: int = Field(1000, gt=0)
+    """Bootstrap resamples of every interval."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _listify(v, "probes")
+
+    @model_validator(mode="after")
+    def _check(self) -> "InfluenceSpec":
+        if isinstance(self.train, int) and not isinstance(self.train, bool) and self.train < 1:
+            raise ValueError(f"influence.train must be all, a positive count or a list of ids, got {self.train}")
+        if isinstance(self.train, list) and not self.train:
+            raise ValueError("influence.train is an empty list; give sample ids, a count, or all")
+        if not self.score_samples and not self.probes:
+            raise ValueError("influence has no columns: set score_samples: true or give probes")
+        return self
+
+
 class Experiment(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
@@ -299,6 +387,8 @@ class Experiment(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     stages: list[StageSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
+    influence: InfluenceSpec | None = None
+    """`factlab influence`: the per-sample influence study (see InfluenceSpec)."""
     _base: Path = PrivateAttr(default_factory=Path.cwd)
     """Folder relative paths were resolved against (the experiment file's); sweep values too."""
     sweep: dict[str, Any] = Field(default_factory=dict)
@@ -426,6 +516,11 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
     if exp.tune is not None:
         exp.tune.select_probes = [fix(p) for p in exp.tune.select_probes]
     exp.eval.general_text = [fix(p) for p in exp.eval.general_text]
+    if exp.influence is not None:
+        smp = exp.influence.samples
+        smp.corpus = [fix(p) for p in smp.corpus] if smp.corpus else None
+        smp.qa, smp.pairs, smp.world = (fix(p) if p else None for p in (smp.qa, smp.pairs, smp.world))
+        exp.influence.probes = [fix(p) for p in exp.influence.probes]
     # A local model folder given relatively: resolve it too (aliases and hub ids stay as they are).
     cand = base / exp.model
     if not Path(exp.model).is_absolute() and cand.is_dir():

@@ -80,6 +80,11 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     tuning study's, from report.tune.tune_sections)."""
     if fmt not in ("html", "md"):
         raise FactlabError(f"unknown report format '{fmt}'; use html or md")
+    from factlab.report.influence import build_influence_report, influence_sections, split_influence_runs
+
+    run_sources, influence_sources = split_influence_runs(run_sources)
+    if influence_sources and not run_sources:
+        return build_influence_report(influence_sources, output, fmt)
     runs = [load_run(folder, label) for folder, label in run_sources]
     if not runs and not extra:
         raise FactlabError("no runs to report")
@@ -109,6 +114,7 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
         ("figure", "Accuracy per probe kind, before and after each stage", plot_stage_bars(runs)),
     ]
     sections = [s for s in list(extra or []) + sections if (s[0] == "table" and s[4]) or (s[0] == "figure" and s[2] is not None)]
+    sections += influence_sections(influence_sources)
     samples = sample_sections(runs, probes or [])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

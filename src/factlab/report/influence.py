@@ -1,0 +1,128 @@
+"""Influence runs (`factlab influence`) in the report: the heatmaps and the desiderata table.
+
+An influence run folder has a results.json with ``"kind": "influence"`` (see
+factlab.influence.study). ``influence_sections`` turns such folders into report sections in the
+same ("table", title, note, header, rows) / ("figure", title, matplotlib figure) form the report
+builder renders; ``build_influence_report`` writes a report of influence runs alone (HTML with
+the plots embedded, or Markdown with PNGs beside it). Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from factlab.errors import FactlabError
+
+
+def is_influence_run(folder: Path) -> bool:
+    """Whether ``folder`` holds an influence run (results.json of kind influence)."""
+    try:
+        return json.loads(Path(folder, "results.json").read_text(encoding="utf-8")).get("kind") == "influence"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def split_influence_runs(sources: list[tuple[Path, str]]) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
+    """(training runs, influence runs) of the report's (folder, label) sources, order kept."""
+    inf = [s for s in sources if is_influence_run(s[0])]
+    return [s for s in sources if s not in inf], inf
+
+
+def _matrix_figure(M: np.ndarray, row_ids: list[str], col_ids: list[str], title: str):
+    from factlab.influence.study import heatmap_figure
+
+    return heatmap_figure(M, row_ids, col_ids, title)
+
+
+def influence_sections(sources: list[tuple[Path, str]]) -> list[tuple]:
+    """Per influence run: the desiderata table (fine-tuning and in-context side by side, with
+    intervals), the timing, and the two heatmaps."""
+    from factlab.influence.study import fmt_interval, label_of
+
+    sections: list[tuple] = []
+    for folder, label in sources:
+        res = json.loads(Path(folder, "results.json").read_text(encoding="utf-8"))
+        des = res["desiderata"]
+        ctx = des.get("in_context") or {}
+        rows = [[label_of(k), fmt_interval(v), fmt_interval(ctx.get(k))] for k, v in des["finetune"].items()]
+        sched, t = res["schedule"], res["timing"]
+        note = (f"{res['n_rows']} rows ({res['n_clean_rows']} samples, the rest noised copies) x {res['n_columns']} "
+                f"columns on {res['model']}; {res['peft']['method']} on {', '.join(res['peft']['targets'])}, "
+                f"{sched['steps']} {sched['optimizer']} step(s) at lr {sched['lr']:g} per sample, seeds {res['seeds']}. "
+                f"EIF[i, j] = L_j(after training on i) − L_j(before), nats per token: negative = i helped j. "
+                f"Mean [95% bootstrap interval] (n). Fine-tuning took {t['finetune_seconds_per_row']:.2f} s per row, "
+                f"{t['finetune_seconds']:.0f} s for the matrix"
+                + (f"; in-context {t['in_context_seconds']:.0f} s." if t.get("in_context_seconds") is not None else "."))
+        sections.append(("table", f"Influence desiderata: {label}", note, ["desideratum", "fine-tuning", "in-context"], rows))
+        z = np.load(Path(folder, "eif.npz"))
+        row_ids, col_ids = [str(x) for x in z["row_ids"]], [str(x) for x in z["col_ids"]]
+        sections.append(("figure", f"Fine-tuning influence: {label} (blue: training on the row lowered the column's loss)",
+                         _matrix_figure(z["eif_mean"], row_ids, col_ids, f"{res['name']}: fine-tuning EIF")))
+        if "eif_ctx" in z:
+            sections.append(("figure", f"In-context influence: {label} (the row's text in the prompt)",
+                             _matrix_figure(z["eif_ctx"], row_ids, col_ids, f"{res['name']}: in-context EIF")))
+    return sections
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+        "img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.s{color:#555;font-size:12px}")
+
+
+def build_influence_report(sources: list[tuple[Path, str]], output: Path, fmt: str = "html") -> Path:
+    """A report of influence runs alone: one self-contained HTML file, or Markdown + PNGs."""
+    if fmt not in ("html", "md"):
+        raise FactlabError(f"unknown report format '{fmt}'; use html or md")
+    sections = influence_sections(sources)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    title = f"factlab influence report: {len(sources)} run(s)"
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    if fmt == "md":
+        assets = output.with_name(output.stem + "_files")
+        assets.mkdir(exist_ok=True)
+        md = [f"# {title}", "", f"Generated {stamp} from: " + ", ".join(f"`{f}`" for f, _ in sources)]
+        for n, sec in enumerate(sections):
+            if sec[0] == "table":
+                _, t, note, th, trs = sec
+                md += ["", f"## {t}", "", note, "", "| " + " | ".join(th) + " |", "|" + "---|" * len(th)]
+                md += ["| " + " | ".join(r) + " |" for r in trs]
+            else:
+                (assets / f"influence{n}.png").write_bytes(_png(sec[2]))
+                md += ["", f"## {sec[1]}", "", f"![{sec[1]}]({assets.name}/influence{n}.png)"]
+        output.write_text("\n".join(md) + "\n", encoding="utf-8")
+        return output
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{esc(title)}</h1><p class='s'>Generated {stamp} from "
+             + ", ".join(f"<code>{esc(str(f))}</code>" for f, _ in sources) + "</p>"]
+    for sec in sections:
+        if sec[0] == "table":
+            _, t, note, th, trs = sec
+            parts.append(f"<h2>{esc(t)}</h2><p class='s'>{esc(note)}</p><table><tr>"
+                         + "".join(f"<th>{esc(h)}</th>" for h in th) + "</tr>")
+            parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in trs]
+            parts.append("</table>")
+        else:
+            data = base64.b64encode(_png(sec[2])).decode()
+            parts.append(f"<h2>{esc(sec[1])}</h2><img alt='{esc(sec[1])}' src='data:image/png;base64,{data}'>")
+    parts.append("</body></html>")
+    output.write_text("\n".join(parts), encoding="utf-8")
+    return output
