@@ -93,7 +93,15 @@ def influence(
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir, runs/).")] = None,
 ) -> None:
     """Empirical influence: fine-tune on each sample alone, score every sample; write the matrices,
-    heatmaps and the desiderata (symmetry, sparsity, distance, noise, causality, containment)."""
+    heatmaps and the desiderata (symmetry, sparsity, distance, noise, causality, containment).
+    An experiment with `influence: {task: digits}` runs the small-CNN experiment instead."""
+    from factlab.influence.digits import digits_block, run_digits_file
+
+    if digits_block(experiment) is not None:
+        if set_:
+            raise FactlabError("--set is not supported for the digits task; edit influence.digits in the file")
+        run_digits_file(experiment, output_dir, err)
+        return
     from factlab.influence.study import run_influence
 
     run_influence(_load(experiment, set_, output_dir), console=err)

@@ -85,13 +85,13 @@ def sample_gradients(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     One forward/backward per sample (per-sample gradients need a backward each; the samples
     differ in length, so batching would need padding and a per-sample loss split for no gain
     at these sizes)."""
-    from factlab.influence.exact import _progress
+    from factlab.influence.exact import progress_bar
 
     device = next(model.parameters()).device
     tensors = [p for _, p in params]
     out = torch.zeros(len(samples), sum(p.numel() for p in tensors))
     model.eval()  # dropout off: the gradient at θ_0 (peft.dropout defaults to 0 anyway)
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("sample gradients", total=len(samples), rate="")
         for k, s in enumerate(samples):
             loss = sample_loss(model, training_batch(tokenizer, s, device))

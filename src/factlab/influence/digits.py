@@ -307,7 +307,7 @@ def run_digits(cfg: DigitsSpec, out_dir: Path, console: Console | None = None) -
     import torch
 
     from factlab.influence.desiderata import mean_interval, symmetry_interval
-    from factlab.influence.exact import _progress, deterministic
+    from factlab.influence.exact import deterministic, progress_bar
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +319,7 @@ def run_digits(cfg: DigitsSpec, out_dir: Path, console: Console | None = None) -
         trainer = DigitsRowTrainer(net, cfg)
         x, y = split["x_held"], split["y_held"]
         mats, levels = {}, {}
-        with _progress(console) as progress:
+        with progress_bar(console) as progress:
             task = progress.add_task("digits rows", total=len(cfg.noise) * len(x), rate="")
             for k, level in enumerate(cfg.noise):
                 t_lvl = time.perf_counter()
@@ -377,12 +377,46 @@ def _print(result: dict, console: Console) -> None:
     console.print(t)
 
 
+def digits_block(experiment: Path) -> dict | None:
+    """The yaml's `influence:` block when it asks for the digits task (`task: digits`), else
+    None (an LLM influence study); FactlabError for a missing or unreadable file."""
+    import yaml
+
+    if not experiment.is_file():
+        raise FactlabError(f"experiment file not found: {experiment}")
+    try:
+        doc = yaml.safe_load(experiment.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise FactlabError(f"{experiment} is not valid YAML: {str(e).splitlines()[0]}") from None
+    infl = doc.get("influence") if isinstance(doc, dict) else None
+    if not isinstance(infl, dict) or infl.get("task") != "digits":
+        return None
+    if "digits" not in infl:
+        raise FactlabError(f"{experiment}: influence.task is digits but there is no influence.digits block; "
+                           "add `digits: {}` for the defaults")
+    return {"name": doc.get("name", experiment.stem), "digits": infl["digits"]}
+
+
+def run_digits_file(experiment: Path, out: Path | None, console) -> Path:
+    """Run the digits block of an experiment file into `out` (default runs/<name>-digits)."""
+    block = digits_block(experiment)
+    if block is None:
+        raise FactlabError(f"{experiment} has no influence block with task: digits; add "
+                           "`influence: {task: digits, digits: {}}`")
+    spec = load_spec(block["digits"])
+    out = out or Path("runs") / f"{block['name']}-digits"
+    if (out / "digits.json").exists():
+        raise FactlabError(f"{out} already holds a digits result; pass another output folder or remove it")
+    run_digits(spec, out, console)
+    console.print(f"wrote {out}/digits.json, digits-eif.npz, digits-eif.png")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m factlab.influence.digits EXPERIMENT.yaml [--out DIR]``: run the yaml's
-    ``influence.digits`` block; the folder defaults to runs/<name>-digits."""
+    """``python -m factlab.influence.digits EXPERIMENT.yaml [--out DIR]`` (the same as
+    ``factlab influence EXPERIMENT.yaml -o DIR`` for a digits experiment)."""
     import argparse
 
-    import yaml
     from rich.console import Console
 
     ap = argparse.ArgumentParser(prog="python -m factlab.influence.digits", description=main.__doc__)
@@ -391,21 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     console = Console(stderr=True)
     try:
-        if not args.experiment.is_file():
-            raise FactlabError(f"experiment file not found: {args.experiment}")
-        try:
-            doc = yaml.safe_load(args.experiment.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise FactlabError(f"{args.experiment} is not valid YAML: {str(e).splitlines()[0]}") from None
-        infl = doc.get("influence") if isinstance(doc, dict) else None
-        if not isinstance(infl, dict) or "digits" not in infl:
-            raise FactlabError(f"{args.experiment} has no influence.digits block; add `influence: {{task: digits, digits: {{}}}}`")
-        spec = load_spec(infl["digits"])
-        out = args.out or Path("runs") / f"{doc.get('name', args.experiment.stem)}-digits"
-        if (out / "digits.json").exists():
-            raise FactlabError(f"{out} already holds a digits result; pass another --out or remove it")
-        run_digits(spec, out, console)
-        console.print(f"wrote {out}/digits.json, digits-eif.npz, digits-eif.png")
+        run_digits_file(args.experiment, args.out, console)
         return 0
     except FactlabError as e:
         console.print(f"error: {e}", markup=False, highlight=False)
