@@ -11,6 +11,7 @@ Two packings (`train.packing`):
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from factlab.data.io import iter_jsonl, read_text
@@ -100,3 +101,11 @@ def cpt_examples(tokenizer, docs: list[str], seq_len: int, packing: str = "block
     if packing == "blocks":
         return pack_documents(tokenizer, docs, seq_len)
     raise FactlabError(f"train.packing: unknown value {packing!r}; use blocks or documents")
+
+
+def builtin_replay_documents() -> list[str]:
+    """The general English shipped for `replay: {source: general}` (factlab/builtin/replay.txt:
+    SmolLM2-135M-Instruct's own answers on everyday topics, made by tools/make_replay_text.py),
+    one document per blank-line-separated block; the header comment is left out."""
+    text = resources.files("factlab.builtin").joinpath("replay.txt").read_text(encoding="utf-8")
+    return [b.strip() for b in text.split("\n\n") if b.strip() and not b.lstrip().startswith("#")]
