@@ -89,7 +89,12 @@ class TrainSpec(_Strict):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
     seq_len: int = Field(256, gt=1)
-    """CPT: block length of packed text. SFT: examples are truncated to this many tokens."""
+    """CPT: block length of packed text (`packing: blocks`) or the longest piece of a document
+    (`packing: documents`). SFT: examples are truncated to this many tokens."""
+    packing: Literal["blocks", "documents"] = "blocks"
+    """CPT: `blocks` joins documents with EOS and cuts seq_len blocks; `documents` makes one
+    example per document (see factlab.data.corpus), so a corpus of short facts gives as many
+    examples, and optimizer steps, as it has documents."""
     seed: int | None = None
     """Seed of this stage (default: the experiment's seed)."""
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -123,7 +128,9 @@ class ReplaySpec(_Strict):
     """Plain-text LM examples mixed into a stage (e.g. CPT text during SFT) against forgetting."""
 
     source: list[str] = Field(default_factory=lambda: ["corpus"])
-    """`corpus` (the experiment's corpus) and/or text files or folders, like data.corpus."""
+    """`corpus` (the experiment's corpus), `general` (general English shipped with factlab:
+    factlab/builtin/replay.txt, the base model's own answers on everyday topics) and/or text
+    files or folders, like data.corpus."""
     ratio: float = Field(0.2, ge=0.0)
     """Replay blocks per training example of the stage: 0.2 adds one block per five examples
     (rounded; at least one when > 0)."""

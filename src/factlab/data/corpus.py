@@ -1,7 +1,17 @@
-"""Continued pre-training data: documents joined with EOS and packed into fixed-length blocks."""
+"""Continued pre-training data: documents as training examples.
+
+Two packings (`train.packing`):
+- `blocks`: documents joined with EOS and cut into fixed `seq_len` blocks (few, full examples:
+  the fastest per token, the classic pre-training layout; a short-fact corpus becomes a
+  handful of blocks, so few optimizer steps).
+- `documents`: one document per example (a document longer than `seq_len` is cut into pieces
+  of at most `seq_len`), padded at collation; no token ever attends across documents and every
+  fact starts at a document start, as it will in a question.
+"""
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from factlab.data.io import iter_jsonl, read_text
@@ -62,3 +72,40 @@ def pack_documents(tokenizer, docs: list[str], seq_len: int) -> list[dict]:
             continue
         blocks.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
     return blocks
+
+
+def document_examples(tokenizer, docs: list[str], seq_len: int) -> list[dict]:
+    """One example per document (ending with EOS), a document longer than `seq_len` tokens cut
+    into consecutive pieces of at most `seq_len` tokens. Padding happens at collation (masked
+    out of the loss and of attention), so a token only ever sees tokens of its own document.
+    Returns examples {"input_ids", "attention_mask", "labels"}.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise FactlabError("the tokenizer has no EOS token; CPT needs one to mark document ends")
+    out = []
+    for doc in docs:
+        ids = tokenizer(doc, add_special_tokens=True)["input_ids"] + [eos]
+        for start in range(0, len(ids), seq_len):
+            piece = ids[start : start + seq_len]
+            if len(piece) < 2:  # a lone trailing token has nothing to predict
+                continue
+            out.append({"input_ids": piece, "attention_mask": [1] * len(piece), "labels": list(piece)})
+    return out
+
+
+def cpt_examples(tokenizer, docs: list[str], seq_len: int, packing: str = "blocks") -> list[dict]:
+    """CPT examples in the chosen packing (`blocks` or `documents`, see the module docstring)."""
+    if packing == "documents":
+        return document_examples(tokenizer, docs, seq_len)
+    if packing == "blocks":
+        return pack_documents(tokenizer, docs, seq_len)
+    raise FactlabError(f"train.packing: unknown value {packing!r}; use blocks or documents")
+
+
+def builtin_replay_documents() -> list[str]:
+    """The general English shipped for `replay: {source: general}` (factlab/builtin/replay.txt:
+    SmolLM2-135M-Instruct's own answers on everyday topics, made by tools/make_replay_text.py),
+    one document per blank-line-separated block; the header comment is left out."""
+    text = resources.files("factlab.builtin").joinpath("replay.txt").read_text(encoding="utf-8")
+    return [b.strip() for b in text.split("\n\n") if b.strip() and not b.lstrip().startswith("#")]

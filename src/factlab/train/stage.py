@@ -45,13 +45,14 @@ from transformers import (
 )
 
 from factlab.config import StageSpec, TrainSpec
-from factlab.data.corpus import load_documents, pack_documents
+from factlab.data.corpus import builtin_replay_documents, cpt_examples, load_documents, pack_documents
 from factlab.data.sft import build_sft_examples, load_conversations
 from factlab.data.substitute import substitute as swap
 from factlab.errors import FactlabError
 from factlab.methods import MethodInfo, method_info
 from factlab.models.targets import TargetSpec
 from factlab.train.merge import SavedStage, save_trained
+from factlab.train.plan import StepPlan, plan_stage, warning as plan_warning
 from factlab.train.peft_methods import align_virtual_token_logits, build_peft_model, is_peft_model
 from factlab.train.progress import RichProgress, peak_rss_mb, reset_peak_rss
 from factlab.train.regularizers import L2ToBase, RegularizedTrainer, UpdateNormCap, neftune
@@ -110,6 +111,8 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
                 if not corpus:
                     raise FactlabError("replay source 'corpus' needs data.corpus; set it or name replay files instead")
                 replay_docs += load_documents(corpus)
+            elif src == "general":
+                replay_docs += builtin_replay_documents()
             else:
                 replay_docs += load_documents([src])
     if substitute:
@@ -133,16 +136,28 @@ def replay_blocks(tokenizer, docs: list[str], n_examples: int, ratio: float, seq
     return out
 
 
-def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: int = 0) -> list[dict]:
+class StageExamples(list):
+    """A stage's tokenized examples (a plain list to every caller: the Trainer, the sweep's
+    hashing), which also says how many of them are replay and how many documents or
+    conversations they came from, for the stage's step plan."""
+
+    replay: int = 0
+    sources: int = 0
+
+
+def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: int = 0) -> StageExamples:
     """Tokenized training examples ({input_ids, attention_mask, labels}) from load_stage_data(),
     with replay blocks appended (the Trainer shuffles)."""
     if stage.kind == "cpt":
-        examples = pack_documents(tokenizer, data.main, stage.train.seq_len)
+        examples = StageExamples(cpt_examples(tokenizer, data.main, stage.train.seq_len, stage.train.packing))
     else:
-        examples = build_sft_examples(tokenizer, data.main, stage.train.seq_len)
+        examples = StageExamples(build_sft_examples(tokenizer, data.main, stage.train.seq_len))
+    examples.sources = len(data.main)
     if stage.data.replay:
-        examples += replay_blocks(tokenizer, data.replay_docs, len(examples), stage.data.replay.ratio,
-                                  stage.train.seq_len, seed)
+        replay = replay_blocks(tokenizer, data.replay_docs, len(examples), stage.data.replay.ratio,
+                               stage.train.seq_len, seed)
+        examples += replay
+        examples.replay = len(replay)
     return examples
 
 
@@ -208,6 +223,9 @@ class StageResult:
     """With train.l2_to_base: sum ||W_merged - W_base||_F^2 after the last step (unscaled)."""
     update_norm_capped_steps: int | None = None
     """With train.max_update_norm: optimizer steps whose update was scaled back onto the cap."""
+    plan: dict | None = None
+    """The step plan made before training (factlab.train.plan.StepPlan): examples, replay,
+    optimizer steps, tokens, passes over the data, and the warning if it was too small."""
     loss_history: list[dict] = field(default_factory=list)
 
 
@@ -234,6 +252,8 @@ class PreparedStage:
     partial: Path
     """The folder being written (`out_dir` + ".partial"), renamed to `out_dir` at the end."""
     out_dir: Path
+    plan: StepPlan | None = None
+    """What the stage will do (steps, tokens, passes), printed before it trains."""
 
 
 @dataclass
@@ -294,6 +314,15 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     seed = tr.seed if tr.seed is not None else seed
     bf16 = use_bf16(tr.bf16)
     train_ex, eval_ex = split_heldout(examples, tr.eval_fraction, seed)
+    plan = plan_stage(train_ex, batch_size=tr.batch_size, grad_accum=tr.grad_accum, epochs=tr.epochs,
+                      max_steps=tr.max_steps, replay_examples=getattr(examples, "replay", 0),
+                      heldout_examples=len(eval_ex), documents=getattr(examples, "sources", None) or None)
+    console.print(f"stage {name}: {plan.optimizer_steps} optimizer steps of {plan.batch_size} examples, "
+                  f"{plan.examples} examples ({plan.replay_examples} replay) from {plan.documents} "
+                  f"{'documents' if stage.kind == 'cpt' else 'conversations'}, each seen {plan.exposures:g} times, "
+                  f"{plan.tokens:,} tokens", markup=False, highlight=False)
+    if (w := plan_warning(plan, name)) is not None:
+        console.print(f"warning: {w}", style="yellow", markup=False, highlight=False)
 
     set_seed(seed)  # adapter initialisation is random: seed it before wrapping
     peft_model, targets = build_peft_model(model, stage.peft)
@@ -324,7 +353,7 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
     return PreparedStage(name, stage, method, seed, bf16, peft_model, targets, trainable, total,
-                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir)
+                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan)
 
 
 def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, bf16: bool, has_eval: bool) -> TrainingArguments:
@@ -473,6 +502,8 @@ def stage_result(prepared: PreparedStage, measured: Fit, saved: SavedStage) -> S
         train_peak_rss_mb=measured.train_peak_rss_mb,
         l2_to_base_final=measured.l2_to_base_final,
         update_norm_capped_steps=prepared.cap.capped_steps if prepared.cap is not None else None,
+        plan=({**prepared.plan.to_dict(), "warning": plan_warning(prepared.plan, prepared.name)}
+              if prepared.plan is not None else None),
         loss_history=[{"step": h["step"], "loss": h["loss"], **({"l2_to_base": h["l2_to_base"]} if "l2_to_base" in h else {})}
                       for h in losses]
         + [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],

@@ -1,0 +1,85 @@
+"""Step plans of hand-made corpora, both packings, and the too-few-steps warning."""
+
+import pytest
+
+from factlab.data.corpus import cpt_examples, document_examples, pack_documents
+from factlab.testing import tiny_model, tiny_tokenizer
+from factlab.train.plan import MIN_EXPOSURES, MIN_STEPS, plan_stage, warning
+
+
+def _examples(lengths):
+    return [{"input_ids": [1] * n, "attention_mask": [1] * n, "labels": [1] * n} for n in lengths]
+
+
+def test_issue_example_blocks_make_eight_steps():
+    # 7 packed blocks, batch 8, 8 epochs: one (short) step an epoch
+    plan = plan_stage(_examples([128] * 7), batch_size=8, grad_accum=1, epochs=8, max_steps=None)
+    assert plan.optimizer_steps == 8
+    assert plan.exposures == 8
+    assert plan.tokens == 7 * 128 * 8
+    assert "only 8 optimizer steps" in warning(plan, "cpt")
+
+
+def test_documents_make_one_example_each():
+    plan = plan_stage(_examples([20] * 50), batch_size=8, grad_accum=1, epochs=8, max_steps=None)
+    assert plan.optimizer_steps == 7 * 8  # ceil(50 / 8) = 7 steps an epoch
+    assert plan.exposures == 8
+    assert warning(plan, "cpt") is None
+
+
+def test_grad_accum_and_max_steps():
+    plan = plan_stage(_examples([10] * 40), batch_size=4, grad_accum=2, epochs=1, max_steps=10)
+    assert plan.batch_size == 8 and plan.optimizer_steps == 10
+    assert plan.exposures == 2  # 5 steps an epoch
+    assert plan.tokens == 40 * 10 * 2
+
+
+def test_fractional_epochs_round_up_to_whole_steps():
+    plan = plan_stage(_examples([10] * 10), batch_size=4, grad_accum=1, epochs=0.5, max_steps=None)
+    assert plan.optimizer_steps == 2  # ceil(3 * 0.5)
+
+
+def test_warning_fires_below_the_step_threshold_and_not_at_it():
+    per_step = 1
+    at = plan_stage(_examples([5] * MIN_STEPS), batch_size=per_step, grad_accum=1, epochs=MIN_EXPOSURES, max_steps=MIN_STEPS)
+    assert at.optimizer_steps == MIN_STEPS
+    below = plan_stage(_examples([5] * MIN_STEPS), batch_size=per_step, grad_accum=1, epochs=1, max_steps=MIN_STEPS - 1)
+    assert warning(below, "cpt") is not None and f"only {MIN_STEPS - 1} optimizer steps" in warning(below, "cpt")
+    # at the threshold of steps but too few passes: the passes warning, not the steps one
+    w = warning(at, "cpt")
+    assert w is not None and "optimizer steps" not in w and "seen 1 times" in w
+    enough = plan_stage(_examples([5] * 10), batch_size=1, grad_accum=1, epochs=MIN_EXPOSURES, max_steps=None)
+    assert enough.optimizer_steps == MIN_STEPS and warning(enough, "cpt") is None
+
+
+def test_packings_on_a_hand_made_corpus():
+    tok = tiny_tokenizer()
+    docs = ["alpha beta gamma", "delta epsilon", "zeta eta theta iota kappa"]
+    lens = [len(tok(d)["input_ids"]) + 1 for d in docs]  # + EOS
+    blocks = pack_documents(tok, docs, seq_len=8)
+    assert [len(b["input_ids"]) for b in blocks] == [8] * (sum(lens) // 8) + ([sum(lens) % 8] if sum(lens) % 8 > 1 else [])
+    per_doc = document_examples(tok, docs, seq_len=64)
+    assert [len(e["input_ids"]) for e in per_doc] == lens
+    assert all(e["input_ids"][-1] == tok.eos_token_id for e in per_doc)
+    cut = document_examples(tok, docs, seq_len=3)
+    assert sum(len(e["input_ids"]) for e in cut) == sum(lens) - sum(1 for n in lens if n % 3 == 1)
+    assert cpt_examples(tok, docs, 64, "documents") == per_doc
+
+
+def test_document_packing_never_attends_across_documents():
+    """The logits of each document in a padded batch equal those of the document run alone."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    tok = tiny_tokenizer()
+    model = tiny_model().eval()
+    docs = ["alpha beta gamma delta", "epsilon", "zeta eta theta iota kappa lambda mu"]
+    examples = document_examples(tok, docs, seq_len=64)
+    batch = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(examples)
+    with torch.no_grad():
+        together = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for i, e in enumerate(examples):
+            alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+            n = len(e["input_ids"])
+            cols = (batch["attention_mask"][i] == 1).nonzero().squeeze(1)
+            torch.testing.assert_close(together[i, cols][:n], alone, atol=1e-5, rtol=1e-5)
