@@ -165,10 +165,17 @@ def test_forgetting_summary_exact():
     assert s["perplexity"]["news.txt"]["perplexity_ratio"] == pytest.approx(math.exp(-0.1))
     assert s["locality"]["delta"] == pytest.approx(0.25 - 0.75)
     assert s["locality"]["before"]["rate"] == 0.75 and s["locality"]["after"]["rate"] == 0.25
+    # damage: mean relative perplexity increase over the texts, (e^0.5 - 1 + e^-0.1 - 1) / 2
+    assert s["damage"] == pytest.approx((math.exp(0.5) - 1 + math.exp(-0.1) - 1) / 2)
+    assert s["locality_greedy"] is None  # neither side measured greedy answers
+    greedy = forgetting_summary({**before, "locality_greedy": rate_summary([True, True, False, False])},
+                                {**after, "locality_greedy": rate_summary([False, False, False, False])})
+    assert greedy["locality_greedy"]["delta"] == pytest.approx(-0.5)
 
     no_loc = forgetting_summary({"perplexity": before["perplexity"], "locality": None}, after)
     assert no_loc["locality"] is None
-    assert forgetting_summary({"perplexity": {}}, {"perplexity": {}}) == {"perplexity": {}, "locality": None}
+    assert forgetting_summary({"perplexity": {}}, {"perplexity": {}}) == {
+        "perplexity": {}, "damage": None, "locality": None, "locality_greedy": None}
     empty_loc = forgetting_summary({"perplexity": before["perplexity"], "locality": rate_summary([])}, after)
     assert empty_loc["locality"]["delta"] is None
 

@@ -518,7 +518,7 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
         if d.qa:
             d.qa = fix(d.qa)
         if getattr(d, "replay", None):
-            d.replay.source = [p if p == "corpus" else fix(p) for p in d.replay.source]
+            d.replay.source = [p if p in ("corpus", "general") else fix(p) for p in d.replay.source]
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
     if exp.tune is not None:
         exp.tune.select_probes = [fix(p) for p in exp.tune.select_probes]

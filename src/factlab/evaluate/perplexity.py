@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from factlab.errors import FactlabError
+from factlab.evaluate.metrics import damage
 from factlab.evaluate.lm import LM
 
 if TYPE_CHECKING:
@@ -112,7 +113,17 @@ def forgetting_summary(before: dict, after: dict) -> dict:
 
         {"perplexity": {name: {"perplexity_before", "perplexity_after", "perplexity_ratio",
                                "nll_before", "nll_after", "nll_delta", "n_tokens"}},
-         "locality": {"before": rate_summary, "after": rate_summary, "delta": float} or None}
+         "damage": float or None,
+         "locality": {"before": rate_summary, "after": rate_summary, "delta": float} or None,
+         "locality_greedy": {"before", "after", "delta"} or None}
+
+    ``damage`` = the mean over the general texts of evaluate.metrics.damage (relative
+    perplexity increase; 0.15 = 15% higher), the one number per stage that reports and
+    `factlab tune` use; None without general text. ``locality_greedy`` compares the greedy
+    answers on the facts the model knew (does the greedy continuation still contain them?),
+    which falls where candidate accuracy may not: a model can still rank the right answer
+    first among four and no longer say it. Both locality views come from ``locality`` /
+    ``locality_greedy`` in each side (rate summaries), when given.
 
     ``perplexity_ratio`` = after / before (> 1: the model got worse at general text);
     ``nll_delta`` = after - before, in nats per token (so ratio = exp(nll_delta)).
@@ -145,9 +156,15 @@ def forgetting_summary(before: dict, after: dict) -> dict:
             "nll_delta": a["nll_per_token"] - b["nll_per_token"],
             "n_tokens": b["n_tokens"],
         }
-    loc_b, loc_a = before.get("locality"), after.get("locality")
-    locality = None
-    if loc_b is not None and loc_a is not None:
-        delta = None if loc_b["rate"] is None or loc_a["rate"] is None else loc_a["rate"] - loc_b["rate"]
-        locality = {"before": loc_b, "after": loc_a, "delta": delta}
-    return {"perplexity": out, "locality": locality}
+
+    def compare(key: str) -> dict | None:
+        b, a = before.get(key), after.get(key)
+        if b is None or a is None:
+            return None
+        delta = None if b["rate"] is None or a["rate"] is None else a["rate"] - b["rate"]
+        return {"before": b, "after": a, "delta": delta}
+
+    figures = [damage(v["perplexity_before"], v["perplexity_after"]) for v in out.values()
+               if math.isfinite(v["perplexity_before"]) and v["perplexity_after"] > 0]
+    return {"perplexity": out, "damage": sum(figures) / len(figures) if figures else None,
+            "locality": compare("locality"), "locality_greedy": compare("locality_greedy")}

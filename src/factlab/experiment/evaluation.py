@@ -114,7 +114,8 @@ def forgetting(base: EvalRecord, after: EvalRecord) -> dict:
     """Forgetting of a stage from two saved evaluations (see Evaluator.evaluate)."""
 
     def view(ev: EvalRecord) -> dict:
-        return {"perplexity": ev.perplexity, "locality": ev.summaries.get("locality", {}).get("accuracy")}
+        loc = ev.summaries.get("locality", {})
+        return {"perplexity": ev.perplexity, "locality": loc.get("accuracy"), "locality_greedy": loc.get("greedy_match")}
 
     return forgetting_summary(view(base), view(after))
 

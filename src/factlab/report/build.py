@@ -92,8 +92,9 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     # ("figure", title, matplotlib figure); empty ones are left out.
     sections: list[tuple] = [
         ("table", "Variants", "Candidate accuracy [95% Wilson interval] (n) per probe kind after each stage of each "
-         "run; ppl ratio = held-out perplexity after / before; locality Δ = change of accuracy on facts the base model "
-         "knew; qa EOS = share of chat answers that end with EOS.", *variant_rows(runs, all_stages=True)),
+         "run; damage = relative increase of held-out general-text perplexity (+15% = 1.15 times the base model's); "
+         "locality Δ = change of candidate accuracy on facts the base model knew, locality greedy Δ = change of the "
+         "share whose greedy answer still contains the fact; qa EOS = share of chat answers that end with EOS.", *variant_rows(runs, all_stages=True)),
         ("table", "Stage by stage", "Per run: accuracy pooled over every fact probe kind (all but locality) [95% Wilson "
          "interval] (n), the EOS rate of chat answers, and held-out perplexity after / before, after the base model and "
          "each stage. Did the facts survive the later stage, and did the model learn to stop?", *stage_rows(runs)),

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from factlab.experiment.run_folder import BASE, RunResults
-from factlab.report.format import change, interval, order_kinds
+from factlab.report.format import change, interval, number, order_kinds
 
 # (key in a kind's summary, label): rows of the summary table, shown when any stage has them.
 TABLE_METRICS = (
@@ -57,20 +57,25 @@ def summary_table(summaries: Mapping[str, Mapping[str, Mapping]], title: str,
 
 
 def forgetting_table(perplexity: Mapping[str, Mapping], forgetting: Mapping[str, Mapping], baseline: str = BASE) -> Table:
-    """Per model: held-out perplexity (and its ratio to the baseline) and the change of
-    locality accuracy against the baseline."""
-    table = Table(title="forgetting (held-out perplexity, locality accuracy)")
+    """Per model: held-out perplexity (and its ratio to the baseline), the damage figure
+    (relative perplexity increase), and the change of locality against the baseline, both as
+    candidate accuracy and as greedy answers (the one that shows when a model still ranks a
+    known fact first but no longer says it)."""
+    table = Table(title="forgetting (held-out perplexity, damage = relative perplexity increase, locality)")
     table.add_column("model")
     base = perplexity.get(baseline, {})
     for n in base:
         table.add_column(f"ppl {n}", justify="right")
+    table.add_column("damage", justify="right")
     table.add_column("locality acc. change", justify="right")
-    table.add_row(baseline, *[f"{base[n]['perplexity']:.2f}" for n in base], "")
+    table.add_column("locality greedy change", justify="right")
+    table.add_row(baseline, *[f"{base[n]['perplexity']:.2f}" for n in base], "", "", "")
     for label, f in forgetting.items():
         ppl = perplexity.get(label, {})
         cells = [f"{ppl[n]['perplexity']:.2f} (x{ppl[n]['perplexity'] / base[n]['perplexity']:.2f})" if n in ppl else "-" for n in base]
-        loc = (f.get("locality") or {}).get("delta")
-        table.add_row(label, *cells, "-" if loc is None else f"{loc:+.2f}")
+        table.add_row(label, *cells, number(f.get("damage"), "{:+.1%}"),
+                      number((f.get("locality") or {}).get("delta"), "{:+.2f}"),
+                      number((f.get("locality_greedy") or {}).get("delta"), "{:+.2f}"))
     return table
 
 

@@ -73,8 +73,20 @@ def ppl_ratio(run: Run, stage: str) -> float | None:
     return ratios[0] if ratios else None
 
 
-def locality_delta(run: Run, stage: str) -> float | None:
-    return ((run.results.forgetting.get(stage) or {}).get("locality") or {}).get("delta")
+def locality_delta(run: Run, stage: str, view: str = "locality") -> float | None:
+    """Change of locality against the base model: `locality` (candidate accuracy) or
+    `locality_greedy` (greedy answers still contain the known fact)."""
+    return ((run.results.forgetting.get(stage) or {}).get(view) or {}).get("delta")
+
+
+def damage(run: Run, stage: str) -> float | None:
+    """The stage's damage figure (relative perplexity increase, mean over general texts); for
+    runs saved before it was recorded, the same number from the perplexity ratios."""
+    f = run.results.forgetting.get(stage) or {}
+    if f.get("damage") is not None:
+        return f["damage"]
+    ratios = [p["perplexity_ratio"] for p in (f.get("perplexity") or {}).values()]
+    return sum(ratios) / len(ratios) - 1 if ratios else None
 
 
 def kinds_of(runs: list[Run]) -> list[str]:
@@ -87,7 +99,7 @@ def variant_rows(runs: list[Run], stage: str | None = None, all_stages: bool = F
     row per trained stage, after a row for the first run's base model), accuracy per probe
     kind with its interval, then forgetting and chat format."""
     kinds = kinds_of(runs)
-    header = ["variant", "stage"] + [f"{k} (n)" for k in kinds] + ["ppl ratio", "locality Δ", "qa EOS"]
+    header = ["variant", "stage"] + [f"{k} (n)" for k in kinds] + ["damage", "locality Δ", "locality greedy Δ", "qa EOS"]
     rows = []
 
     def row(r: Run, st: str, label: str) -> list[str]:
@@ -96,8 +108,8 @@ def variant_rows(runs: list[Run], stage: str | None = None, all_stages: bool = F
         for k in kinds:
             acc = (summ.get(k) or {}).get("accuracy")
             cells.append(f"{interval(acc)} ({acc['n']})" if acc and acc.get("n") else "-")
-        cells += [number(ppl_ratio(r, st), prefix="x"), number(locality_delta(r, st), "{:+.2f}"),
-                  interval((summ.get("qa") or {}).get("eos"))]
+        cells += [number(damage(r, st), "{:+.1%}"), number(locality_delta(r, st), "{:+.2f}"),
+                  number(locality_delta(r, st, "locality_greedy"), "{:+.2f}"), interval((summ.get("qa") or {}).get("eos"))]
         return cells
 
     if all_stages and runs and BASE in runs[0].results.evaluations:
