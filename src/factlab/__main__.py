@@ -1,0 +1,5 @@
+"""`python -m factlab` runs the command line."""
+
+from factlab.cli import main
+
+main()
