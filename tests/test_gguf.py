@@ -154,51 +154,29 @@ def test_folder_with_gguf_quantization_config_is_refused(tmp_path):
 # ------------------------------------------------------------------------------- factlab export
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A finished tiny run: one merged LoRA stage named `cpt`."""
-    tmp = tmp_path_factory.mktemp("export-run")
-    tok = tiny_tokenizer()
-    tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp / "model")
-    tok.save_pretrained(tmp / "model")
-    (tmp / "docs.txt").write_text("Marta Ilvane runs the press line. Jonas Perl leads the night shift.\n")
-    (tmp / "probes.jsonl").write_text(
-        json.dumps({"id": "p1", "kind": "recall", "prompt": "The press line is run by", "target": "Marta Ilvane", "distractors": ["Jonas Perl"]}) + "\n"
-        + json.dumps({"id": "p2", "kind": "recall", "prompt": "The night shift is led by", "target": "Jonas Perl", "distractors": ["Marta Ilvane"]}) + "\n")
-    exp = {"name": "tiny", "model": "model", "seed": 0, "output_dir": str(tmp / "runs"),
-           "data": {"corpus": "docs.txt"},
-           "stages": [{"kind": "cpt", "peft": {"targets": ["all"], "r": 2},
-                       "train": {"max_steps": 3, "lr": 5e-2, "batch_size": 2, "seq_len": 8, "bf16": False}}],
-           "eval": {"probes": ["probes.jsonl"], "sampling": {"n": 0}}}
-    (tmp / "exp.yaml").write_text(yaml.safe_dump(exp))
-    subprocess.run([sys.executable, "-m", "factlab", "run", str(tmp / "exp.yaml")], check=True, capture_output=True)
-    (run,) = [p for p in (tmp / "runs").iterdir() if p.is_dir()]
-    return run
-
-
-def test_export_cli_writes_the_stage_and_verifies_it(run_dir, tmp_path):
+def test_export_cli_writes_the_stage_and_verifies_it(tiny_run, tmp_path):
     out = tmp_path / "tuned.gguf"
-    p = subprocess.run([sys.executable, "-m", "factlab", "export", str(run_dir), "--gguf", str(out), "--verify"],
+    p = subprocess.run([sys.executable, "-m", "factlab", "export", str(tiny_run), "--gguf", str(out), "--verify"],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "verdict same on 2/2" in p.stdout and out.is_file()
     diff = float(p.stdout.split("next-token log-prob max |diff| ")[1].split(",")[0])
     assert diff < F16_TOL
     # the exported file is the stage's merged model, not the base model
-    merged, tok = load_model(run_dir / "stages" / "1-cpt" / "merged")
-    base, _ = load_model(resolve_model(str(run_dir.parent.parent / "model")))
+    merged, tok = load_model(tiny_run / "stages" / "1-cpt" / "merged")
+    base, _ = load_model(resolve_model(str(tiny_run.parent.parent / "model")))
     back, _ = load_gguf(out)
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     assert (_logprobs(merged, ids) - _logprobs(back, ids)).abs().max() < F16_TOL
     assert (_logprobs(base, ids) - _logprobs(back, ids)).abs().max() > 10 * F16_TOL
 
 
-def test_export_cli_errors_are_one_line(run_dir, tmp_path):
+def test_export_cli_errors_are_one_line(tiny_run, tmp_path):
     for args, expected in [
         (["--stage", "nope"], "no finished stage 'nope'; choose one of: base, cpt"),
         (["--type", "q4"], "--type must be one of f16, q8_0"),
     ]:
-        p = subprocess.run([sys.executable, "-m", "factlab", "export", str(run_dir), "--gguf", str(tmp_path / "x.gguf"), *args],
+        p = subprocess.run([sys.executable, "-m", "factlab", "export", str(tiny_run), "--gguf", str(tmp_path / "x.gguf"), *args],
                            capture_output=True, text=True)
         assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert not (tmp_path / "x.gguf").exists()
