@@ -184,38 +184,6 @@ def test_dry_run_and_report_from_the_store(tmp_path, tiny_dir, monkeypatch, caps
     assert "runs side by side" in call("compare", *runs[:2]).out
 
 
-def test_mlflow_logging_uses_the_mlflow_api(tmp_path, monkeypatch):
-    import types
-
-    from factlab.experiment.mlflow_log import log_run
-
-    calls = []
-    fake = types.ModuleType("mlflow")
-    fake.set_experiment = lambda name: calls.append(("experiment", name))
-
-    class Run:
-        def __enter__(self):
-            calls.append(("start",))
-
-        def __exit__(self, *a):
-            calls.append(("end",))
-
-    fake.start_run = lambda run_name: Run()
-    fake.log_params = lambda p: calls.append(("params", p))
-    fake.log_metrics = lambda m: calls.append(("metrics", m))
-    fake.log_artifact = lambda path, artifact_path=None: calls.append(("artifact", Path(path).name))
-    monkeypatch.setitem(sys.modules, "mlflow", fake)
-    (tmp_path / "results.json").write_text("{}")
-    results = {"summaries": {"base": {"recall": {"accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}}}
-    log_run(tmp_path, {"name": "x", "stages": [{"kind": "cpt", "train": {"lr": 1e-4}}]}, results, experiment="sw")
-    assert calls[0] == ("experiment", "sw") and calls[1] == ("start",) and calls[-1] == ("end",)
-    by_kind = {c[0]: c[1] for c in calls if len(c) == 2}
-    params = by_kind["params"]
-    assert params["stages.0.train.lr"] == "0.0001" and params["name"] == "x"
-    assert by_kind["metrics"] == {"base/recall/accuracy": 0.5}
-    assert ("artifact", "results.json") in calls
-
-
 def test_mlflow_flag_without_mlflow_is_a_clear_error(monkeypatch):
     from factlab.experiment.mlflow_log import require_mlflow
 

@@ -1,7 +1,9 @@
 """Optional MLflow logging of a finished run (params, metrics, artifacts).
 
-MLflow is not a dependency: `--mlflow` imports it and fails with a clear message when it is
-not installed; without the flag nothing here is imported.
+`--mlflow` imports mlflow (requirements.txt pins mlflow-skinny, which has the tracking client
+and the SQLite store) and fails with a clear message when it is not installed; without the flag
+nothing here is imported. Where runs go is MLflow's own setting: the MLFLOW_TRACKING_URI
+environment variable (e.g. sqlite:///mlflow.db), else MLflow's default.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ def require_mlflow():
     try:
         import mlflow
     except ImportError:
-        raise FactlabError("--mlflow needs the mlflow package; install it with: pip install mlflow") from None
+        raise FactlabError("--mlflow needs the mlflow package; install it with: pip install mlflow-skinny==3.17.2 (or pip install mlflow)") from None
     return mlflow
 
 
@@ -32,12 +34,20 @@ def _flat(d, prefix=""):
             yield key, v
 
 
-def log_run(run_dir: Path, config: dict, results: dict, experiment: str) -> None:
-    """One MLflow run per factlab run: the resolved config as params, every indexed metric
-    (`stage/kind/metric`), and results.json, config.yaml and the loss curves as artifacts."""
+def log_run(run_dir: Path, config: dict, results: dict, experiment: str, label: str | None = None) -> str:
+    """One MLflow run per factlab run (so one per sweep point): the resolved config as params,
+    every indexed metric (`stage/kind/metric`), and results.json, config.yaml, the loss curves
+    and the run's report (report.html) as artifacts. `label` (a sweep point's overrides) is a
+    tag. Returns the MLflow run id."""
+    import tempfile
+
     mlflow = require_mlflow()
+    run_dir = Path(run_dir)
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=Path(run_dir).name):
+    tags = {"factlab.run_dir": str(run_dir.resolve()), "factlab.name": str(config.get("name", ""))}
+    if label:
+        tags["factlab.point"] = label
+    with mlflow.start_run(run_name=run_dir.name, tags=tags) as active:
         # MLflow params are strings of at most a few hundred characters.
         mlflow.log_params({k: str(v)[:250] for k, v in _flat(config)})
         metrics = {}
@@ -47,7 +57,15 @@ def log_run(run_dir: Path, config: dict, results: dict, experiment: str) -> None
                 metrics[name] = float(value)
         mlflow.log_metrics(metrics)
         for name in ("results.json", "config.yaml"):
-            if (Path(run_dir) / name).is_file():
-                mlflow.log_artifact(str(Path(run_dir) / name))
-        for png in sorted(Path(run_dir).glob("stages/*/loss.png")):
+            if (run_dir / name).is_file():
+                mlflow.log_artifact(str(run_dir / name))
+        for png in sorted(run_dir.glob("stages/*/loss.png")):
             mlflow.log_artifact(str(png), artifact_path=f"loss/{png.parent.name}")
+        if (run_dir / "results.json").is_file():
+            from factlab.report.build import build_report
+
+            # The same report `factlab report RUN` writes, as one self-contained HTML file.
+            with tempfile.TemporaryDirectory(prefix="factlab-mlflow-") as tmp:
+                report = build_report([(run_dir, run_dir.name)], Path(tmp) / "report.html", fmt="html")
+                mlflow.log_artifact(str(report))
+        return active.info.run_id

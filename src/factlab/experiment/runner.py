@@ -118,7 +118,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     if mlflow:
         from factlab.experiment.mlflow_log import log_run
 
-        log_run(run_dir, exp.model_dump(mode="json"), results, experiment=sweep or exp.name)
+        log_run(run_dir, exp.model_dump(mode="json"), results, experiment=sweep or exp.name, label=label)
     return run_dir
 
 
