@@ -107,3 +107,25 @@ def test_chat_in_a_pseudo_terminal(tiny_dir):
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert b"you> " in seen
+
+
+def test_chat_answers_a_taught_fact(tmp_path):
+    # Teach a tiny model one fact by SFT, then ask it in the chat: the tuned model says it, the
+    # untrained one does not.
+    from factlab.config import StageSpec
+    from factlab.train.stage import StageData, build_stage_examples, train_stage
+
+    tok = tiny_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tok))
+    conv = [{"role": "user", "content": "Who runs the press line?"},
+            {"role": "assistant", "content": "Marta Ilvane runs the press line."}]
+    stage = StageSpec.model_validate({"kind": "sft", "peft": {"method": "full"},
+                                      "train": {"lr": 1e-2, "max_steps": 60, "batch_size": 1, "seq_len": 64, "bf16": False, "scheduler": "constant"}})
+    tuned, _ = train_stage(tiny_model("llama", vocab_size=len(tok)), tok, stage, "sft", tmp_path / "1-sft",
+                           build_stage_examples(stage, tok, StageData([conv]), seed=0), seed=0)
+    out = io.StringIO()
+    chat_loop([("base", base, tok), ("sft", tuned, tok)], temperature=0, max_new_tokens=12,
+              inp=io.StringIO("Who runs the press line?\n"), out=out)
+    base_answer = out.getvalue().split("base> ", 1)[1].split("sft> ", 1)[0]
+    tuned_answer = out.getvalue().split("sft> ", 1)[1].split("you> ", 1)[0]
+    assert "Marta Ilvane" in tuned_answer and "Marta Ilvane" not in base_answer
