@@ -25,12 +25,16 @@ def test_sweep_logs_one_mlflow_run_per_point(tmp_path, tiny_dir):
            "sweep": {"stages.0.train.lr": [1e-4, 1e-3]}}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    # A SQLite store keeps artifacts under ./mlruns of the working directory unless the
+    # experiment names a place: keep them in the test's folder.
+    client.create_experiment("mlf", artifact_location=(tmp_path / "artifacts").as_uri())
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     p = subprocess.run([sys.executable, "-m", "factlab", "sweep", str(tmp_path / "exp.yaml"), "--mlflow"],
-                       env=env, capture_output=True, text=True, timeout=600)
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "artifacts").is_dir()
 
-    client = mlflow.MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("mlf")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2
