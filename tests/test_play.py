@@ -82,3 +82,16 @@ def test_layer_study_without_the_play_is_one_line(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "fetch it with: factlab data fetch-play -o" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_sample_hits_pool_every_sample_with_a_wilson_interval():
+    from factlab.evaluate.facts import summarize
+
+    base = {"kind": "paraphrase", "correct": True, "greedy_match": False, "target_logprob": -1.0,
+            "target_mean_logprob": -1.0, "rank": 1, "greedy_eos": False, "greedy_tokens": 3}
+    rows = [dict(base, samples=["Bob"] * 3 + ["Romeo"] * 17, sample_hit_rate=3 / 20),
+            dict(base, samples=["Bob"] * 9 + ["x"] * 11, sample_hit_rate=9 / 20)]
+    pooled = summarize(rows)["paraphrase"]["sample_hits"]
+    assert (pooled["k"], pooled["n"]) == (12, 40)
+    assert pooled["ci_low"] < 12 / 40 < pooled["ci_high"]
+    assert "sample_hits" not in summarize([dict(base, sample_hit_rate=None)])["paraphrase"]

@@ -167,8 +167,9 @@ def _summary(rows: Sequence[Mapping], kind: str) -> dict:
         # Pooled over every sample of every probe, with a Wilson interval: narrower, and right
         # when the probes are paraphrases of one question (the layer study's B-questions).
         flags = [i < round(r["sample_hit_rate"] * len(r["samples"]))
-                 for r in rows if r.get("sample_hit_rate") is not None for i in range(len(r["samples"]))]
-        out["sample_hits"] = rate_summary(flags)
+                 for r in rows if r.get("sample_hit_rate") is not None and r.get("samples") for i in range(len(r["samples"]))]
+        if flags:
+            out["sample_hits"] = rate_summary(flags)
     if kind == "qa":
         # Chat format: does the answer end its turn (EOS) within the budget, and how long is it.
         chat = eos_summary([bool(r["greedy_eos"]) for r in rows], [r["greedy_tokens"] for r in rows])
