@@ -282,6 +282,8 @@ def chat(
     _quiet_libraries()
     from factlab.chat import chat_loop, load_chat_models
 
+    if temperature < 0 or max_new_tokens < 1:  # before loading any model
+        raise FactlabError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {temperature} and {max_new_tokens}")
     models = load_chat_models(model_or_run, stage, compare, console=err)
     chat_loop(models, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
 
