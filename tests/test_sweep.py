@@ -15,7 +15,6 @@ import yaml
 
 from factlab.config import experiment_from_dict
 from factlab.errors import FactlabError
-from factlab.experiment.run_folder import RunFolder, RunResults
 from factlab.experiment.store import RunStore, config_hash, flatten_metrics
 from factlab.experiment.sweep import expand_sweep
 
@@ -65,11 +64,10 @@ def test_store_round_trip(tmp_path):
     store.start(tmp_path / "r1", "a", cfg, sweep="s", point={"lr": 1})
     assert store.runs(status="running")[0]["run_dir"] == str(tmp_path / "r1")
     assert store.done_point("s", config_hash(cfg)) is None
-    results = RunResults.from_json({
-        "summaries": {"base": {"recall": {"n": 2, "accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}},
-        "stages": [{"name": "cpt", "tokens_per_second": 100.0, "peak_rss_mb": 5.0, "final_loss": 1.5}]})
-    RunFolder(tmp_path / "r1").path.mkdir()
-    RunFolder(tmp_path / "r1").write_results(results)
+    results = {"summaries": {"base": {"recall": {"n": 2, "accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}},
+               "stages": [{"name": "cpt", "tokens_per_second": 100.0, "peak_rss_mb": 5.0, "final_loss": 1.5}]}
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r1" / "results.json").write_text(json.dumps(results))
     store.finish(tmp_path / "r1", results)
     (row,) = store.runs(sweep="s")
     assert row["status"] == "done" and row["tokens_per_s"] == 100.0 and json.loads(row["point"]) == {"lr": 1}
@@ -186,38 +184,6 @@ def test_dry_run_and_report_from_the_store(tmp_path, tiny_dir, monkeypatch, caps
     assert "runs side by side" in call("compare", *runs[:2]).out
 
 
-def test_mlflow_logging_uses_the_mlflow_api(tmp_path, monkeypatch):
-    import types
-
-    from factlab.experiment.mlflow_log import log_run
-
-    calls = []
-    fake = types.ModuleType("mlflow")
-    fake.set_experiment = lambda name: calls.append(("experiment", name))
-
-    class Run:
-        def __enter__(self):
-            calls.append(("start",))
-
-        def __exit__(self, *a):
-            calls.append(("end",))
-
-    fake.start_run = lambda run_name: Run()
-    fake.log_params = lambda p: calls.append(("params", p))
-    fake.log_metrics = lambda m: calls.append(("metrics", m))
-    fake.log_artifact = lambda path, artifact_path=None: calls.append(("artifact", Path(path).name))
-    monkeypatch.setitem(sys.modules, "mlflow", fake)
-    (tmp_path / "results.json").write_text("{}")
-    results = RunResults.from_json({"summaries": {"base": {"recall": {"accuracy": {"n": 2, "k": 1, "rate": 0.5, "ci_low": 0.1, "ci_high": 0.9}}}}})
-    log_run(tmp_path, {"name": "x", "stages": [{"kind": "cpt", "train": {"lr": 1e-4}}]}, results, experiment="sw")
-    assert calls[0] == ("experiment", "sw") and calls[1] == ("start",) and calls[-1] == ("end",)
-    by_kind = {c[0]: c[1] for c in calls if len(c) == 2}
-    params = by_kind["params"]
-    assert params["stages.0.train.lr"] == "0.0001" and params["name"] == "x"
-    assert by_kind["metrics"] == {"base/recall/accuracy": 0.5}
-    assert ("artifact", "results.json") in calls
-
-
 def test_mlflow_flag_without_mlflow_is_a_clear_error(monkeypatch):
     from factlab.experiment.mlflow_log import require_mlflow
 
@@ -282,33 +248,6 @@ def test_sweep_trains_a_shared_first_stage_once_and_gets_what_separate_runs_get(
     for a, b in zip(alone["stages"], second["stages"]):
         assert a["final_loss"] == b["final_loss"] and a["first_loss"] == b["first_loss"]
     assert trained == ["cpt", "sft", "sft", "cpt", "sft"]
-
-
-def test_sweep_over_a_stage_corpus_does_not_reuse_the_wrong_in_context_baseline(tmp_path, tiny_dir, monkeypatch):
-    """With no top-level corpus, the in-context baseline puts the first stage's corpus in the
-    prompt; a sweep over that corpus must evaluate base+context once per corpus (and the
-    untrained model without context once)."""
-    from factlab.config import load_experiment
-    from factlab.experiment.evaluation import Evaluator
-    from factlab.experiment.sweep import run_sweep
-
-    exp_path = sweep_project(tmp_path, tiny_dir)
-    (tmp_path / "other.txt").write_text("Edda Sorn runs the press line. Tomas Brin leads the night shift.\n")
-    raw = yaml.safe_load(exp_path.read_text())
-    raw["data"] = {}
-    raw["stages"][0]["data"] = {"corpus": "docs.txt"}
-    raw["eval"]["in_context"] = True
-    raw["sweep"] = {"stages.0.data.corpus": ["docs.txt", "other.txt"]}
-    exp_path.write_text(yaml.safe_dump(raw))
-
-    labels = []
-    real = Evaluator.evaluate
-    monkeypatch.setattr(Evaluator, "evaluate", lambda self, label, *a, **k: labels.append(label) or real(self, label, *a, **k))
-    folders = run_sweep(load_experiment(exp_path), RunStore(tmp_path / "db.sqlite"))
-    assert labels.count("base") == 1 and labels.count("base+context") == 2
-    first, second = (RunFolder(f).read_scores("base+context") for f in folders)
-    assert [r["target_logprob"] for r in first] != [r["target_logprob"] for r in second]
-    assert RunFolder(folders[1]).read_scores("base") == RunFolder(folders[0]).read_scores("base")  # reused
 
 
 def test_config_hash_follows_the_contents_of_the_data_files(tmp_path):

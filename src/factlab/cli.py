@@ -62,11 +62,24 @@ def _load(experiment: Path, overrides: Optional[list[str]], output_dir: Optional
 
 def _presenters():
     """The runner's presentation callbacks (experiment/ never imports report/): each stage's
-    loss.png as soon as it is saved, and the run's tables on stderr when it is done."""
+    loss.png as soon as it is saved, and when a run is done its tables on stderr and, with
+    --mlflow, its report added to the run's MLflow run."""
     from factlab.report.console import print_run
     from factlab.report.plots import plot_stage_loss
 
-    return plot_stage_loss, lambda folder, results: print_run(err, results)
+    def on_done(folder, results, mlflow_run=None) -> None:
+        print_run(err, results)
+        if mlflow_run is not None:
+            import tempfile
+
+            from factlab.experiment.mlflow_log import log_artifact
+            from factlab.report.build import build_report
+
+            # The same report `factlab report RUN` writes, as one self-contained HTML file.
+            with tempfile.TemporaryDirectory(prefix="factlab-mlflow-") as tmp:
+                log_artifact(mlflow_run, build_report([(folder.path, folder.path.name)], Path(tmp) / "report.html"))
+
+    return plot_stage_loss, on_done
 
 
 @app.command()
@@ -277,6 +290,70 @@ def models() -> None:
         table.add_row(*row)
     Console().print(table)
     Console().print("Also accepted: a local Hugging Face folder, or a hub id (only when online).")
+
+
+@app.command()
+def export(
+    model_or_run: Annotated[str, typer.Argument(help="A run folder (exports its last stage, or --stage), a model folder or an alias.")],
+    gguf: Annotated[Path, typer.Option("--gguf", help="Output .gguf file.")],
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to export (default: the last).")] = None,
+    type_: Annotated[str, typer.Option("--type", help="f16 (half precision) or q8_0 (8-bit blocks).")] = "f16",
+    verify: Annotated[bool, typer.Option("--verify", help="Read the file back with transformers and compare log-probs on the run's probes.")] = False,
+    probes: Annotated[Optional[list[Path]], typer.Option("--probes", "-p", help="Probe JSONL for --verify (default for a run folder: its own).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+) -> None:
+    """Write a stage's merged model and tokenizer as one GGUF file (llama.cpp, Ollama, LM Studio)."""
+    _quiet_libraries()
+    from factlab.chat import pick_target
+    from factlab.models.gguf_export import GGUF_TYPES, export_gguf
+
+    if type_ not in GGUF_TYPES:
+        raise FactlabError(f"--type must be one of {', '.join(GGUF_TYPES)}, got '{type_}'")
+    if gguf.suffix.lower() != ".gguf":
+        raise FactlabError(f"--gguf {gguf}: give a file name ending in .gguf")
+    if gguf.exists() and not force:
+        raise FactlabError(f"{gguf} exists; choose another path or pass --force to overwrite")
+    target = pick_target(model_or_run, stage, err)
+    if len(target) > 2:
+        raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); GGUF export needs a merged/ model: "
+                           "run the stage with merge: true and a mergeable method")
+    path = export_gguf(Path(target[1]), gguf, type_, console=err)
+    err.print(f"exported {target[0]} ({target[1]}) to {path} ({path.stat().st_size / 1e6:.1f} MB, {type_})")
+    if verify:
+        import yaml
+
+        from factlab.experiment.evaluation import load_probe_files
+        from factlab.models.gguf_export import verify_gguf
+
+        run_cfg = Path(model_or_run) / "config.yaml"
+        if not probes and run_cfg.is_file():
+            probes = [Path(p) for p in (yaml.safe_load(run_cfg.read_text()).get("eval", {}) or {}).get("probes", [])]
+        if not probes:
+            raise FactlabError("--verify needs probes; give --probes FILE (JSONL)")
+        v = verify_gguf(Path(target[1]), path, load_probe_files([str(p) for p in probes]))
+        Console(soft_wrap=True).print(f"round trip through transformers on {v['probes']} probes: next-token log-prob max |diff| "
+                        f"{v['next_token_max_abs']:.2e}, candidate log-prob/token max |diff| {v['candidate_max_abs']:.2e}, "
+                        f"candidate verdict same on {v['correct_same']}/{v['probes']} (correct {v['correct_before']} -> {v['correct_after']}), "
+                        f"greedy continuation same on {v['greedy_same']}/{v['probes']}")
+
+
+@app.command()
+def chat(
+    model_or_run: Annotated[str, typer.Argument(help="A run folder (its last stage, or --stage), a model alias, .gguf file or folder.")],
+    stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to talk to (default: the last; 'base' for the untrained model).")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="Sampling temperature (0: greedy).")] = 0.7,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = 200,
+    compare: Annotated[bool, typer.Option("--compare", help="Answer each question with the base model too, before the tuned one.")] = False,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+) -> None:
+    """Talk to a model in the terminal (chat template, streamed answers, /reset, /quit)."""
+    _quiet_libraries()
+    from factlab.chat import chat_loop, load_chat_models
+
+    if temperature < 0 or max_new_tokens < 1:  # before loading any model
+        raise FactlabError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {temperature} and {max_new_tokens}")
+    models = load_chat_models(model_or_run, stage, compare, console=err)
+    chat_loop(models, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
 
 
 def _register_subcommands() -> None:

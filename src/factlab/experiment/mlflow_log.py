@@ -1,7 +1,9 @@
 """Optional MLflow logging of a finished run (params, metrics, artifacts).
 
-MLflow is not a dependency: `--mlflow` imports it and fails with a clear message when it is
-not installed; without the flag nothing here is imported.
+`--mlflow` imports mlflow (requirements.txt pins mlflow-skinny, which has the tracking client
+and the SQLite store) and fails with a clear message when it is not installed; without the flag
+nothing here is imported. Where runs go is MLflow's own setting: the MLFLOW_TRACKING_URI
+environment variable (e.g. sqlite:///mlflow.db), else MLflow's default.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ def require_mlflow():
     try:
         import mlflow
     except ImportError:
-        raise FactlabError("--mlflow needs the mlflow package; install it with: pip install mlflow") from None
+        raise FactlabError("--mlflow needs the mlflow package; install it with: pip install mlflow-skinny==3.17.2 (or pip install mlflow)") from None
     return mlflow
 
 
@@ -33,13 +35,19 @@ def _flat(d, prefix=""):
             yield key, v
 
 
-def log_run(run_dir: Path, config: dict, results: RunResults | dict, experiment: str) -> None:
-    """One MLflow run per factlab run: the resolved config as params, every indexed metric
-    (`stage/kind/metric`), and results.json, config.yaml and the loss curves as artifacts."""
+def log_run(run_dir: Path, config: dict, results: RunResults | dict, experiment: str, label: str | None = None) -> str:
+    """One MLflow run per factlab run (so one per sweep point): the resolved config as params,
+    every indexed metric (`stage/kind/metric`), and results.json, config.yaml and the loss curves
+    as artifacts. `label` (a sweep point's overrides) is a tag. Returns the MLflow run id; the
+    CLI adds the run's report to it (`log_artifact`): the report lives a layer above this one."""
     mlflow = require_mlflow()
     results = RunResults.coerce(results)
+    folder = RunFolder(Path(run_dir))
     mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=Path(run_dir).name):
+    tags = {"factlab.run_dir": str(folder.path.resolve()), "factlab.name": str(config.get("name", ""))}
+    if label:
+        tags["factlab.point"] = label
+    with mlflow.start_run(run_name=folder.path.name, tags=tags) as active:
         # MLflow params are strings of at most a few hundred characters.
         mlflow.log_params({k: str(v)[:250] for k, v in _flat(config)})
         metrics = {}
@@ -48,7 +56,6 @@ def log_run(run_dir: Path, config: dict, results: RunResults | dict, experiment:
                 name = f"{stage}/{kind}/{metric}".replace("+", "_plus_").replace(":", "_")
                 metrics[name] = float(value)
         mlflow.log_metrics(metrics)
-        folder = RunFolder(run_dir)
         for path in (folder.results_path, folder.config_path):
             if path.is_file():
                 mlflow.log_artifact(str(path))
@@ -56,3 +63,10 @@ def log_run(run_dir: Path, config: dict, results: RunResults | dict, experiment:
             png = folder.loss_plot_path(stage)
             if png.is_file():
                 mlflow.log_artifact(str(png), artifact_path=f"loss/{png.parent.name}")
+        return active.info.run_id
+
+
+def log_artifact(run_id: str, path: Path) -> None:
+    """Add one more file to a finished MLflow run (the report, made by the CLI)."""
+    mlflow = require_mlflow()
+    mlflow.MlflowClient().log_artifact(run_id, str(path))

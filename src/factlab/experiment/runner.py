@@ -32,7 +32,7 @@ from factlab.train.stage import build_stage_examples, load_stage_data, train_sta
 
 
 StageCallback = Callable[[RunFolder, StageRecord], None]
-RunCallback = Callable[[RunFolder, RunResults], None]
+RunCallback = Callable[[RunFolder, RunResults, "str | None"], None]
 
 
 def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None]:
@@ -53,7 +53,8 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     there: `running` when its folder is created, `done` with its metrics at the end, `failed`
     with the error if it raises. A sweep passes its `cache` (work shared by its points).
     `on_stage(folder, stage)` is called after each stage is saved and evaluated, `on_done(folder,
-    results)` once the run is complete (the CLI prints tables and draws loss curves there)."""
+    results, mlflow_run_id)` once the run is complete and logged (the CLI prints tables there,
+    and with `mlflow` adds the report to that MLflow run)."""
     console = console or Console(stderr=True)
     names = exp.stage_names()
 
@@ -108,13 +109,14 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
         raise
     if store is not None:
         store.finish(folder.path, results)
-    if on_done is not None:
-        on_done(folder, results)
-    console.print(f"results: {folder.results_path}")
+    mlflow_run = None
     if mlflow:
         from factlab.experiment.mlflow_log import log_run
 
-        log_run(folder.path, exp.model_dump(mode="json"), results, experiment=sweep or exp.name)
+        mlflow_run = log_run(folder.path, exp.model_dump(mode="json"), results, experiment=sweep or exp.name, label=label)
+    if on_done is not None:
+        on_done(folder, results, mlflow_run)
+    console.print(f"results: {folder.results_path}")
     return folder.path
 
 

@@ -160,7 +160,7 @@ def expand_sweep(exp: Experiment) -> list[SweepPoint]:
 
 def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None, mlflow: bool = False,
               on_stage: Callable[[RunFolder, StageRecord], None] | None = None,
-              on_done: Callable[[RunFolder, RunResults], None] | None = None) -> list[Path]:
+              on_done: Callable[[RunFolder, RunResults, str | None], None] | None = None) -> list[Path]:
     """Run every point not already finished in `store`; returns the run folders in point order.
 
     A point whose run is marked `running` (a sweep killed mid-run) is redone from scratch.

@@ -9,7 +9,9 @@ later loads read the cache (a few seconds).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -74,8 +76,15 @@ def convert_gguf(gguf: Path, dest: Path, console: Console | None = None) -> Path
 
     console = console or Console(stderr=True)
     console.print(f"[dim]converting {gguf.name} to a cached safetensors folder (once) ...[/dim]")
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises ValueError/NotImplementedError/KeyError/... here
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise FactlabError(
+            f"transformers cannot read {gguf} ({reason}); give a GGUF of an architecture and quantisation "
+            "transformers dequantizes (llama, mistral, qwen2, ...; F32/F16/Q8_0/Q4_K/...), or a Hugging Face folder"
+        ) from None
     config = loaded.config
     # The GGUF-loaded model refuses save_pretrained (it is marked quantized): build a plain
     # model from the same config and copy the dequantized weights into it.
@@ -104,15 +113,52 @@ def convert_gguf(gguf: Path, dest: Path, console: Console | None = None) -> Path
     return dest
 
 
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, read in 1 MiB chunks (GGUF files are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """The cached safetensors folder of a GGUF file, keyed by its content (a renamed or moved
+    file reuses the conversion; a changed file converts again)."""
+    return cache_root() / "models" / f"gguf-{file_sha256(gguf)[:20]}"
+
+
+def check_not_gguf_quantized(folder: Path) -> None:
+    """FactlabError when a folder's config.json still carries a GGUF `quantization_config`
+    (a model saved after loading with gguf_file=): the Trainer fails on it deep inside."""
+    try:
+        qc = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "gguf":
+        raise FactlabError(
+            f"{folder}/config.json still carries a GGUF quantization_config; give the .gguf file itself as model: "
+            "(factlab converts it to plain weights), or delete quantization_config from config.json"
+        )
+
+
 def resolve_model(name: str, console: Console | None = None) -> Path:
-    """Turn an alias, a local folder or a hub id into a local Hugging Face model folder."""
+    """Turn an alias, a `.gguf` file, a local folder or a hub id into a local Hugging Face model folder."""
     if name in ALIASES:
         dest = cache_root() / "models" / name
         if _is_hf_folder(dest):
             return dest
         return convert_gguf(alias_gguf(name), dest, console)
     path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FactlabError(f"GGUF file {path} does not exist; give the path of a .gguf file")
+        dest = gguf_cache_dir(path)
+        if _is_hf_folder(dest):
+            return dest
+        return convert_gguf(path.resolve(), dest, console)
     if _is_hf_folder(path):
+        check_not_gguf_quantized(path)
         return path.resolve()
     if path.exists():
         raise FactlabError(f"model folder {path} has no config.json; give a folder written by save_pretrained, or an alias (factlab models)")

@@ -1,0 +1,258 @@
+"""Write a Hugging Face model folder (a run's merged model) as one GGUF file for llama.cpp,
+Ollama or LM Studio, with the `gguf` package that llama.cpp itself publishes.
+
+What is written follows llama.cpp's `convert_hf_to_gguf.py`, and is exactly what transformers'
+GGUF loader (`modeling_gguf_pytorch_utils.py`, `integrations/ggml.py`) reads back, so the round
+trip can be checked without any other runtime:
+
+- tensor names from gguf's own table (`gguf.get_tensor_name_map`: `token_embd`, `blk.N.attn_q`,
+  ..., `output_norm`, `output`), which is also the table transformers inverts when loading;
+- Llama q_proj/k_proj rows permuted into llama.cpp's rotary layout (pairs interleaved per head);
+  transformers' `LlamaTensorProcessor` undoes the same permutation. Qwen2 is stored unpermuted;
+- no `output` tensor when the embeddings are tied (transformers reads its absence as
+  `tie_word_embeddings=True`);
+- 1-D tensors (norms, biases) stay f32 as llama.cpp keeps them; 2-D weights are f16 or Q8_0
+  (blocks of 32 along a row; a row length not divisible by 32 stays f16);
+- the byte-level BPE tokenizer as `tokenizer.ggml.model = gpt2` with tokens, token types,
+  merges, special ids and the chat template (`gguf.SpecialVocab` reads the last three from the
+  folder the way llama.cpp's converter does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from factlab.errors import FactlabError
+
+GGUF_TYPES = ("f16", "q8_0")
+
+
+@dataclass(frozen=True)
+class _Arch:
+    permute_qk: bool
+    """Llama-style rotary permutation of q/k rows (llama.cpp's `LlamaModel.permute`)."""
+    rope_dimension_count: bool
+    """Write `rope.dimension_count` (= head_dim); transformers maps it to head_dim for llama only."""
+
+
+# The architectures whose GGUF transformers can read back and whose llama.cpp conversion is a
+# rename plus (for llama/mistral) the q/k permutation. Others are refused rather than written wrong.
+ARCHITECTURES: dict[str, _Arch] = {
+    "llama": _Arch(permute_qk=True, rope_dimension_count=True),
+    "mistral": _Arch(permute_qk=True, rope_dimension_count=True),
+    "qwen2": _Arch(permute_qk=False, rope_dimension_count=False),
+}
+
+
+def _permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
+    # llama.cpp convert_hf_to_gguf.py LlamaModel.permute: w is (n_head * head_dim, hidden); each
+    # head's rows go from [first half | second half] (HF rotate_half) to interleaved pairs.
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _pre_tokenizer_name(tokenizer_json: dict) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, from its pre-tokenizer.
+
+    llama.cpp identifies pre-tokenizers by a hash of known tokenizers' output; we recognise the
+    shapes factlab meets: SmolLM's (digits split one by one), Llama 3's and Qwen2's split regex,
+    else plain GPT-2.
+    """
+    text = json.dumps(tokenizer_json.get("pre_tokenizer"))
+    if '"Digits"' in text and '"individual_digits": true' in text:
+        return "smollm"
+    if "\\\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if "\\\\p{N}|" in text or "\\\\p{N}| ?" in text:
+        return "qwen2"
+    return "gpt2"
+
+
+def _add_tokenizer(writer, model_dir: Path, tokenizer, n_vocab: int) -> None:
+    """Byte-level BPE vocabulary as llama.cpp's converter writes it (`get_vocab_base`)."""
+    import gguf
+
+    tj_path = model_dir / "tokenizer.json"
+    if not tj_path.is_file():
+        raise FactlabError(f"{model_dir} has no tokenizer.json; only fast (tokenizer.json) BPE tokenizers export to GGUF")
+    tj = json.loads(tj_path.read_text(encoding="utf-8"))
+    if (tj.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("decoder")):
+        raise FactlabError(f"the tokenizer in {model_dir} is not byte-level BPE; GGUF export supports byte-level BPE (gpt2-style) tokenizers only")
+    vocab = tokenizer.get_vocab()
+    by_id = {i: t for t, i in vocab.items()}
+    added = tokenizer.added_tokens_decoder  # {id: AddedToken}
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:  # the embedding is padded beyond the tokenizer: llama.cpp's filler
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tj))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    # Merges, bos/eos/unk/pad ids, add_bos and the chat template, read the way llama.cpp does.
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    if tokenizer.pad_token_id is not None and "pad" not in special.special_token_ids:
+        special.special_token_ids["pad"] = tokenizer.pad_token_id
+    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
+        special.chat_template = tokenizer.chat_template
+    special.add_to_gguf(writer, quiet=True)
+
+
+def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Console | None = None) -> Path:
+    """Write the model folder `model_dir` (config.json, safetensors, tokenizer) as a GGUF file.
+
+    `gguf_type`: "f16" (2-D weights in half precision) or "q8_0" (8-bit blocks of 32).
+    Returns `out`. Written to a temporary sibling and renamed, so a failure leaves no partial file.
+    """
+    import gguf
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    console = console or Console(stderr=True)
+    if gguf_type not in GGUF_TYPES:
+        raise FactlabError(f"unknown GGUF type '{gguf_type}'; use one of: {', '.join(GGUF_TYPES)}")
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FactlabError(f"{model_dir} is not a model folder (no config.json); give a run folder or a merged/ folder")
+    config = AutoConfig.from_pretrained(model_dir)
+    arch = ARCHITECTURES.get(config.model_type)
+    if arch is None:
+        raise FactlabError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; {model_dir} is '{config.model_type}'")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        state.pop("lm_head.weight", None)  # llama.cpp: no `output` tensor means tied
+    n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    n_vocab = state["model.embed_tokens.weight"].shape[0]
+
+    gguf_arch = config.model_type if config.model_type != "mistral" else "llama"  # llama.cpp writes mistral as llama
+    arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
+    names = gguf.get_tensor_name_map(arch_enum, n_layers)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    writer = gguf.GGUFWriter(tmp, gguf_arch)
+    try:
+        writer.add_name(model_dir.parent.name if model_dir.name == "merged" else model_dir.name)
+        writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(n_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(n_head)
+        writer.add_head_count_kv(n_kv)
+        if arch.rope_dimension_count:
+            writer.add_rope_dimension_count(head_dim)
+        rope = getattr(config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        writer.add_rope_freq_base(float(theta if theta is not None else getattr(config, "rope_theta", 10000.0)))
+        if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
+            raise FactlabError(f"{model_dir} uses rope scaling '{rope.get('rope_type')}', which the GGUF export does not write yet")
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+        writer.add_vocab_size(n_vocab)
+        ftype = gguf.LlamaFileType.MOSTLY_F16 if gguf_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+        writer.add_file_type(ftype)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _add_tokenizer(writer, model_dir, tokenizer, n_vocab)
+
+        for hf_name, w in state.items():
+            base, _, suffix = hf_name.rpartition(".")
+            gguf_name = names.get_name(base)
+            if gguf_name is None:
+                raise FactlabError(f"GGUF export: no llama.cpp name for tensor {hf_name} of this {config.model_type} model")
+            if arch.permute_qk and base.endswith("self_attn.q_proj") and suffix == "weight":
+                w = _permute(w, n_head, n_head)
+            elif arch.permute_qk and base.endswith("self_attn.k_proj") and suffix == "weight":
+                w = _permute(w, n_head, n_kv)
+            name = f"{gguf_name}.{suffix}"
+            if w.ndim == 1:
+                writer.add_tensor(name, w.astype(np.float32))
+            elif gguf_type == "q8_0" and w.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
+                q = gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            else:
+                writer.add_tensor(name, w.astype(np.float16))
+        with console.status(f"writing {out.name} ({gguf_type}) ..."):
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        writer.close()
+        tmp.replace(out)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) read from a GGUF file by transformers alone (dequantized), eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model.eval()
+    return model, tok
+
+
+def verify_gguf(model_dir: Path, gguf_path: Path, probes, batch_size: int = 16) -> dict:
+    """Compare a model folder with its GGUF export read back by transformers, on probes.
+
+    Returns {"probes", "next_token_max_abs", "candidate_max_abs", "correct_same",
+    "correct_before", "correct_after", "greedy_same"}: the largest absolute difference of the
+    next-token log-probs (whole vocabulary, at the end of every probe's prompt) and of the
+    candidates' per-token log-probs, and how many probes keep their candidate verdict and greedy
+    continuation. f16 should differ by rounding only; q8_0 should keep every verdict.
+    """
+    from factlab.evaluate.facts import probe_context, score_probes
+    from factlab.models.loading import load_model
+
+    probes = list(probes)
+    if not probes:
+        raise FactlabError("no probes to verify the GGUF export on; give probes (JSONL)")
+    ref, tok = load_model(Path(model_dir))
+    back, tok_back = load_gguf(Path(gguf_path))
+    if tok_back.pad_token_id is None:
+        tok_back.pad_token = tok_back.eos_token
+    out: dict = {"probes": len(probes)}
+    # Next-token distribution at the end of each prompt: (vocab,) per probe, one prompt at a time
+    # (no padding, so any difference is the weights', not the batching's).
+    worst = 0.0
+    for p in probes:
+        text = probe_context(p, tok)
+        ids_ref = tok(text, return_tensors="pt").input_ids
+        ids_back = tok_back(text, return_tensors="pt").input_ids
+        if not torch.equal(ids_ref, ids_back):
+            raise FactlabError(f"the exported tokenizer splits probe {p.id!r} differently from the model folder's")
+        with torch.no_grad():
+            a = ref(ids_ref).logits[0, -1].log_softmax(-1)
+            b = back(ids_back).logits[0, -1].log_softmax(-1)
+        worst = max(worst, (a - b).abs().max().item())
+    out["next_token_max_abs"] = worst
+    rows_a = score_probes(ref, tok, probes, batch_size=batch_size)
+    rows_b = score_probes(back, tok_back, probes, batch_size=batch_size)
+    cand = [abs(x - y) for ra, rb in zip(rows_a, rows_b)
+            for x, y in zip([ra["target_mean_logprob"], *ra["distractor_mean_logprobs"]],
+                            [rb["target_mean_logprob"], *rb["distractor_mean_logprobs"]])]
+    out["candidate_max_abs"] = max(cand)
+    out["correct_before"] = sum(r["correct"] for r in rows_a)
+    out["correct_after"] = sum(r["correct"] for r in rows_b)
+    out["correct_same"] = sum(ra["correct"] == rb["correct"] for ra, rb in zip(rows_a, rows_b))
+    out["greedy_same"] = sum(ra["greedy"] == rb["greedy"] for ra, rb in zip(rows_a, rows_b))
+    return out
