@@ -113,7 +113,7 @@ def test_chat_answers_a_taught_fact(tmp_path):
     # Teach a tiny model one fact by SFT, then ask it in the chat: the tuned model says it, the
     # untrained one does not.
     from factlab.config import StageSpec
-    from factlab.train.stage import StageData, build_stage_examples, train_stage
+    from factlab.train.stage import StageInputs, build_stage_examples, train_stage
 
     tok = tiny_tokenizer()
     base = tiny_model("llama", vocab_size=len(tok))
@@ -122,7 +122,7 @@ def test_chat_answers_a_taught_fact(tmp_path):
     stage = StageSpec.model_validate({"kind": "sft", "peft": {"method": "full"},
                                       "train": {"lr": 1e-2, "max_steps": 60, "batch_size": 1, "seq_len": 64, "bf16": False, "scheduler": "constant"}})
     tuned, _ = train_stage(tiny_model("llama", vocab_size=len(tok)), tok, stage, "sft", tmp_path / "1-sft",
-                           build_stage_examples(stage, tok, StageData([conv]), seed=0), seed=0)
+                           build_stage_examples(stage, tok, StageInputs([conv]), seed=0), seed=0)
     out = io.StringIO()
     chat_loop([("base", base, tok), ("sft", tuned, tok)], temperature=0, max_new_tokens=12,
               inp=io.StringIO("Who runs the press line?\n"), out=out)
