@@ -22,6 +22,37 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a loca
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+def _no_bool_metavar() -> None:
+    """typer 0.29's rich help shows `<bool>` after plain flags (`--dry-run <bool>`), which
+    reads as if the flag took a value; show nothing there, as click does."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_bool_metavar()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from factlab import __version__
+
+        Console().print(f"factlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Teach a local LLM new facts and measure what stuck."""
+
+
 def _quiet_libraries() -> None:
     # transformers/peft chatter (GGUF conversion bars, "use_cpu" notes) drowns the table a
     # user came for; real errors still raise.
@@ -233,30 +264,69 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _say(message: str) -> None:
+    """One plain line on stderr: never parsed as rich markup (`exp[v2].yaml` stays intact), and
+    any newline inside the message folded so that a message is always exactly one line."""
+    from rich.text import Text
+
+    line = " ".join(str(message).split())
+    text = Text("error: ", style="red") + Text(line) if not line.startswith("interrupted") else Text(line)
+    Console(stderr=True, soft_wrap=True, highlight=False).print(text)
+
+
+# What an interrupted command kept (set by a command before it starts writing; read by main()).
+_interrupt_note: list = []
+
+
+def _on_interrupt(note) -> None:
+    """Register a callable that returns what an interrupted command kept on disk (or None)."""
+    _interrupt_note[:] = [note]
+
+
+def _interrupted() -> None:
+    kept = _interrupt_note[0]() if _interrupt_note else None
+    _say(f"interrupted; {kept}" if kept else "interrupted; nothing was written")
+    sys.exit(130)
+
+
 def main() -> None:
+    """The `factlab` entry point: usage errors and FactlabError -> one line, exit 2; Ctrl-C ->
+    one line, exit 130; the app runs in standalone_mode=False so that click/typer hand every
+    error to us instead of printing a rich panel (or a traceback) themselves."""
+    # typer 0.29 vendors click as typer._click: its usage errors derive from TyperException, not
+    # from the click package's ClickException, so catch both families.
+    from typer.exceptions import TyperException
+
+    usage_errors: tuple = (TyperException,)
     try:
-        # standalone_mode=False returns (not raises) a typer.Exit's code: pass it on.
-        code = app(standalone_mode=False)
+        import click
+
+        usage_errors += (click.exceptions.ClickException,)
+    except ImportError:  # pragma: no cover - click is a typer dependency in older releases only
+        pass
+    try:
+        # standalone_mode=False returns (not raises) a typer.Exit's code: pass it on. typer
+        # turns a Ctrl-C inside a command into Exit(130).
+        code = app(standalone_mode=False, prog_name="factlab")
+        if code == 130:
+            _interrupted()
         if isinstance(code, int) and code:
             sys.exit(code)
     except FactlabError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _say(str(e))
         sys.exit(2)
-    except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
     except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        raise
+        _interrupted()
+    except typer.Abort:
+        _interrupted()
+    except usage_errors as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `factlab` or `factlab data` alone: help was shown
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        message = e.format_message().replace(" (Possible options: --help)", "").rstrip(".")
+        _say(f"{message}{where}")
+        sys.exit(getattr(e, "exit_code", 2) or 2)
 
 
 if __name__ == "__main__":

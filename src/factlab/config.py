@@ -12,14 +12,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from factlab.errors import FactlabError
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a YAML boolean or a string is never a number (`lr: true` was 1.0, `epochs: yes`
+    # was 1); an int is still accepted where a float is expected. No inf/nan either.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 def _listify(v: Any, *keys: str) -> Any:
@@ -209,13 +213,14 @@ class EvalSpec(_Strict):
 
 
 class Experiment(_Strict):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(..., min_length=1)
     """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
     model: str
     """Alias (see `factlab models`), a local Hugging Face folder, or a hub id (online only)."""
     seed: int = 0
     output_dir: str = "runs"
-    """Where run folders are created (relative to the current directory)."""
+    """Where run folders are created; relative to the experiment file's folder like every other
+    path (`factlab run -o DIR` overrides it, relative to the current directory)."""
     data: DataSpec = Field(default_factory=DataSpec)
     stages: list[StageSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -226,6 +231,14 @@ class Experiment(_Strict):
     plus `points: [{key: value, ...}, ...]` for settings that only make sense together (each
     item is one point, crossed with the grid), plus `repeat: N` to run each point with seeds
     seed, seed+1, ... (`factlab run` ignores the block)."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+            raise ValueError(f"the run name {v!r} may contain only letters, digits, dots, underscores and hyphens "
+                             "(it names the run folder); rename it")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "Experiment":
@@ -287,6 +300,39 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"config error in {source}: {loc}: {what}{more}"
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one
+    silently: a second `stages:` dropped the first) and reads `1e-4` as a number (YAML 1.1
+    wants `1.0e-4`; without this `lr: 1e-4` would be the string "1e-4", which strict number
+    fields now refuse)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # PyYAML's own error ("found unhashable key") follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str):
+    """YAML text -> Python, refusing duplicate keys (see _YamlLoader); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`stages.0.train.lr=1e-4` -> (["stages", "0", "train", "lr"], 1e-4); values are YAML."""
     if "=" not in item:
@@ -296,21 +342,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise FactlabError(f"--set {item!r} has an empty key; write it as key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
 
 
-def apply_override(raw: dict, path: list[str], value: Any) -> None:
-    """Set `value` at the dotted `path` inside the raw (unvalidated) config mapping."""
+def apply_override(raw: dict, path: list[str], value: Any, what: str = "--set") -> None:
+    """Set `value` at the dotted `path` inside the raw (unvalidated) config mapping; errors
+    name the override as `what` (`--set`, or `sweep` for a sweep key)."""
     node: Any = raw
     dotted = ".".join(path)
     for i, part in enumerate(path):
         last = i == len(path) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise FactlabError(f"--set {dotted}: '{part}' is not an index of a list of {len(node)} items")
+                raise FactlabError(f"{what} {dotted}: '{part}' is not an index of a list of {len(node)} items")
             if last:
                 node[int(part)] = value
             else:
@@ -321,7 +368,7 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
             else:
                 node = node.setdefault(part, {})
         else:
-            raise FactlabError(f"--set {dotted}: '{'.'.join(path[:i])}' is a value, not a section")
+            raise FactlabError(f"{what} {dotted}: '{'.'.join(path[:i])}' is a value, not a section")
 
 
 def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
@@ -340,6 +387,7 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
             d.replay.source = [p if p == "corpus" else fix(p) for p in d.replay.source]
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
     exp.eval.general_text = [fix(p) for p in exp.eval.general_text]
+    exp.output_dir = fix(exp.output_dir)
     # A local model folder given relatively: resolve it too (aliases and hub ids stay as they are).
     cand = base / exp.model
     if not Path(exp.model).is_absolute() and cand.is_dir():
@@ -350,10 +398,13 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read, override and validate an experiment file; raise FactlabError with one clear line."""
     path = Path(path)
+    if path.is_dir():
+        raise FactlabError(f"experiment {path} is a folder; give the YAML experiment file (e.g. {path / 'experiment.yaml'})")
     if not path.is_file():
         raise FactlabError(f"experiment file {path} does not exist; give the path of a YAML experiment (see examples/)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a BOM written by some editors is accepted, as in every data file
+        raw = load_yaml(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise FactlabError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
@@ -365,18 +416,27 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raise FactlabError(f"{path} is empty; an experiment needs at least `name` and `model`")
     if not isinstance(raw, dict):
         raise FactlabError(f"{path} must be a YAML mapping (key: value), not a {type(raw).__name__}")
+    overridden: dict[str, str] = {}
     for item in overrides or []:
         keys, value = parse_override(item)
         apply_override(raw, keys, value)
-    return experiment_from_dict(raw, source=str(path), base=path.parent)
+        overridden[".".join(keys)] = item
+    return experiment_from_dict(raw, source=str(path), base=path.parent, overridden=overridden)
 
 
-def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = None) -> Experiment:
-    """Validate a mapping as an Experiment (paths resolved against `base`, default: cwd)."""
+def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = None,
+                         overridden: dict[str, str] | None = None) -> Experiment:
+    """Validate a mapping as an Experiment (paths resolved against `base`, default: cwd).
+    `overridden` maps dotted keys to the `--set` items that set them: an error at such a key
+    blames that `--set`, not the file."""
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as e:
-        raise FactlabError(_format_validation_error(e, source)) from None
+        first = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        blame = next((item for key, item in (overridden or {}).items()
+                      if loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")), None)
+        raise FactlabError(_format_validation_error(e, f"--set {blame}" if blame else source)) from None
     exp = _resolve_paths(exp, (base or Path.cwd()).resolve())
     exp._base = (base or Path.cwd()).resolve()
     exp.stage_names()  # fail early on duplicate names

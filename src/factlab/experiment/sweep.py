@@ -67,7 +67,7 @@ def expand_sweep(exp: Experiment) -> list[SweepPoint]:
                 overrides["seed"] = exp.seed + r
             raw = json.loads(json.dumps(base))
             for key, value in overrides.items():
-                apply_override(raw, key.split("."), value)
+                apply_override(raw, key.split("."), value, what="sweep")
             try:
                 # relative paths in sweep values resolve like the file's own: against its folder
                 point_exp = experiment_from_dict(raw, source=f"sweep point {overrides}", base=exp._base)
