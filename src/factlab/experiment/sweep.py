@@ -84,8 +84,11 @@ def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None, 
     """
     from factlab.experiment.runner import run_experiment
 
+    from factlab.experiment.preflight import preflight_sweep
+
     console = console or Console(stderr=True)
     points = expand_sweep(exp)
+    preflight_sweep(points, console)  # a bad later point fails now, not after earlier points trained
     root = Path(exp.output_dir) / exp.name
     folders: list[Path] = []
     base_cache: dict = {}  # the untrained model's evaluation, shared by points that agree on it
