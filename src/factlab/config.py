@@ -244,7 +244,7 @@ class Experiment(_Strict):
     def _check(self) -> "Experiment":
         for key, values in self.sweep.items():
             if key == "repeat":
-                if not isinstance(values, int) or values < 1:
+                if isinstance(values, bool) or not isinstance(values, int) or values < 1:
                     raise ValueError(f"sweep.repeat must be a positive integer, got {values!r}")
             elif key == "points":
                 if not isinstance(values, list) or not values or not all(
