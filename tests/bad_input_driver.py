@@ -47,7 +47,7 @@ def run_case(case: dict, root: Path) -> dict:
         code = 1
     finally:
         sys.argv, sys.stdout, sys.stderr = old
-        cli._interrupt_note.clear()
+        getattr(cli, "_interrupt_note", []).clear()  # what a command registered for Ctrl-C
     after = snapshot(root)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     return {"id": case["id"], "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),

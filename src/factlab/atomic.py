@@ -69,8 +69,8 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
     _remove(tmp)
-    tmp.mkdir()
     try:
+        tmp.mkdir()  # inside the try: an interrupt right after it still removes the folder
         yield tmp
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()

@@ -287,7 +287,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     """One line naming the first offending key, e.g. `stages.0.train.lrr: unknown key`."""
     # A misspelt key shows up twice (unknown key + missing key): name the typo first.
     e = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    # a key with spaces, newlines or nothing in it is shown quoted, so the line stays readable
+    loc = ".".join(str(p) if str(p).isprintable() and str(p).strip() == str(p) and str(p) else repr(p)
+                   for p in e["loc"]) or "(top level)"
     if e["type"] == "extra_forbidden":
         what = "unknown key; check its spelling against the documented keys"
     elif e["type"] == "missing":
