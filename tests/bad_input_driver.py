@@ -17,10 +17,13 @@ import traceback
 from pathlib import Path
 
 
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under `root` -> a hash of its bytes ("dir" for folders)."""
+def snapshot(root: Path, own: Path) -> dict[str, str]:
+    """Every file and folder under `root` -> a hash of its bytes ("dir" for folders); of the
+    per-case folders under root/cases only the case's `own` (other processes run the others)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == root / "cases":
+            dirnames[:] = [d for d in dirnames if root / "cases" / d == own]
         for d in dirnames:
             out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
         for f in filenames:
@@ -32,7 +35,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def run_case(case: dict, root: Path) -> dict:
     from factlab import cli
 
-    before = snapshot(root)
+    before = snapshot(root, Path(case["cwd"]))
     os.chdir(case["cwd"])
     old = sys.argv, sys.stdout, sys.stderr
     out, err = io.StringIO(), io.StringIO()
@@ -48,7 +51,7 @@ def run_case(case: dict, root: Path) -> dict:
     finally:
         sys.argv, sys.stdout, sys.stderr = old
         getattr(cli, "_interrupt_note", []).clear()  # what a command registered for Ctrl-C
-    after = snapshot(root)
+    after = snapshot(root, Path(case["cwd"]))
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     return {"id": case["id"], "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
             "traceback": escaped, "changed": changed}

@@ -467,6 +467,12 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted()
+    except OSError as e:
+        # A path the system refuses (permissions, a full disk, a name too long): the user's to
+        # fix, so one line naming it rather than a traceback.
+        what = f"{e.filename}: " if e.filename else ""
+        _say(f"{what}{e.strerror or e}; check the path and its permissions")
+        sys.exit(2)
     except typer.Abort:
         _interrupted()
     except usage_errors as e:

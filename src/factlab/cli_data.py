@@ -79,12 +79,15 @@ def synth(
     if not 0 <= heldout < 1:
         raise FactlabError(f"--heldout {heldout} is out of range; give a fraction from 0 up to (not including) 1")
     if lang not in LANGS:
-        raise FactlabError(f"unknown --lang {lang!r}; use one of {', '.join(LANGS)}")
+        raise FactlabError(f"unknown language --lang {lang!r}; use one of {', '.join(LANGS)}")
     if out.exists() and not out.is_dir():
         raise FactlabError(f"--out {out} is a file; give a new or empty folder")
     _refuse_non_empty(out, force)
     world = makers[kind](facts, seed=seed, lang=lang, paraphrases=paraphrases, heldout=heldout)
     paths = write_world(world, out, overwrite=force)
+    from factlab.cli import _on_interrupt
+
+    _on_interrupt(lambda: f"the world in {out} was written completely")  # Ctrl-C from here on
     s = world.summary()
     if paths["corpus"].is_file():  # large worlds: one JSONL file instead of a docs/ folder of .txt files
         _err().print(f"note: {s['counts']['documents']} documents (more than {DOCS_AS_FILES_MAX}) are written as one "
