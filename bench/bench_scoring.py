@@ -1,4 +1,5 @@
-"""Probe scoring speed: factlab's Scorer against a plain one-forward-per-candidate loop.
+"""Probe scoring speed: factlab's ``LM.loglikelihood`` (a.k.a. ``Scorer``) against a plain
+one-forward-per-candidate loop.
 
 Builds ``--probes`` probes (seeded, generated here: distinct prompts of 8-20 tokens, 4
 candidates of 1-4 tokens each), loads SmolLM2-135M once and, in the same run, times on the
@@ -6,9 +7,9 @@ same (prompt, candidate) pairs:
 
   loop (1 forward per pair)  one ``model(input_ids=...)`` forward per pair, then log_softmax
                              and gather: the way one writes it with plain transformers;
-  Scorer, plain batches      ``Scorer(share_prefix=False)``: every pair runs whole, in
+  Scorer, plain batches      ``LM(share_prefix=False)``: every pair runs whole, in
                              right-padded batches sorted by length (the fallback path);
-  Scorer, shared prompt      ``Scorer`` (the default): each prompt runs once, and its
+  Scorer, shared prompt      ``LM`` (the default): each prompt runs once, and its
                              candidates are scored from its key/value cache.
 
 Every timing spans the same work: from the pairs as strings to their log-prob sums, i.e.
@@ -34,7 +35,8 @@ import time
 import torch
 import transformers
 
-from factlab.evaluate.scoring import Scorer, split_pair
+from factlab.evaluate.lm import LM
+from factlab.evaluate.tokens import split_pair
 from factlab.models.loading import load_model, resolve_model
 
 SUBJECTS = ["Marta Ilvane", "Jonas Perl", "Edda Sorn", "the night-shift foreman", "our new tenant",
@@ -114,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--probes", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=16, help="Scorer batch size (factlab's default)")
+    ap.add_argument("--batch-size", type=int, default=16, help="LM batch size (factlab's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m")
     args = ap.parse_args()
@@ -140,9 +142,9 @@ def main() -> None:
 
     methods = {
         "loop (1 forward per pair)": lambda ps: loop_loglik(model, tok, ps),
-        "Scorer, plain batches": lambda ps: [ll.logprob for ll in Scorer(
+        "Scorer, plain batches": lambda ps: [ll.logprob for ll in LM(
             model, tok, args.batch_size, share_prefix=False).loglikelihood(ps)],
-        "Scorer, shared prompt": lambda ps: [ll.logprob for ll in Scorer(
+        "Scorer, shared prompt": lambda ps: [ll.logprob for ll in LM(
             model, tok, args.batch_size).loglikelihood(ps)],
     }
     for fn in methods.values():  # warm-up

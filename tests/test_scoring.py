@@ -9,6 +9,7 @@ from tokenizers.processors import TemplateProcessing
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import score_probes
 from factlab.evaluate.generation import generate
+from factlab.evaluate.lm import LM
 from factlab.evaluate.probes import Probe
 from factlab.evaluate.scoring import LogLik, Scorer, chat_prompt, split_pair
 from factlab.testing import TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
@@ -176,21 +177,19 @@ ROW_FIELDS = {"id", "fact", "kind", "prompt", "target", "distractors", "target_l
 
 
 def test_score_probes_rows_and_single_batched_call(tok, llama, monkeypatch):
-    import factlab.evaluate.facts as facts
-
     calls = {"loglikelihood": [], "generate": []}
-    real_ll, real_gen = Scorer.loglikelihood, facts.generate
+    real_ll, real_gen = LM.loglikelihood, LM.generate
 
     def spy_ll(self, pairs):
         calls["loglikelihood"].append(list(pairs))
         return real_ll(self, pairs)
 
-    def spy_gen(model, tok, prompts, *, max_new_tokens, **kw):
+    def spy_gen(self, prompts, *, max_new_tokens, **kw):
         calls["generate"].append((list(prompts), max_new_tokens))
-        return real_gen(model, tok, prompts, max_new_tokens=max_new_tokens, **kw)
+        return real_gen(self, prompts, max_new_tokens=max_new_tokens, **kw)
 
-    monkeypatch.setattr(Scorer, "loglikelihood", spy_ll)
-    monkeypatch.setattr(facts, "generate", spy_gen)
+    monkeypatch.setattr(LM, "loglikelihood", spy_ll)
+    monkeypatch.setattr(LM, "generate", spy_gen)
     rows = score_probes(llama, tok, PROBES, batch_size=3)
 
     # one loglikelihood call; one generate call for completions, one for qa (longer budget)
@@ -219,15 +218,41 @@ def test_score_probes_rows_and_single_batched_call(tok, llama, monkeypatch):
         assert row["target_mean_logprob"] == pytest.approx(per_token)
         assert len(row["distractor_mean_logprobs"]) == len(probe.distractors)
         assert isinstance(row["greedy"], str) and isinstance(row["greedy_match"], bool)
-    by_id = {r["id"]: r for r in rows}
-    assert by_id["l1"]["correct"] is None and by_id["l1"]["rank"] == 1
-    r1 = by_id["r1"]
-    target, distractors = r1["target_mean_logprob"], r1["distractor_mean_logprobs"]
-    assert r1["correct"] == all(target > d for d in distractors)
-    assert r1["rank"] == 1 + sum(d >= target for d in distractors)
     # The candidate numbers are the plain per-pair log-likelihoods.
+    r1 = rows[0]
     lp, n, _ = manual_loglik(llama, tok, "The capital of France is", " Paris")
     assert r1["target_logprob"] == pytest.approx(lp, abs=1e-5) and r1["target_tokens"] == n
+    assert r1["distractor_mean_logprobs"][1] == pytest.approx(
+        manual_loglik(llama, tok, "The capital of France is", " Berlin")[0]
+        / len(split_pair(tok, "The capital of France is", " Berlin")[1]), abs=1e-5)
+
+
+def test_score_probes_correct_and_rank_from_known_logprobs(tok, llama, monkeypatch):
+    # Hand-built log-likelihoods per (context, continuation), so the right answers are known
+    # without the code's formula: candidates compare by log-prob per token (not by sum), a
+    # tie counts against the target, and each number lands on its own candidate.
+    qa = chat_prompt(tok, "Who leads the night shift?")
+    known = {
+        ("The capital of France is", " Paris"): LogLik(-4.0, 4, False),  # -1.0 per token
+        ("The capital of France is", " Rome"): LogLik(-1.5, 1, False),  # -1.5: worse per token
+        ("The capital of France is", " Berlin"): LogLik(-0.5, 1, True),  # -0.5: better
+        ("France's capital city is ", "Paris"): LogLik(-2.0, 2, False),  # -1.0
+        ("France's capital city is ", "Rome"): LogLik(-1.0, 1, True),  # -1.0: a tie
+        ("日本の首都は", "東京"): LogLik(-0.25, 1, True),
+        (qa, "Jonas Perl"): LogLik(-0.2, 2, True),  # -0.1: best
+        (qa, "Marta Ilvane"): LogLik(-3.0, 3, False),
+        (qa, "Edda Sorn"): LogLik(-2.0, 1, False),
+    }
+    monkeypatch.setattr(LM, "loglikelihood", lambda self, pairs: [known[p] for p in pairs])
+    rows = {r["id"]: r for r in score_probes(llama, tok, PROBES)}
+    r1, p1, l1, q1 = rows["r1"], rows["p1"], rows["l1"], rows["q1"]
+    assert (r1["target_logprob"], r1["target_mean_logprob"], r1["target_tokens"]) == (-4.0, -1.0, 4)
+    assert r1["distractor_mean_logprobs"] == [-1.5, -0.5]
+    assert (r1["correct"], r1["rank"]) == (False, 2)  # by sum, Paris would rank 3
+    assert (p1["correct"], p1["rank"]) == (False, 2)  # tie
+    assert (q1["correct"], q1["rank"]) == (True, 1)
+    assert q1["distractor_mean_logprobs"] == [-1.0, -2.0] and q1["target_is_greedy"]
+    assert (l1["correct"], l1["rank"], l1["distractor_mean_logprobs"]) == (None, 1, [])
 
 
 def test_score_probes_is_deterministic(tok, llama):
@@ -238,12 +263,10 @@ def test_score_probes_is_deterministic(tok, llama):
 
 
 def test_score_probes_greedy_tokens(tok, llama, monkeypatch):
-    import factlab.evaluate.facts as facts
-
     seen = []
-    real_gen = facts.generate
-    monkeypatch.setattr(facts, "generate",
-                        lambda m, t, p, *, max_new_tokens, **kw: seen.append(max_new_tokens) or real_gen(m, t, p, max_new_tokens=max_new_tokens, **kw))
+    real_gen = LM.generate
+    monkeypatch.setattr(LM, "generate",
+                        lambda self, p, *, max_new_tokens, **kw: seen.append(max_new_tokens) or real_gen(self, p, max_new_tokens=max_new_tokens, **kw))
     score_probes(llama, tok, PROBES[:1], greedy_tokens=3)
     assert seen == [3]
 

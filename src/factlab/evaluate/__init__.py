@@ -1,39 +1,8 @@
-"""Evaluation: probe sets, the one scoring path, pure metrics and fact-score aggregation.
+"""Evaluation: probe sets, the one model interface, pure metrics and fact-score aggregation.
 
-``probes`` and ``metrics`` import without torch, so reports can aggregate saved scores
-cheaply; ``scoring`` and ``facts`` (which need torch and transformers) load on first use.
+``lm.LM`` is the model interface (log-likelihoods of pairs and of whole texts, generation);
+``tokens`` turns strings into tokens for it and ``kvcache`` holds the transformers-cache
+code of its shared-prompt path. ``facts`` scores probe sets through it, ``perplexity`` and
+``generation`` are its function forms. ``probes``, ``metrics`` and ``textmetrics`` import
+without torch, so reports can aggregate saved scores cheaply. Import the modules directly.
 """
-
-from __future__ import annotations
-
-import importlib
-
-from factlab.evaluate.metrics import (
-    candidate_correct,
-    candidate_rank,
-    contains_target,
-    mean,
-    normalize_text,
-    rate_summary,
-    wilson_interval,
-)
-from factlab.evaluate.probes import PROBE_KINDS, Probe, load_probes
-
-_LAZY = {
-    "LogLik": "scoring", "Scorer": "scoring", "chat_prompt": "scoring", "split_pair": "scoring",
-    "score_probes": "facts", "summarize": "facts", "summary_table": "facts",
-    "candidate_continuation": "facts",
-}
-
-__all__ = [
-    "PROBE_KINDS", "Probe", "load_probes",
-    "candidate_correct", "candidate_rank", "contains_target", "mean", "normalize_text",
-    "rate_summary", "wilson_interval",
-    *_LAZY,
-]
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"factlab.evaluate.{_LAZY[name]}"), name)
-    raise AttributeError(f"module 'factlab.evaluate' has no attribute {name!r}")

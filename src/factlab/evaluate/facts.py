@@ -22,8 +22,8 @@ from factlab.evaluate.metrics import (
     rate_summary,
 )
 from factlab.evaluate.probes import PROBE_KINDS, Probe
-from factlab.evaluate.generation import Generation, generate
-from factlab.evaluate.scoring import Scorer, chat_prompt, trailing_space
+from factlab.evaluate.lm import LM, Generation
+from factlab.evaluate.tokens import chat_prompt, trailing_space
 from factlab.evaluate.textmetrics import bootstrap_mean_interval, eos_summary
 
 if TYPE_CHECKING:
@@ -77,7 +77,8 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Score every probe: candidate log-probs, rank, correctness, a greedy continuation and,
     with ``samples`` > 0, that many sampled continuations at ``temperature``.
 
-    All candidates of all probes go through one batched ``Scorer.loglikelihood`` call.
+    One model interface (``LM``) does it all: every candidate of every probe goes through one
+    batched ``LM.loglikelihood`` call, and the continuations through ``LM.generate``.
     Greedy continuations get ``greedy_tokens`` new tokens (default: the longest target's
     token count + 4); ``qa`` answers get ``qa_tokens``, enough to see whether the model ends
     its turn with EOS. ``context`` puts a source text before every prompt (the in-context
@@ -88,7 +89,7 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     if greedy_tokens is not None and greedy_tokens < 1:
         raise FactlabError(f"greedy_tokens must be at least 1, got {greedy_tokens}; "
                            "leave it unset for the default")
-    scorer = Scorer(model, tokenizer, batch_size=batch_size)
+    lm = LM(model, tokenizer, batch_size=batch_size)
     contexts = [probe_context(p, tokenizer, context) for p in probes]
 
     pairs: list[tuple[str, str]] = []
@@ -97,7 +98,7 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         starts.append(len(pairs))
         pairs += [(ctx, candidate_continuation(probe, c))
                   for c in [probe.target, *probe.distractors]]
-    scores = scorer.loglikelihood(pairs)
+    scores = lm.loglikelihood(pairs)
 
     # Generate from the prompt without its trailing spaces, as it was scored: the space
     # belongs to the next word's token.
@@ -108,14 +109,16 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     for is_qa, budget in ((False, max_new), (True, qa_tokens)):
         idx = [i for i, p in enumerate(probes) if (p.kind == "qa") == is_qa]
         if idx:
-            outs = generate(model, tokenizer, [gen_prompts[i] for i in idx], max_new_tokens=budget,
-                            batch_size=max(64, batch_size))
+            # Generation batches are wider than scoring ones: decoding is bound by memory
+            # traffic per step, not by compute.
+            outs = lm.generate([gen_prompts[i] for i in idx], max_new_tokens=budget,
+                               batch_size=max(64, batch_size))
             for i, out in zip(idx, outs):
                 greedy[i] = out[0]
     sampled: list[list[Generation]] = [[] for _ in probes]
     if samples > 0:
-        sampled = generate(model, tokenizer, gen_prompts, max_new_tokens=sample_tokens, n=samples,
-                           temperature=temperature, seed=seed, batch_size=max(80, batch_size))
+        sampled = lm.generate(gen_prompts, max_new_tokens=sample_tokens, n=samples,
+                              temperature=temperature, seed=seed, batch_size=max(80, batch_size))
 
     rows = []
     for probe, start, g, samp in zip(probes, starts, greedy, sampled):

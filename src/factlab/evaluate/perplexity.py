@@ -11,10 +11,13 @@ import math
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from factlab.errors import FactlabError
+from factlab.evaluate.lm import LM
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 BUILTIN_GENERAL = "general.txt"
 
@@ -28,114 +31,33 @@ def builtin_general_text() -> str:
     return resources.files("factlab.builtin").joinpath(BUILTIN_GENERAL).read_text(encoding="utf-8")
 
 
-def _max_positions(model) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
-def _windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """``(start, end, score_from)`` for a stream of n tokens: window [start, end) scores
-    tokens [score_from, end), predicting each from the window's earlier tokens."""
-    windows = []
-    prev_end = 0
-    start = 0
-    while True:
-        end = min(start + seq_len, n)
-        # A window cannot score its own first token (nothing before it in the window), and
-        # tokens an earlier window scored are context only.
-        score_from = max(prev_end, start + 1)
-        if score_from < end:
-            windows.append((start, end, score_from))
-        if end == n:
-            return windows
-        prev_end = end
-        start += stride
-
-
-@torch.inference_mode()
-def _window_nlls(model, ids: list[int], windows, batch_size: int, device) -> tuple[float, int]:
-    """Sum of NLL (float64) and count over the scored tokens of all windows."""
-    total, count = 0.0, 0
-    # Only windows of equal length share a batch (no padding): the full windows, then the
-    # shorter last one alone. Padding would be correct for a causal model but can change
-    # the numbers in the last bits, and the result should not depend on batch_size.
-    i = 0
-    while i < len(windows):
-        length = windows[i][1] - windows[i][0]
-        j = i
-        while j < len(windows) and j - i < batch_size and windows[j][1] - windows[j][0] == length:
-            j += 1
-        batch = windows[i:j]
-        input_ids = torch.tensor([ids[s:e] for s, e, _ in batch], dtype=torch.long, device=device)  # (B, T)
-        logits = model(input_ids=input_ids).logits  # (B, T, V)
-        for b, (start, end, score_from) in enumerate(batch):
-            # Position p predicts token p + 1: scored tokens [score_from, end) in stream
-            # coordinates come from logits at window positions [score_from-1-start, end-1-start).
-            lo, hi = score_from - 1 - start, end - 1 - start
-            logp = torch.log_softmax(logits[b, lo:hi].float(), dim=-1)  # (S, V), fp32
-            targets = input_ids[b, lo + 1 : hi + 1]  # (S,)
-            nll = -logp.gather(-1, targets[:, None]).squeeze(-1)  # (S,)
-            total += float(nll.double().sum())
-            count += hi - lo
-        i = j
-    return total, count
-
-
-def perplexity(model, tokenizer, text: str, seq_len: int = 256, stride: int | None = None, batch_size: int = 8) -> dict:
+def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text: str, seq_len: int = 256,
+               stride: int | None = None, batch_size: int = 8) -> dict:
     """Per-token NLL and perplexity of ``model`` on ``text``.
 
-    Which tokens are scored:
+    Which tokens are scored (``LM.loglikelihood_rolling`` has the window scheme):
 
-    - ``text`` is encoded once, with the tokenizer's own special-token convention
-      (``add_special_tokens=True``). If that puts a BOS first (Llama, Gemma tokenizers), BOS
-      is context and every text token is scored; if not (SmolLM2, Qwen2, GPT-2), the first
-      text token has nothing to condition on and is not scored.
-    - ``stride=None``: non-overlapping windows [0, L), [L, 2L), ... of ``seq_len`` = L tokens.
-      Each window's first token is context only (not scored), so one token per window
-      boundary is never scored; every other token is scored once.
-    - ``stride=s`` (1 <= s <= L): sliding windows starting at 0, s, 2s, ...; each window
-      scores only the tokens after the previous window's end, so every token after the first
-      is scored exactly once, with at least L - s tokens of context (the Hugging Face
-      "perplexity of fixed-length models" scheme). Costs about L / s times as much.
+    - ``text`` is encoded once, with the tokenizer's own special-token convention. If that
+      puts a BOS first (Llama, Gemma tokenizers), BOS is context and every text token is
+      scored; if not (SmolLM2, Qwen2, GPT-2), the first text token has nothing to condition
+      on and is not scored.
+    - ``stride=None``: non-overlapping windows of ``seq_len`` tokens, each window's first
+      token context only; ``stride=s``: sliding windows, every token after the first scored
+      once with at least ``seq_len - s`` tokens of context.
 
-    Windows go through the model in batches of up to ``batch_size`` under inference mode;
-    log-softmax in fp32 and sums in float64, so the result does not depend on batch_size
-    beyond float rounding. The model is put in eval mode and its previous mode restored.
+    Windows go through the model in batches of up to ``batch_size``; the result does not
+    depend on batch_size beyond float rounding. The model is put in eval mode and its
+    previous mode restored.
 
     Returns ``{nll_per_token, perplexity, n_tokens, seq_len, stride}`` where ``n_tokens`` is
     the number of scored tokens and ``stride`` the one used (``seq_len`` when None).
     """
     if not text.strip():
         raise FactlabError("cannot measure perplexity on empty text; give some plain text")
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    stride = seq_len if stride is None else stride
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    max_pos = _max_positions(model)
-    if max_pos is not None and seq_len > max_pos:
-        raise FactlabError(f"seq_len {seq_len} is longer than the model's context ({max_pos} tokens); use seq_len <= {max_pos}")
-
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    windows = _windows(len(ids), seq_len, stride)
-    if not windows:
-        raise FactlabError("text is too short to measure perplexity (needs at least 2 tokens); give a longer text")
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        total, count = _window_nlls(model, ids, windows, batch_size, device)
-    finally:
-        model.train(was_training)
-    nll = total / count
-    return {"nll_per_token": nll, "perplexity": math.exp(nll), "n_tokens": count, "seq_len": seq_len, "stride": stride}
+    (scored,) = LM(model, tokenizer, batch_size=batch_size).loglikelihood_rolling([text], seq_len, stride)
+    nll = -scored.logprob / scored.n_tokens
+    return {"nll_per_token": nll, "perplexity": math.exp(nll), "n_tokens": scored.n_tokens,
+            "seq_len": seq_len, "stride": seq_len if stride is None else stride}
 
 
 def _read_general_text(path: Path) -> str:

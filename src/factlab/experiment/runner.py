@@ -29,6 +29,7 @@ from factlab.data.corpus import load_documents
 from factlab.data.sft import require_chat_template
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import summary_table
+from factlab.evaluate.lm import max_positions
 from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_files, write_atomic
 from factlab.experiment.store import RunStore
 from factlab.models.loading import load_model, resolve_model
@@ -99,7 +100,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
         stage_examples.append(build_stage_examples(st, tokenizer, raw, seed=st.train.seed if st.train.seed is not None else exp.seed))
     if context is not None:
         n_ctx = len(tokenizer(context)["input_ids"])
-        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        limit = max_positions(model) or float("inf")  # None: no fixed context (ALiBi), any corpus fits
         if n_ctx > limit // 2:
             raise FactlabError(f"eval.in_context: the corpus is {n_ctx} tokens, too long to put in a prompt "
                                f"of this model (context {limit}); turn in_context off or use a shorter corpus")
