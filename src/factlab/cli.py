@@ -372,8 +372,8 @@ def eval_(
     targets = eval_targets(model_or_run, err)
     from factlab.experiment.preflight import ModelShape, check_probe_lengths
 
-    config, tokenizer, _ = ModelShape(err).get(str(targets[0][1]))
-    check_probe_lengths(probe_list, tokenizer, config)
+    _, tokenizer, shape = ModelShape(err).get(str(targets[0][1]))
+    check_probe_lengths(probe_list, tokenizer, shape)
     if output is not None:
         _on_interrupt(lambda: "nothing was written (the scores were not saved)")
     results = evaluate_models(targets, spec, context=context, seed=seed, console=err)

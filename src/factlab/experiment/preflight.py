@@ -16,20 +16,12 @@ from factlab.config import Experiment
 from factlab.errors import FactlabError
 
 
-def max_positions(config) -> int | None:
-    """The model's context length from its config (max_position_embeddings / n_positions)."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    text = getattr(config, "text_config", None)
-    return max_positions(text) if text is not None else None
-
-
-def check_probe_lengths(probes, tokenizer, config) -> None:
+def check_probe_lengths(probes, tokenizer, model) -> None:
     """FactlabError naming the first probe whose prompt alone does not fit the model's context
-    (it could only be scored truncated, i.e. wrongly)."""
-    limit = max_positions(config)
+    (it could only be scored truncated, i.e. wrongly). `model` may live on the meta device."""
+    from factlab.evaluate.lm import max_positions
+
+    limit = max_positions(model)
     if not limit:
         return
     for p in probes:
@@ -85,7 +77,7 @@ def preflight(exp: Experiment, shapes: ModelShape | None = None) -> None:
     for path in exp.eval.general_text:
         if not Path(path).is_file():
             raise FactlabError(f"eval.general_text: {path} does not exist; check the path")
-    config, tokenizer, model = (shapes or ModelShape()).get(exp.model)
+    _, tokenizer, model = (shapes or ModelShape()).get(exp.model)
     for i, st in enumerate(exp.stages):
         try:
             resolve_targets(model, list(st.peft.targets), st.peft.layers)
@@ -95,7 +87,7 @@ def preflight(exp: Experiment, shapes: ModelShape | None = None) -> None:
         require_chat_template(tokenizer, "SFT stages")
     if any(p.kind == "qa" for p in probes):
         require_chat_template(tokenizer, "qa probes")
-    check_probe_lengths(probes, tokenizer, config)
+    check_probe_lengths(probes, tokenizer, model)
 
 
 def preflight_sweep(points: list, console: Console | None = None) -> None:
