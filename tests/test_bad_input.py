@@ -460,6 +460,9 @@ def test_output_dir_is_relative_to_the_experiment_file(tmp_path, monkeypatch):
     (tmp_path / "sub" / "exp.yaml").write_text("name: t\nmodel: m\noutput_dir: myruns\n")
     monkeypatch.chdir(tmp_path)
     assert Path(load_experiment("sub/exp.yaml").output_dir) == (tmp_path / "sub" / "myruns").resolve()
+    # the default stays in the current folder, where `factlab runs` and `report` look for the store
+    (tmp_path / "sub" / "plain.yaml").write_text("name: t\nmodel: m\n")
+    assert load_experiment("sub/plain.yaml").output_dir == "runs"
 
 
 def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:

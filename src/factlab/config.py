@@ -219,8 +219,9 @@ class Experiment(_Strict):
     """Alias (see `factlab models`), a local Hugging Face folder, or a hub id (online only)."""
     seed: int = 0
     output_dir: str = "runs"
-    """Where run folders are created; relative to the experiment file's folder like every other
-    path (`factlab run -o DIR` overrides it, relative to the current directory)."""
+    """Where run folders are created. Set in the file, it is relative to the file's folder like
+    every other path; the default `runs` and `factlab run -o DIR` are relative to the current
+    directory (where `factlab runs` and `factlab report` look for the store)."""
     data: DataSpec = Field(default_factory=DataSpec)
     stages: list[StageSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -389,7 +390,6 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
             d.replay.source = [p if p == "corpus" else fix(p) for p in d.replay.source]
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
     exp.eval.general_text = [fix(p) for p in exp.eval.general_text]
-    exp.output_dir = fix(exp.output_dir)
     # A local model folder given relatively: resolve it too (aliases and hub ids stay as they are).
     cand = base / exp.model
     if not Path(exp.model).is_absolute() and cand.is_dir():
@@ -418,12 +418,17 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raise FactlabError(f"{path} is empty; an experiment needs at least `name` and `model`")
     if not isinstance(raw, dict):
         raise FactlabError(f"{path} must be a YAML mapping (key: value), not a {type(raw).__name__}")
+    file_output_dir = "output_dir" in raw  # relative to the file; the default runs/ stays in the cwd
     overridden: dict[str, str] = {}
     for item in overrides or []:
         keys, value = parse_override(item)
         apply_override(raw, keys, value)
         overridden[".".join(keys)] = item
-    return experiment_from_dict(raw, source=str(path), base=path.parent, overridden=overridden)
+    exp = experiment_from_dict(raw, source=str(path), base=path.parent, overridden=overridden)
+    out = Path(exp.output_dir).expanduser()
+    if file_output_dir and "output_dir" not in overridden and not out.is_absolute():
+        exp.output_dir = str((path.parent / out).resolve())
+    return exp
 
 
 def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = None,

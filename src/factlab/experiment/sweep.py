@@ -71,6 +71,7 @@ def expand_sweep(exp: Experiment) -> list[SweepPoint]:
             try:
                 # relative paths in sweep values resolve like the file's own: against its folder
                 point_exp = experiment_from_dict(raw, source=f"sweep point {overrides}", base=exp._base)
+                point_exp.output_dir = exp.output_dir  # already resolved (or set by -o); not again
             except FactlabError as e:
                 raise FactlabError(f"{e} (check the sweep: block)") from None
             points.append(SweepPoint(len(points), overrides, point_exp, point_label(exp, overrides)))
