@@ -439,13 +439,19 @@ def test_ctrl_c_while_synth_writes_leaves_nothing(tmp_path):
 
 def test_ctrl_c_before_writing(tmp_path):
     """SIGINT while the world is still being generated: exit 130, one line, nothing on disk."""
-    proc = subprocess.Popen([sys.executable, "-m", "factlab", "data", "synth", "--facts", "20000", "-o", "w"],
+    proc = subprocess.Popen([sys.executable, "-m", "factlab", "data", "synth", "--facts", "100000", "-o", "w"],
                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=_default_sigint)
-    # give the imports time, then interrupt (generating 20000 facts takes several seconds more)
-    time.sleep(4.0)
+
+    def cpu_seconds() -> float:  # the child's own CPU time: independent of how loaded the machine is
+        fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    # Past the imports (about 1 s of CPU) and well inside generating 100000 facts (many more).
+    _wait_for(lambda: cpu_seconds() >= 3.0, proc, step=0.05)
     if proc.poll() is not None:  # pragma: no cover
         pytest.skip("synth finished before the interrupt")
+    assert not any(tmp_path.iterdir()), "the write started earlier than expected"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
