@@ -22,6 +22,37 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a loca
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+def _no_bool_metavar() -> None:
+    """typer 0.29's rich help shows `<bool>` after plain flags (`--dry-run <bool>`), which
+    reads as if the flag took a value; show nothing there, as click does."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_no_bool_metavar()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from factlab import __version__
+
+        Console().print(f"factlab {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Teach a local LLM new facts and measure what stuck."""
+
+
 def _quiet_libraries() -> None:
     # transformers/peft chatter (GGUF conversion bars, "use_cpu" notes) drowns the table a
     # user came for; real errors still raise.
@@ -39,14 +70,88 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _store(path: Optional[Path], output_dir: str | Path):
+def _store(path: Optional[Path], output_dir: str | Path, must_exist: bool = False):
     from factlab.experiment.store import RunStore
 
+    _check_store(path or Path(output_dir) / "factlab.db", "--store" if path else "the run store", must_exist)
     return RunStore(path or Path(output_dir) / "factlab.db")
+
+
+# --- checks at the top of commands: bad paths fail before any model is loaded or file written
+
+
+def _check_store(path: Path, flag: str, must_exist: bool = False) -> None:
+    """A run store path must be a SQLite file (or not exist yet, unless `must_exist`)."""
+    if path.is_dir():
+        raise FactlabError(f"{flag} {path} is a folder; give the run store's file, e.g. {path / 'factlab.db'}")
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(16)
+        if head and head != b"SQLite format 3\0":
+            raise FactlabError(f"{flag} {path} is not a factlab run store (not a SQLite database); give factlab.db "
+                               "or a new path")
+    elif must_exist:
+        raise FactlabError(f"{flag} {path} does not exist; give the factlab.db under your runs folder")
+    elif path.parent.exists() and not path.parent.is_dir():
+        raise FactlabError(f"{flag} {path}: {path.parent} is a file, not a folder; give another path")
+
+
+def _check_out_dir(path: Path, flag: str) -> None:
+    """An output folder must be a folder or not exist yet (nor sit under a file)."""
+    if path.exists() and not path.is_dir():
+        raise FactlabError(f"{flag} {path} is a file; give a folder for the output")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FactlabError(f"{flag} {path}: {parent} is a file, not a folder; give another path")
+            break
+
+
+def _check_out_file(path: Path, flag: str) -> None:
+    """An output file must not be a folder (nor sit under a file)."""
+    if path.is_dir():
+        raise FactlabError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'report.html'}")
+    _check_out_dir(path.parent, flag)
+
+
+def _check_run_folders(folders) -> None:
+    """Each folder holds a complete results.json (a JSON object with per-stage summaries)."""
+    import json
+
+    for folder in map(Path, folders):
+        res = folder / "results.json"
+        if not folder.exists():
+            raise FactlabError(f"run folder {folder} does not exist; check the path (see `factlab runs`)")
+        if not res.is_file():
+            raise FactlabError(f"{folder} is not a finished run folder (no results.json); give a folder under runs/")
+        try:
+            data = json.loads(res.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FactlabError(f"{res} is not valid JSON ({getattr(e, 'msg', e)}; truncated?); run it again or leave "
+                               "that folder out") from None
+        if not isinstance(data, dict) or not isinstance(data.get("summaries"), dict) or not all(
+                isinstance(v, dict) for v in data["summaries"].values()):
+            raise FactlabError(f"{res} is not a factlab results file (no per-stage summaries); give a run folder "
+                               "written by factlab run")
+
+
+def _note_new_folders(root: Path):
+    """For Ctrl-C: what a run/sweep kept under `root` (run folders keep their finished stages)."""
+    before = set(root.iterdir()) if root.is_dir() else set()
+
+    def note() -> str | None:
+        new = sorted(set(root.iterdir()) - before) if root.is_dir() else []
+        if not new:
+            return "nothing was written"
+        return f"kept {', '.join(map(str, new))} (finished stages are complete; the interrupted one was discarded)"
+
+    return note
 
 
 MlflowOpt = Annotated[bool, typer.Option("--mlflow", help="Also log each run to MLflow (needs the mlflow package).")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite); default: <output_dir>/factlab.db, i.e. runs/factlab.db.")]
+ReadStoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite) to read; default: runs/factlab.db.")]
+RUN_STATUSES = ("running", "done", "failed")
 
 
 def _load(experiment: Path, overrides: Optional[list[str]], output_dir: Optional[Path]):
@@ -93,9 +198,14 @@ def run(
     """Run an experiment: score, train each stage, merge, score again; write a run folder."""
     from factlab.experiment.runner import run_experiment
 
+    if output_dir is not None:
+        _check_out_dir(output_dir, "--output-dir")
     exp = _load(experiment, set_, output_dir)
+    _check_out_dir(Path(exp.output_dir), "output_dir")
+    run_store = _store(store, exp.output_dir)
+    _on_interrupt(_note_new_folders(Path(exp.output_dir)))
     on_stage, on_done = _presenters()
-    run_experiment(exp, console=err, store=_store(store, exp.output_dir), mlflow=mlflow, on_stage=on_stage, on_done=on_done)
+    run_experiment(exp, console=err, store=run_store, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
 
 
 
@@ -131,12 +241,18 @@ def sweep(
 ) -> None:
     """Run every point of an experiment's sweep (grid x points x repeat); a restarted sweep
     skips finished points, and an earlier stage shared by several points is trained once."""
+    from factlab.experiment.preflight import preflight_sweep
     from factlab.experiment.sweep import expand_sweep, run_sweep
 
+    if output_dir is not None:
+        _check_out_dir(output_dir, "--output-dir")
     exp = _load(experiment, set_, output_dir)
     if not exp.sweep:
         raise FactlabError(f"{experiment} has no sweep: block; add one (dotted key: [values]) or use `factlab run`")
+    _check_out_dir(Path(exp.output_dir), "output_dir")
+    sweep_store = _store(store, exp.output_dir)
     points = expand_sweep(exp)
+    preflight_sweep(points, err)  # every point's files, layer groups and ranges, before any work
     if dry_run:
         table = Table(title=f"sweep {exp.name}: {len(points)} runs")
         table.add_column("#")
@@ -150,8 +266,9 @@ def sweep(
         from factlab.experiment.mlflow_log import require_mlflow
 
         require_mlflow()
+    _on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
     on_stage, on_done = _presenters()
-    run_sweep(exp, _store(store, exp.output_dir), console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
+    run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
     Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
 
 
@@ -178,10 +295,12 @@ def runs(
     sweep_name: Annotated[Optional[str], typer.Option("--sweep", help="Only runs of this sweep.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Only runs of this experiment name.")] = None,
     status: Annotated[Optional[str], typer.Option("--status", help="running, done or failed.")] = None,
-    store: StoreOpt = None,
+    store: ReadStoreOpt = None,
 ) -> None:
     """List runs in the store."""
-    rows = _store(store, "runs").runs(name=name, sweep=sweep_name, status=status)
+    if status is not None and status not in RUN_STATUSES:
+        raise FactlabError(f"--status {status!r} is not a run status; use one of {', '.join(RUN_STATUSES)}")
+    rows = _store(store, "runs", must_exist=store is not None).runs(name=name, sweep=sweep_name, status=status)
     table = Table(title=f"{len(rows)} runs")
     for col in ("run folder", "sweep", "point", "status", "minutes", "tok/s"):
         table.add_column(col)
@@ -200,7 +319,13 @@ def compare(
     every run against the first on the same probes (paired differences with intervals)."""
     from factlab.report.tables import compare_table, difference_table, load_run
 
+    _check_run_folders(run_dirs)
     runs = [load_run(d) for d in run_dirs]
+    if stage is not None:
+        for r in runs:
+            if stage not in r.results["summaries"]:
+                raise FactlabError(f"--stage {stage!r}: run {r.folder} has no such stage; its stages are "
+                                   f"{', '.join(r.results['summaries']) or '(none)'}")
     Console().print(compare_table(runs, stage=stage))
     diff = difference_table(runs, stage=stage)
     if diff is not None:
@@ -213,13 +338,16 @@ def report(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file.")] = Path("report.html"),
     fmt: Annotated[str, typer.Option("--format", help="html (one self-contained file) or md (tables; plots as PNG files beside).")] = "html",
     probe: Annotated[Optional[list[str]], typer.Option("--probe", help="Probe id whose sampled answers to show (repeatable; default: a few).")] = None,
-    store: StoreOpt = None,
+    store: ReadStoreOpt = None,
 ) -> None:
     """Build a report from stored runs without re-running models."""
     from factlab.report.build import build_report, resolve_runs
     from factlab.report.tune import tune_sections
 
-    st = _store(store, "runs")
+    if fmt not in ("html", "md"):
+        raise FactlabError(f"--format {fmt!r} is not a report format; use html or md")
+    _check_out_file(output, "--output")
+    st = _store(store, "runs", must_exist=store is not None)
     extra = [sec for src in source for sec in tune_sections(src, st)]  # a `factlab tune` study: front, trials, importances
     try:
         run_dirs = resolve_runs(source, st)
@@ -227,8 +355,30 @@ def report(
         if not extra:
             raise
         run_dirs = []  # a study whose trials were all pruned: its own sections only
-    path = build_report(run_dirs, output, fmt=fmt, probes=probe or [], extra=extra)
-    err.print(f"report: {path}")
+    _check_run_folders([d for d, _ in run_dirs])
+    if probe:
+        from factlab.report.tables import load_run
+
+        known = {row.get("id") for d, _ in run_dirs for st_ in ["base", *load_run(d).stages] for row in load_run(d).rows(st_)}
+        unknown = [p for p in probe if p not in known]
+        if unknown:
+            raise FactlabError(f"--probe {unknown[0]!r} is not a probe id of these runs; see the ids in their "
+                               "scores/*.jsonl (e.g. the probe files' \"id\" fields)")
+    import shutil
+
+    from factlab.atomic import staged_dir
+
+    # Built in a temporary sibling folder and moved into place when complete (the report, and
+    # for md its figures folder): Ctrl-C or an error never leaves half a report.
+    with staged_dir(output.parent / f".{output.name}.build") as tmp:
+        build_report(run_dirs, tmp / output.name, fmt=fmt, probes=probe or [], extra=extra)
+        for entry in sorted(tmp.iterdir(), key=lambda e: e.name == output.name):  # the report itself last
+            if (output.parent / entry.name).is_dir():
+                shutil.rmtree(output.parent / entry.name)
+            os.replace(entry, output.parent / entry.name)
+    shutil.rmtree(output.parent / f".{output.name}.build", ignore_errors=True)
+    path = output
+    err.print(f"report: {path}", markup=False)
 
 
 @app.command("eval")
@@ -253,19 +403,46 @@ def eval_(
     from factlab.experiment.run_folder import RunFolder
     from factlab.report.console import forgetting_table, summary_table
 
-    if not probes and RunFolder(model_or_run).config_path.is_file():
-        probes = [Path(p) for p in (RunFolder(model_or_run).read_config().get("eval", {}) or {}).get("probes", [])]
+    # Options and paths first: nothing is loaded or scored before they are all right.
+    for flag, value, ok, rule in (("--samples", samples, samples >= 0, "0 or more"),
+                                  ("--temperature", temperature, temperature > 0 and temperature == temperature, "above 0"),
+                                  ("--batch-size", batch_size, batch_size > 0, "1 or more")):
+        if not ok:
+            raise FactlabError(f"{flag} {value} is out of range; give a number {rule}")
+    if output is not None:
+        _check_out_file(output, "--output")
+    run = RunFolder(model_or_run)
+    if not probes and run.config_path.is_file():
+        cfg = run.read_config()
+        if isinstance(cfg, dict) and isinstance(cfg.get("eval"), dict):
+            probes = [Path(p) for p in cfg["eval"].get("probes") or []]
     if not probes:
         raise FactlabError("no probes to score; give --probes FILE (JSONL, one probe per line)")
+    from factlab.experiment.evaluation import load_probe_files
+
+    probe_list = load_probe_files([str(p) for p in probes])
+    for flag, files in (("--general-text", general_text), ("--in-context", in_context)):
+        for f in files or []:
+            if not f.is_file():
+                raise FactlabError(f"{flag} {f} {'is a folder' if f.is_dir() else 'does not exist'}; give a text file")
     from pydantic import ValidationError
 
     try:
         spec = EvalSpec(probes=[str(p) for p in probes], general_text=[str(p) for p in general_text or []],
                         batch_size=batch_size, sampling={"n": samples, "temperature": temperature})
     except ValidationError as e:
-        raise FactlabError(f"bad option: {e.errors()[0]['loc'][-1]}: {e.errors()[0]['msg']}") from None
+        flags = {"n": "--samples", "temperature": "--temperature", "batch_size": "--batch-size"}
+        loc = str(e.errors()[0]["loc"][-1])
+        raise FactlabError(f"bad option {flags.get(loc, loc)}: {e.errors()[0]['msg']}") from None
     context = "\n\n".join(load_documents(in_context)) if in_context else None
-    results = evaluate_models(eval_targets(model_or_run, err), spec, context=context, seed=seed, console=err)
+    targets = eval_targets(model_or_run, err)
+    from factlab.experiment.preflight import ModelShape, check_probe_lengths
+
+    _, tokenizer, shape = ModelShape(err).get(str(targets[0][1]))
+    check_probe_lengths(probe_list, tokenizer, shape)
+    if output is not None:
+        _on_interrupt(lambda: "nothing was written (the scores were not saved)")
+    results = evaluate_models(targets, spec, context=context, seed=seed, console=err)
     first = next(iter(results["summaries"]), None)
     out = Console()
     if first is not None:
@@ -274,8 +451,10 @@ def eval_(
     if first_ppl is not None and results["perplexity"][first_ppl]:
         out.print(forgetting_table(results["perplexity"], results["forgetting"], baseline=first_ppl))
     if output:
-        output.write_text(json.dumps(results, indent=2))
-        err.print(f"summaries: {output}")
+        from factlab.atomic import write_text_atomic
+
+        write_text_atomic(output, json.dumps(results, indent=2))
+        err.print(f"summaries: {output}", markup=False)
 
 
 @app.command()
@@ -365,30 +544,75 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _say(message: str) -> None:
+    """One plain line on stderr: never parsed as rich markup (`exp[v2].yaml` stays intact), and
+    any newline inside the message folded so that a message is always exactly one line."""
+    from rich.text import Text
+
+    line = " ".join(str(message).split())
+    text = Text("error: ", style="red") + Text(line) if not line.startswith("interrupted") else Text(line)
+    Console(stderr=True, soft_wrap=True, highlight=False).print(text)
+
+
+# What an interrupted command kept (set by a command before it starts writing; read by main()).
+_interrupt_note: list = []
+
+
+def _on_interrupt(note) -> None:
+    """Register a callable that returns what an interrupted command kept on disk (or None)."""
+    _interrupt_note[:] = [note]
+
+
+def _interrupted() -> None:
+    kept = _interrupt_note[0]() if _interrupt_note else None
+    _say(f"interrupted; {kept}" if kept else "interrupted; nothing was written")
+    sys.exit(130)
+
+
 def main() -> None:
+    """The `factlab` entry point: usage errors and FactlabError -> one line, exit 2; Ctrl-C ->
+    one line, exit 130; the app runs in standalone_mode=False so that click/typer hand every
+    error to us instead of printing a rich panel (or a traceback) themselves."""
+    # typer 0.29 vendors click as typer._click: its usage errors derive from TyperException, not
+    # from the click package's ClickException, so catch both families.
+    from typer.exceptions import TyperException
+
+    usage_errors: tuple = (TyperException,)
     try:
-        # standalone_mode=False returns (not raises) a typer.Exit's code: pass it on.
-        code = app(standalone_mode=False)
+        import click
+
+        usage_errors += (click.exceptions.ClickException,)
+    except ImportError:  # pragma: no cover - click is a typer dependency in older releases only
+        pass
+    try:
+        # standalone_mode=False returns (not raises) a typer.Exit's code: pass it on. typer
+        # turns a Ctrl-C inside a command into Exit(130).
+        code = app(standalone_mode=False, prog_name="factlab")
+        if code == 130:
+            _interrupted()
         if isinstance(code, int) and code:
             sys.exit(code)
     except FactlabError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _say(str(e))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _interrupted()
+    except OSError as e:
+        # A path the system refuses (permissions, a full disk, a name too long): the user's to
+        # fix, so one line naming it rather than a traceback.
+        what = f"{e.filename}: " if e.filename else ""
+        _say(f"{what}{e.strerror or e}; check the path and its permissions")
         sys.exit(2)
     except typer.Abort:
-        err.print("aborted")
-        sys.exit(130)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        raise
+        _interrupted()
+    except usage_errors as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `factlab` or `factlab data` alone: help was shown
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+        message = e.format_message().replace(" (Possible options: --help)", "").rstrip(".")
+        _say(f"{message}{where}")
+        sys.exit(getattr(e, "exit_code", 2) or 2)
 
 
 if __name__ == "__main__":

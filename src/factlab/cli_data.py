@@ -35,7 +35,7 @@ def _user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except FactlabError as e:
-            _err().print(f"[red]error:[/red] {escape(str(e))}")
+            _err().print(f"[red]error:[/red] {escape(' '.join(str(e).split()))}")
             raise SystemExit(2) from None
 
     return wrapper
@@ -66,15 +66,32 @@ def synth(
     force: Annotated[bool, typer.Option("--force", help="Overwrite factlab's files in a non-empty folder.")] = False,
 ) -> None:
     """Generate a fictional fact world: corpus, Q&A, probes, facts and a summary."""
-    from factlab.data.synth import synth_chain, synth_containment, synth_world, write_world
+    from factlab.data.synth import DOCS_AS_FILES_MAX, LANGS, MAX_FACTS, synth_chain, synth_containment, synth_world, write_world
 
     makers = {"world": synth_world, "chain": synth_chain, "containment": synth_containment}
     if kind not in makers:
         raise FactlabError(f"unknown --kind {kind!r}; use one of {', '.join(makers)}")
+    # The options by their flag names (the library's own messages say n_facts, paraphrases, ...).
+    if not 1 <= facts <= MAX_FACTS:
+        raise FactlabError(f"--facts {facts} is out of range; give a number from 1 to {MAX_FACTS}")
+    if not 1 <= paraphrases <= 20:
+        raise FactlabError(f"--paraphrases {paraphrases} is out of range; give a number from 1 to 20")
+    if not 0 <= heldout < 1:
+        raise FactlabError(f"--heldout {heldout} is out of range; give a fraction from 0 up to (not including) 1")
+    if lang not in LANGS:
+        raise FactlabError(f"unknown language --lang {lang!r}; use one of {', '.join(LANGS)}")
+    if out.exists() and not out.is_dir():
+        raise FactlabError(f"--out {out} is a file; give a new or empty folder")
     _refuse_non_empty(out, force)
     world = makers[kind](facts, seed=seed, lang=lang, paraphrases=paraphrases, heldout=heldout)
     paths = write_world(world, out, overwrite=force)
+    from factlab.cli import _on_interrupt
+
+    _on_interrupt(lambda: f"the world in {out} was written completely")  # Ctrl-C from here on
     s = world.summary()
+    if paths["corpus"].is_file():  # large worlds: one JSONL file instead of a docs/ folder of .txt files
+        _err().print(f"note: {s['counts']['documents']} documents (more than {DOCS_AS_FILES_MAX}) are written as one "
+                     f"file, {escape(str(paths['corpus']))} ({{\"id\", \"text\"}} per line), not as docs/*.txt")
     table = Table(title=f"{kind} ({lang}, seed {seed}): {s['n_facts']} facts")
     table.add_column("file")
     table.add_column("contents")
@@ -98,6 +115,12 @@ def _parse_about(items: list[str], mapping: dict[str, str]) -> str | dict[str, s
     per_key: dict[str, str] = {}
     for item in items:
         old, sep, phrase = item.partition("=")
+        if sep and old.strip() not in mapping:
+            raise FactlabError(f"--probes-about {item!r}: {old.strip()!r} is not a name given with --map; write OLD=PHRASE "
+                               f"with OLD one of {', '.join(mapping)}, or the phrase alone")
+        if sep and not phrase.strip():
+            raise FactlabError(f"--probes-about {item!r} has an empty phrase; write OLD=PHRASE, e.g. "
+                               f"{next(iter(mapping))}=\"Juliet was in love with\"")
         if sep and old.strip() in mapping and phrase.strip():
             per_key[old.strip()] = phrase.strip()
         elif len(items) == 1:
@@ -125,6 +148,14 @@ def substitute(
     mapping = parse_mapping(map_ or [])
     if not mapping:
         raise FactlabError("no substitutions given; pass --map OLD=NEW (e.g. --map Romeo=Bob)")
+    if not corpus.exists():
+        raise FactlabError(f"corpus {corpus} does not exist; give a .txt/.md/.jsonl file or a folder of them")
+    if corpus.is_dir() and out.is_file():
+        raise FactlabError(f"--out {out} is a file, but the corpus {corpus} is a folder; give an output folder")
+    if probes_out is not None and not probes_about:
+        raise FactlabError("--probes-out needs --probes-about (the phrase the probes ask); add it or drop --probes-out")
+    if probes_out is not None and probes_out.is_dir():
+        raise FactlabError(f"--probes-out {probes_out} is a folder; give a file name, e.g. {probes_out / 'probes.jsonl'}")
     # A file written into an existing folder keeps its name; the probes go beside the
     # output file, or beside the output folder (inside it they would be read as corpus).
     target = out / corpus.name if corpus.is_file() and out.is_dir() else out
@@ -147,9 +178,10 @@ def substitute(
         if c == 0:
             _err().print(f"warning: {escape(old)!s} was not found in the corpus; check the spelling")
     if probes is not None:
-        ppath.parent.mkdir(parents=True, exist_ok=True)
-        ppath.write_bytes("".join(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in probes).encode("utf-8"))
-        Console().print(f"{len(probes)} probes: {ppath}")
+        from factlab.atomic import write_text_atomic
+
+        write_text_atomic(ppath, "".join(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in probes))
+        Console().print(f"{len(probes)} probes: {escape(str(ppath))}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +275,14 @@ def check(
 
     if not (corpus or qa or probes):
         raise FactlabError("nothing to check; give --corpus, --qa and/or --probes")
+    if max_len is not None and max_len < 1:
+        raise FactlabError(f"--max-len {max_len} is out of range; give the model's context in tokens (1 or more)")
+    if min_chars < 1:
+        raise FactlabError(f"--min-chars {min_chars} is out of range; give 1 or more characters")
+    if show < 0:
+        raise FactlabError(f"--show {show} is out of range; give 0 or more rows")
+    if tokenizer is not None and not tokenizer.is_dir():
+        raise FactlabError(f"--tokenizer {tokenizer} is not a folder; give a local Hugging Face model or tokenizer folder")
     # Read everything first: unreadable input is an error (exit 2) before any report.
     docs, names = _read_corpus_raw(corpus) if corpus else ([], [])
     if corpus and not any(d.strip() for d in docs):
@@ -259,7 +299,11 @@ def check(
             raise FactlabError(f"--tokenizer {tokenizer} is not a folder; give a local Hugging Face model or tokenizer folder")
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tokenizer))
+        except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for a wrong folder
+            raise FactlabError(f"--tokenizer {tokenizer} holds no loadable tokenizer ({type(e).__name__}); "
+                               "give a folder with tokenizer.json / tokenizer_config.json") from None
 
     rows: list[tuple[str, str]] = []
     if corpus:

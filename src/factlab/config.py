@@ -12,15 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import re
+
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from factlab.errors import FactlabError
 from factlab.methods import lora_family, methods
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: a YAML boolean or a string is never a number (`lr: true` was 1.0, `epochs: yes`
+    # was 1); an int is still accepted where a float is expected. No inf/nan either.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 def _listify(v: Any, *keys: str) -> Any:
@@ -384,13 +388,15 @@ class InfluenceSpec(_Strict):
 
 
 class Experiment(_Strict):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(..., min_length=1)
     """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
     model: str
     """Alias (see `factlab models`), a `.gguf` file, a local Hugging Face folder, or a hub id (online only)."""
     seed: int = 0
     output_dir: str = "runs"
-    """Where run folders are created (relative to the current directory)."""
+    """Where run folders are created. Set in the file, it is relative to the file's folder like
+    every other path; the default `runs` and `factlab run -o DIR` are relative to the current
+    directory (where `factlab runs` and `factlab report` look for the store)."""
     data: DataSpec = Field(default_factory=DataSpec)
     stages: list[StageSpec] = Field(default_factory=list)
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -406,11 +412,19 @@ class Experiment(_Strict):
     tune: TuneSpec | None = None
     """Search space, objectives and budget for `factlab tune` (see TuneSpec)."""
 
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+            raise ValueError(f"the run name {v!r} may contain only letters, digits, dots, underscores and hyphens "
+                             "(it names the run folder); rename it")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "Experiment":
         for key, values in self.sweep.items():
             if key == "repeat":
-                if not isinstance(values, int) or values < 1:
+                if isinstance(values, bool) or not isinstance(values, int) or values < 1:
                     raise ValueError(f"sweep.repeat must be a positive integer, got {values!r}")
             elif key == "points":
                 if not isinstance(values, list) or not values or not all(
@@ -453,7 +467,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     """One line naming the first offending key, e.g. `stages.0.train.lrr: unknown key`."""
     # A misspelt key shows up twice (unknown key + missing key): name the typo first.
     e = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    # a key with spaces, newlines or nothing in it is shown quoted, so the line stays readable
+    loc = ".".join(str(p) if str(p).isprintable() and str(p).strip() == str(p) and str(p) else repr(p)
+                   for p in e["loc"]) or "(top level)"
     if e["type"] == "extra_forbidden":
         what = "unknown key; check its spelling against the documented keys"
     elif e["type"] == "missing":
@@ -466,6 +482,39 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     return f"config error in {source}: {loc}: {what}{more}"
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one
+    silently: a second `stages:` dropped the first) and reads `1e-4` as a number (YAML 1.1
+    wants `1.0e-4`; without this `lr: 1e-4` would be the string "1e-4", which strict number
+    fields now refuse)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # PyYAML's own error ("found unhashable key") follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key] + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str):
+    """YAML text -> Python, refusing duplicate keys (see _YamlLoader); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`stages.0.train.lr=1e-4` -> (["stages", "0", "train", "lr"], 1e-4); values are YAML."""
     if "=" not in item:
@@ -475,21 +524,22 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise FactlabError(f"--set {item!r} has an empty key; write it as key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
 
 
-def apply_override(raw: dict, path: list[str], value: Any) -> None:
-    """Set `value` at the dotted `path` inside the raw (unvalidated) config mapping."""
+def apply_override(raw: dict, path: list[str], value: Any, what: str = "--set") -> None:
+    """Set `value` at the dotted `path` inside the raw (unvalidated) config mapping; errors
+    name the override as `what` (`--set`, or `sweep` for a sweep key)."""
     node: Any = raw
     dotted = ".".join(path)
     for i, part in enumerate(path):
         last = i == len(path) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise FactlabError(f"--set {dotted}: '{part}' is not an index of a list of {len(node)} items")
+                raise FactlabError(f"{what} {dotted}: '{part}' is not an index of a list of {len(node)} items")
             if last:
                 node[int(part)] = value
             else:
@@ -502,7 +552,7 @@ def apply_override(raw: dict, path: list[str], value: Any) -> None:
                     node[part] = {}
                 node = node[part]
         else:
-            raise FactlabError(f"--set {dotted}: '{'.'.join(path[:i])}' is a value, not a section")
+            raise FactlabError(f"{what} {dotted}: '{'.'.join(path[:i])}' is a value, not a section")
 
 
 def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
@@ -538,10 +588,13 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
     """Read, override and validate an experiment file; raise FactlabError with one clear line."""
     path = Path(path)
+    if path.is_dir():
+        raise FactlabError(f"experiment {path} is a folder; give the YAML experiment file (e.g. {path / 'experiment.yaml'})")
     if not path.is_file():
         raise FactlabError(f"experiment file {path} does not exist; give the path of a YAML experiment (see examples/)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a BOM written by some editors is accepted, as in every data file
+        raw = load_yaml(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError:
         raise FactlabError(f"{path} is not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as e:
@@ -553,18 +606,32 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
         raise FactlabError(f"{path} is empty; an experiment needs at least `name` and `model`")
     if not isinstance(raw, dict):
         raise FactlabError(f"{path} must be a YAML mapping (key: value), not a {type(raw).__name__}")
+    file_output_dir = "output_dir" in raw  # relative to the file; the default runs/ stays in the cwd
+    overridden: dict[str, str] = {}
     for item in overrides or []:
         keys, value = parse_override(item)
         apply_override(raw, keys, value)
-    return experiment_from_dict(raw, source=str(path), base=path.parent)
+        overridden[".".join(keys)] = item
+    exp = experiment_from_dict(raw, source=str(path), base=path.parent, overridden=overridden)
+    out = Path(exp.output_dir).expanduser()
+    if file_output_dir and "output_dir" not in overridden and not out.is_absolute():
+        exp.output_dir = str((path.parent / out).resolve())
+    return exp
 
 
-def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = None) -> Experiment:
-    """Validate a mapping as an Experiment (paths resolved against `base`, default: cwd)."""
+def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = None,
+                         overridden: dict[str, str] | None = None) -> Experiment:
+    """Validate a mapping as an Experiment (paths resolved against `base`, default: cwd).
+    `overridden` maps dotted keys to the `--set` items that set them: an error at such a key
+    blames that `--set`, not the file."""
     try:
         exp = Experiment.model_validate(raw)
     except ValidationError as e:
-        raise FactlabError(_format_validation_error(e, source)) from None
+        first = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        blame = next((item for key, item in (overridden or {}).items()
+                      if loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")), None)
+        raise FactlabError(_format_validation_error(e, f"--set {blame}" if blame else source)) from None
     exp = _resolve_paths(exp, (base or Path.cwd()).resolve())
     exp._base = (base or Path.cwd()).resolve()
     exp.stage_names()  # fail early on duplicate names

@@ -12,16 +12,23 @@ from factlab.errors import FactlabError
 def read_text(path: Path, what: str = "file") -> str:
     """The UTF-8 text of `path`, or a FactlabError naming the file and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise FactlabError(f"{what} {path} is a folder; give a file")
     if not path.is_file():
         # A data folder whose text is fetched, not committed (the real play), says how in FETCH.
         hint = path.parent / "FETCH"
         if hint.is_file():
             raise FactlabError(f"{what} {path} has not been fetched yet; fetch it with: {hint.read_text(encoding='utf-8').strip().replace('{folder}', str(path.parent))}")
-        raise FactlabError(f"{what} {path} does not exist; check the path in the experiment file")
+        raise FactlabError(f"{what} {path} does not exist; check the path")
     try:
-        return path.read_text(encoding="utf-8")
+        # utf-8-sig: a BOM (written by some editors) is accepted, as in probe files
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise FactlabError(f"{what} {path} is not UTF-8 (byte {e.start}); convert it to UTF-8") from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise FactlabError(f"{what} {path} contains NUL bytes (line {line}): it is binary, not text; give a UTF-8 text file")
+    return text
 
 
 def iter_jsonl(path: Path, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:

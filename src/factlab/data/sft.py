@@ -18,9 +18,14 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
         if "messages" in obj:
             msgs = obj["messages"]
             ok = isinstance(msgs, list) and msgs and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in msgs)
+            ok = ok and all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in msgs)
             if not ok or msgs[-1]["role"] != "assistant":
                 raise FactlabError(f"{path}:{lineno}: \"messages\" must be a list of {{role, content}} ending with the assistant's answer")
         elif "question" in obj and "answer" in obj:
+            for key in ("question", "answer", "system"):
+                if key in obj and not isinstance(obj[key], str):
+                    got = "null" if obj[key] is None else type(obj[key]).__name__
+                    raise FactlabError(f"{path}:{lineno}: \"{key}\" must be a string, got {got}; give the text")
             msgs = [{"role": "user", "content": str(obj["question"])}, {"role": "assistant", "content": str(obj["answer"])}]
             if obj.get("system"):
                 msgs.insert(0, {"role": "system", "content": str(obj["system"])})

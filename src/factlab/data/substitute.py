@@ -171,9 +171,20 @@ def substitute_path(src: str | Path, dst: str | Path, mapping: Mapping[str, str]
         outputs.append((t, text))
     if total_chars == 0:
         raise FactlabError(f"the corpus {src} is empty; give files with some text")
-    for t, text in outputs:  # write only after everything parsed: no half-written output
-        t.parent.mkdir(parents=True, exist_ok=True)
-        t.write_bytes(text.encode("utf-8"))
+    # Write only after everything parsed, into a temporary sibling renamed when complete: an
+    # error or Ctrl-C never leaves half-written output.
+    from factlab.atomic import staged_dir, staged_file
+
+    if src.is_dir():
+        with staged_dir(dst) as tmp:
+            for t, text in outputs:
+                t = tmp / t.relative_to(dst)
+                t.parent.mkdir(parents=True, exist_ok=True)
+                t.write_bytes(text.encode("utf-8"))
+    else:
+        (t, text), = outputs
+        with staged_file(t) as tmp:
+            tmp.write_bytes(text.encode("utf-8"))
     return counts
 
 

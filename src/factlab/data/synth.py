@@ -948,30 +948,36 @@ def write_world(world: World, out_dir: str | Path, overwrite: bool = False) -> d
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FactlabError(f"{out} exists and is not a folder; choose another output folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise FactlabError(f"output folder {out} is not empty; choose a new folder or pass --force to overwrite")
-        # Remove only what a previous write_world made, so stale documents cannot mix in.
-        docs_dir = out / "docs"
-        if docs_dir.is_dir():
-            for p in docs_dir.glob("*.txt"):
-                p.unlink()
-        for name in OUTPUT_NAMES[1:]:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    if len(world.documents) <= DOCS_AS_FILES_MAX:
-        docs_dir = out / "docs"
-        docs_dir.mkdir(exist_ok=True)
-        for d in world.documents:
-            _write(docs_dir / f"{d['id']}.txt", d["text"] + "\n")
-        paths["corpus"] = docs_dir
-    else:
-        paths["corpus"] = _write(out / "corpus.jsonl", _jsonl(world.documents))
-    paths["qa"] = _write(out / "qa.jsonl", _jsonl(world.qa))
-    paths["probes"] = _write(out / "probes.jsonl", _jsonl(world.probes))
-    paths["facts"] = _write(out / "facts.jsonl", _jsonl(f.to_dict() for f in world.facts))
-    summary = world.summary()
-    summary["files"] = {k: p.relative_to(out).as_posix() + ("/" if p.is_dir() else "") for k, p in paths.items()}
-    paths["summary"] = _write(out / "world.json", json.dumps(summary, ensure_ascii=False, sort_keys=True, indent=2) + "\n")
+    replacing = out.is_dir() and any(out.iterdir())
+    if replacing and not overwrite:
+        raise FactlabError(f"output folder {out} is not empty; choose a new folder or pass --force to overwrite")
+    from factlab.atomic import staged_dir
+
+    # Written into a temporary sibling and renamed when complete: an interrupted write leaves
+    # no half-made world (which the next call would refuse to overwrite).
+    with staged_dir(out) as tmp:
+        paths: dict[str, Path] = {}
+        if len(world.documents) <= DOCS_AS_FILES_MAX:
+            docs_dir = tmp / "docs"
+            docs_dir.mkdir(exist_ok=True)
+            for d in world.documents:
+                _write(docs_dir / f"{d['id']}.txt", d["text"] + "\n")
+            paths["corpus"] = docs_dir
+        else:
+            paths["corpus"] = _write(tmp / "corpus.jsonl", _jsonl(world.documents))
+        paths["qa"] = _write(tmp / "qa.jsonl", _jsonl(world.qa))
+        paths["probes"] = _write(tmp / "probes.jsonl", _jsonl(world.probes))
+        paths["facts"] = _write(tmp / "facts.jsonl", _jsonl(f.to_dict() for f in world.facts))
+        summary = world.summary()
+        summary["files"] = {k: p.relative_to(tmp).as_posix() + ("/" if p.is_dir() else "") for k, p in paths.items()}
+        paths["summary"] = _write(tmp / "world.json", json.dumps(summary, ensure_ascii=False, sort_keys=True, indent=2) + "\n")
+        if replacing:
+            # Remove only what a previous write_world made, so stale documents cannot mix in.
+            docs_old = out / "docs"
+            if docs_old.is_dir():
+                for p in docs_old.glob("*.txt"):
+                    p.unlink()
+            for name in OUTPUT_NAMES[1:]:
+                (out / name).unlink(missing_ok=True)
+    paths = {k: out / p.relative_to(tmp) for k, p in paths.items()}
     return paths

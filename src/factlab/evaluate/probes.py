@@ -103,6 +103,9 @@ def load_probes(path: str | Path) -> list[Probe]:
         line = data[: e.start].count(b"\n") + 1
         raise FactlabError(f"{path}:{line}: not valid UTF-8 text; save the file as UTF-8") from None
 
+    if "\0" in text:
+        raise FactlabError(f"{path}:{text[: text.index(chr(0))].count(chr(10)) + 1}: contains NUL bytes: it is binary, "
+                           "not text; save the probes as UTF-8 JSONL")
     probes: list[Probe] = []
     first_line: dict[str, int] = {}  # probe id -> line it was first seen on
     # split("\n") rather than splitlines(): JSON strings may hold U+2028 etc. unescaped.
@@ -122,7 +125,9 @@ def load_probes(path: str | Path) -> list[Probe]:
             probe = Probe.model_validate(obj)
         except ValidationError as e:
             pid = obj.get("id") if isinstance(obj.get("id"), str) and obj.get("id") else None
-            raise FactlabError(f"{path}:{lineno}: {_describe(e.errors()[0], pid)}") from None
+            # A misspelt key shows up twice (unknown `targt` + missing `target`): name the typo.
+            first = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
+            raise FactlabError(f"{path}:{lineno}: {_describe(first, pid)}") from None
         if probe.id in first_line:
             raise FactlabError(
                 f"{path}:{lineno}: duplicate probe id {probe.id!r} (first on line "

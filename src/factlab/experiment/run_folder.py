@@ -314,6 +314,8 @@ class RunFolder:
             return {}
         try:
             cfg = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise FactlabError(f"{self.config_path}: not UTF-8 text; restore the file") from None
         except yaml.YAMLError as e:
             problem = str(getattr(e, "problem", None) or e).splitlines()[0]
             raise FactlabError(f"{self.config_path}: not valid YAML ({problem}); restore the file") from None

@@ -84,6 +84,9 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
         require_chat_template(tokenizer, "SFT stages")
     if any(p.kind == "qa" for p in probes):
         require_chat_template(tokenizer, "qa probes")
+    from factlab.experiment.preflight import check_probe_lengths
+
+    check_probe_lengths(probes, tokenizer, model)
     stage_examples = []
     for st, raw in zip(exp.stages, raw_data):
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here

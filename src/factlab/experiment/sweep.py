@@ -148,10 +148,11 @@ def expand_sweep(exp: Experiment) -> list[SweepPoint]:
                 overrides["seed"] = exp.seed + r
             raw = json.loads(json.dumps(base))
             for key, value in overrides.items():
-                apply_override(raw, key.split("."), value)
+                apply_override(raw, key.split("."), value, what="sweep")
             try:
                 # relative paths in sweep values resolve like the file's own: against its folder
                 point_exp = experiment_from_dict(raw, source=f"sweep point {overrides}", base=exp._base)
+                point_exp.output_dir = exp.output_dir  # already resolved (or set by -o); not again
             except FactlabError as e:
                 raise FactlabError(f"{e} (check the sweep: block)") from None
             points.append(SweepPoint(len(points), overrides, point_exp, point_label(exp, overrides)))
@@ -168,8 +169,11 @@ def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None, 
     """
     from factlab.experiment.runner import run_experiment
 
+    from factlab.experiment.preflight import preflight_sweep
+
     console = console or Console(stderr=True)
     points = expand_sweep(exp)
+    preflight_sweep(points, console)  # a bad later point fails now, not after earlier points trained
     root = Path(exp.output_dir) / exp.name
     folders: list[Path] = []
     cache = SweepCache()
