@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from factlab.chat import chat_loop, pick_target
+from factlab.chat import chat_loop
 from factlab.errors import FactlabError
 from factlab.testing import tiny_model, tiny_tokenizer
 

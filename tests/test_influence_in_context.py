@@ -1,7 +1,6 @@
 """In-context influence: the exact prompt layout documented in influence.in_context."""
 
 import numpy as np
-import pytest
 
 from factlab.evaluate.scoring import Scorer, chat_prompt, split_pair
 from factlab.influence.in_context import context_pairs, in_context_eif

@@ -4,7 +4,9 @@ any other exception."""
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,7 +26,7 @@ KEYS = ["name", "model", "seed", "output_dir", "data", "stages", "eval", "sweep"
         "epochs", "max_steps", "batch_size", "targets", "layers", "r", "alpha", "method", "merge", "corpus", "qa",
         "probes", "substitute", "replay", "source", "ratio", "sampling", "n", "temperature", "repeat", "points",
         "stages.0.train.lr", "bf16", "id", "prompt", "target", "distractors", "fact", "text", "question", "answer",
-        "messages", "role", "content", "system"]
+        "messages", "role", "content", "system", "tune", "influence", "space", "objectives", "samples", "packing"]
 SCALARS = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=True, allow_infinity=True)
            | st.text(max_size=20) | st.sampled_from(["cpt", "sft", "lora", "attention", "0-1", "recall", "qa", "user",
                                                      "assistant", "auto", "cosine", "t", "1e-4"]))
@@ -39,8 +41,12 @@ def _one_line(e: FactlabError) -> None:
     assert msg.strip() and "\n" not in msg, repr(msg)
 
 
+_TMP = Path(tempfile.mkdtemp(prefix="factlab-fuzz-"))  # one folder for the module, removed at the end
+atexit.register(shutil.rmtree, _TMP, True)
+
+
 def _file(suffix: str, data: bytes) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="fuzz"))
+    d = Path(tempfile.mkdtemp(dir=_TMP))
     p = d / f"f{suffix}"
     p.write_bytes(data)
     return p

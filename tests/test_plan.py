@@ -1,6 +1,5 @@
 """Step plans of hand-made corpora, both packings, and the too-few-steps warning."""
 
-import pytest
 
 from factlab.data.corpus import cpt_examples, document_examples, pack_documents
 from factlab.testing import tiny_model, tiny_tokenizer

@@ -6,6 +6,7 @@ report lists the Pareto front and says which probe files chose and which reporte
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -67,9 +68,14 @@ def test_bad_tune_blocks_are_one_line_errors(tmp_path, change, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_objective_metrics_come_from_the_rows_given_and_from_perplexity():
-    results = {"perplexity": {"base": {"g": {"perplexity": 10.0}}, "cpt": {"g": {"perplexity": 12.0}}}}
+def test_objective_metrics_come_from_the_rows_given_and_from_the_recorded_damage():
+    from factlab.evaluate.perplexity import forgetting_summary
+
+    ppl = lambda v: {"nll_per_token": math.log(v), "perplexity": v, "n_tokens": 100}  # noqa: E731
+    forgetting = forgetting_summary({"perplexity": {"g": ppl(10.0)}}, {"perplexity": {"g": ppl(12.0)}})
+    results = {"forgetting": {"cpt": forgetting}}
     assert metric_value("damage", [], results, "cpt") == pytest.approx(0.2)
+    assert metric_value("damage", [], results, "sft") is None  # no such stage recorded
     row = lambda i, ok: {"id": i, "kind": "paraphrase", "correct": ok, "greedy_match": False, "target_logprob": -1.0,  # noqa: E731
                          "target_mean_logprob": -1.0, "rank": 1 if ok else 2}
     assert metric_value("paraphrase.accuracy", [row("a", True), row("b", False), row("c", False)], results, "cpt") == pytest.approx(1 / 3)

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from factlab.errors import FactlabError
+from factlab.errors import FactlabError, interrupt_kept, on_interrupt
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Teach a local LLM new facts and measure what stuck.")
 # Outside a terminal (CI logs, a file) rich would wrap tables at 80 columns; give them room.
@@ -115,24 +115,18 @@ def _check_out_file(path: Path, flag: str) -> None:
 
 
 def _check_run_folders(folders) -> None:
-    """Each folder holds a complete results.json (a JSON object with per-stage summaries)."""
-    import json
+    """Each folder is a finished run whose results.json reads (RunFolder names the problem in
+    one line), or an influence run (whose results.json has no per-stage summaries)."""
+    from factlab.experiment.run_folder import RunFolder
+    from factlab.report.influence import is_influence_run
 
     for folder in map(Path, folders):
-        res = folder / "results.json"
         if not folder.exists():
             raise FactlabError(f"run folder {folder} does not exist; check the path (see `factlab runs`)")
-        if not res.is_file():
+        if not (folder / "results.json").is_file():
             raise FactlabError(f"{folder} is not a finished run folder (no results.json); give a folder under runs/")
-        try:
-            data = json.loads(res.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FactlabError(f"{res} is not valid JSON ({getattr(e, 'msg', e)}; truncated?); run it again or leave "
-                               "that folder out") from None
-        if not isinstance(data, dict) or not isinstance(data.get("summaries"), dict) or not all(
-                isinstance(v, dict) for v in data["summaries"].values()):
-            raise FactlabError(f"{res} is not a factlab results file (no per-stage summaries); give a run folder "
-                               "written by factlab run")
+        if not is_influence_run(folder):
+            RunFolder(folder).read_results()
 
 
 def _note_new_folders(root: Path):
@@ -203,7 +197,7 @@ def run(
     exp = _load(experiment, set_, output_dir)
     _check_out_dir(Path(exp.output_dir), "output_dir")
     run_store = _store(store, exp.output_dir)
-    _on_interrupt(_note_new_folders(Path(exp.output_dir)))
+    on_interrupt(_note_new_folders(Path(exp.output_dir)))
     on_stage, on_done = _presenters()
     run_experiment(exp, console=err, store=run_store, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
 
@@ -220,14 +214,20 @@ def influence(
     An experiment with `influence: {task: digits}` runs the small-CNN experiment instead."""
     from factlab.influence.digits import digits_block, run_digits_file
 
+    if output_dir is not None:
+        _check_out_dir(output_dir, "--output-dir")
     if digits_block(experiment) is not None:
         if set_:
             raise FactlabError("--set is not supported for the digits task; edit influence.digits in the file")
-        run_digits_file(experiment, output_dir, err)
+        on_interrupt(lambda: "nothing was kept (the digits result is written only when complete)")
+        run_digits_file(experiment, None, err, parent=output_dir)
         return
     from factlab.influence.study import run_influence
 
-    run_influence(_load(experiment, set_, output_dir), console=err)
+    exp = _load(experiment, set_, output_dir)
+    _check_out_dir(Path(exp.output_dir), "output_dir")
+    on_interrupt(lambda: "nothing was kept (an influence run folder appears only when complete)")
+    run_influence(exp, console=err)
 
 
 @app.command()
@@ -252,8 +252,8 @@ def sweep(
     _check_out_dir(Path(exp.output_dir), "output_dir")
     sweep_store = _store(store, exp.output_dir)
     points = expand_sweep(exp)
-    preflight_sweep(points, err)  # every point's files, layer groups and ranges, before any work
     if dry_run:
+        preflight_sweep(points, err)  # every point's files, layer groups and ranges (run_sweep does it too)
         table = Table(title=f"sweep {exp.name}: {len(points)} runs")
         table.add_column("#")
         table.add_column("folder")
@@ -266,7 +266,7 @@ def sweep(
         from factlab.experiment.mlflow_log import require_mlflow
 
         require_mlflow()
-    _on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
+    on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
     on_stage, on_done = _presenters()
     run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
     Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
@@ -283,7 +283,11 @@ def tune(
     run in the store; a killed study resumes; prints the Pareto front."""
     from factlab.experiment.tune import front_table, run_tune
 
+    if output_dir is not None:
+        _check_out_dir(output_dir, "--output-dir")
     exp = _load(experiment, set_, output_dir)
+    _check_out_dir(Path(exp.output_dir), "output_dir")
+    on_interrupt(lambda: f"finished trials are kept in the study's storage; run `factlab tune {experiment}` again to resume")
     on_stage, on_done = _presenters()
     study = run_tune(exp, _store(store, exp.output_dir), console=err, on_stage=on_stage, on_done=on_done)
     Console().print(front_table(study))
@@ -359,7 +363,10 @@ def report(
     if probe:
         from factlab.report.tables import load_run
 
-        known = {row.get("id") for d, _ in run_dirs for st_ in ["base", *load_run(d).stages] for row in load_run(d).rows(st_)}
+        from factlab.report.influence import is_influence_run
+
+        runs = [load_run(d) for d, _ in run_dirs if not is_influence_run(d)]
+        known = {row.get("id") for r in runs for st_ in ["base", *r.stages] for row in r.rows(st_)}
         unknown = [p for p in probe if p not in known]
         if unknown:
             raise FactlabError(f"--probe {unknown[0]!r} is not a probe id of these runs; see the ids in their "
@@ -441,7 +448,7 @@ def eval_(
     _, tokenizer, shape = ModelShape(err).get(str(targets[0][1]))
     check_probe_lengths(probe_list, tokenizer, shape)
     if output is not None:
-        _on_interrupt(lambda: "nothing was written (the scores were not saved)")
+        on_interrupt(lambda: "nothing was written (the scores were not saved)")
     results = evaluate_models(targets, spec, context=context, seed=seed, console=err)
     first = next(iter(results["summaries"]), None)
     out = Console()
@@ -554,17 +561,8 @@ def _say(message: str) -> None:
     Console(stderr=True, soft_wrap=True, highlight=False).print(text)
 
 
-# What an interrupted command kept (set by a command before it starts writing; read by main()).
-_interrupt_note: list = []
-
-
-def _on_interrupt(note) -> None:
-    """Register a callable that returns what an interrupted command kept on disk (or None)."""
-    _interrupt_note[:] = [note]
-
-
 def _interrupted() -> None:
-    kept = _interrupt_note[0]() if _interrupt_note else None
+    kept = interrupt_kept()
     _say(f"interrupted; {kept}" if kept else "interrupted; nothing was written")
     sys.exit(130)
 
@@ -614,6 +612,3 @@ def main() -> None:
         _say(f"{message}{where}")
         sys.exit(getattr(e, "exit_code", 2) or 2)
 
-
-if __name__ == "__main__":
-    main()

@@ -85,9 +85,9 @@ def synth(
     _refuse_non_empty(out, force)
     world = makers[kind](facts, seed=seed, lang=lang, paraphrases=paraphrases, heldout=heldout)
     paths = write_world(world, out, overwrite=force)
-    from factlab.cli import _on_interrupt
+    from factlab.errors import on_interrupt
 
-    _on_interrupt(lambda: f"the world in {out} was written completely")  # Ctrl-C from here on
+    on_interrupt(lambda: f"the world in {out} was written completely")  # Ctrl-C from here on
     s = world.summary()
     if paths["corpus"].is_file():  # large worlds: one JSONL file instead of a docs/ folder of .txt files
         _err().print(f"note: {s['counts']['documents']} documents (more than {DOCS_AS_FILES_MAX}) are written as one "

@@ -12,3 +12,19 @@ class FactlabError(Exception):
     def __init__(self, message: object = "") -> None:
         # One line, always: a key or value quoted into the message may hold a newline or tab.
         super().__init__(" ".join(str(message).split()))
+
+
+# What an interrupted command kept on disk: a command registers a callable before it starts
+# writing, and the CLI's Ctrl-C handler calls it for its one-line message. It lives here, in the
+# lowest layer, so that every command module (cli, cli_data) can register one.
+_interrupt_note: list = []
+
+
+def on_interrupt(note) -> None:
+    """Register a callable that returns what an interrupted command kept on disk (or None)."""
+    _interrupt_note[:] = [note]
+
+
+def interrupt_kept() -> str | None:
+    """What the registered callable says was kept (None when nothing is registered)."""
+    return _interrupt_note[0]() if _interrupt_note else None

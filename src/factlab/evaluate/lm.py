@@ -22,7 +22,7 @@ from transformers import GenerationConfig
 
 from factlab.errors import FactlabError
 from factlab.evaluate.kvcache import can_extend_rows, select_rows
-from factlab.evaluate.tokens import encode, split_pair
+from factlab.evaluate.tokens import encode, prefix_id, split_pair
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -225,13 +225,8 @@ class LM:
     @property
     def prefix_id(self) -> int:
         """Token that stands in for an empty context or prompt, so the first token has a
-        prediction (BOS, else EOS, as lm-eval does)."""
-        tok = self.tokenizer
-        tid = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        if tid is None:
-            raise FactlabError("cannot score a continuation with an empty context: the tokenizer "
-                               "has no BOS or EOS token; give a non-empty prompt")
-        return tid
+        prediction (BOS, else EOS, as lm-eval does; see tokens.prefix_id)."""
+        return prefix_id(self.tokenizer)
 
     def _forward(self, return_output: bool = False, **inputs):
         """The model's forward, with logits for the last ``logits_to_keep`` positions only

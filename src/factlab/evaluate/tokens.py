@@ -90,3 +90,13 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:
                            "model, or set a chat template on the tokenizer")
     return tokenizer.apply_chat_template([{"role": "user", "content": question}],
                                          add_generation_prompt=True, tokenize=False)
+
+
+def prefix_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Token that stands in for an empty context or prompt, so the first token of a
+    continuation (a whole document) has a prediction: BOS, else EOS, as lm-eval does."""
+    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if tid is None:
+        raise FactlabError("cannot score a continuation with an empty context: the tokenizer "
+                           "has no BOS or EOS token; give a non-empty prompt")
+    return tid

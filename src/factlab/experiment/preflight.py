@@ -65,7 +65,7 @@ def preflight(exp: Experiment, shapes: ModelShape | None = None) -> None:
     from factlab.data.sft import require_chat_template
     from factlab.experiment.evaluation import load_probe_files
     from factlab.models.targets import resolve_targets
-    from factlab.train.peft_methods import check_stage_order
+    from factlab.methods import check_stage_order
     from factlab.train.stage import load_stage_data
 
     exp.stage_names()

@@ -102,6 +102,8 @@ def flatten_metrics(results: RunResults | dict) -> list[tuple]:
             add(stage, "forgetting", f"ppl_ratio:{name}", p.get("perplexity_ratio"))
         loc = f.get("locality") or {}
         add(stage, "forgetting", "locality_delta", loc.get("delta"))
+        add(stage, "forgetting", "locality_greedy_delta", (f.get("locality_greedy") or {}).get("delta"))
+        add(stage, "forgetting", "damage", f.get("damage"))
     for stage, st in results.style.items():
         for metric, x in st.items():
             add(stage, "style", metric, x)

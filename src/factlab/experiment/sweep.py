@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from factlab.train.progress import progress_bar
 
 from factlab.config import Experiment, apply_override, experiment_from_dict
 from factlab.errors import FactlabError
@@ -177,9 +177,8 @@ def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None, 
     root = Path(exp.output_dir) / exp.name
     folders: list[Path] = []
     cache = SweepCache()
-    with Progress(TextColumn("[bold]sweep {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not console.is_terminal) as progress:
-        task = progress.add_task(exp.name, total=len(points))
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"sweep {exp.name}", total=len(points))
         for p in points:
             cfg = p.experiment.model_dump(mode="json")
             done = store.done_point(exp.name, config_hash(cfg))

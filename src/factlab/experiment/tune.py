@@ -40,7 +40,6 @@ from rich.table import Table
 from factlab.config import Experiment, TuneParam, apply_override, experiment_from_dict
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import summarize
-from factlab.evaluate.metrics import damage
 from factlab.evaluate.probes import PROBE_KINDS, load_probes
 from factlab.experiment.run_folder import RunFolder
 from factlab.experiment.store import RunStore
@@ -63,22 +62,14 @@ def _storage_url(path: Path) -> str:
 
 
 def metric_value(metric: str, rows: list[dict], results: dict, stage: str) -> float | None:
-    """An objective's value after `stage`: `damage` from results.json's perplexity entries
-    (mean over the general texts of evaluate.metrics.damage), or `<kind>.<stat>` from the
+    """An objective's value after `stage`: `damage` as results.json recorded it for the stage
+    (forgetting.<stage>.damage: the mean over the general texts of evaluate.metrics.damage), or `<kind>.<stat>` from the
     per-probe score rows (the rate of that kind's summary). None when it cannot be computed
     (no such probes; a model that produced no finite perplexity)."""
     if metric == "damage":
-        base, after = results.get("perplexity", {}).get("base", {}), results.get("perplexity", {}).get(stage, {})
-        figures = []
-        for name, b in base.items():
-            a = after.get(name)
-            if a is None:
-                continue
-            try:
-                figures.append(damage(b["perplexity"], a["perplexity"]))
-            except ValueError:
-                return None
-        return sum(figures) / len(figures) if figures else None
+        # the figure the run recorded for the stage (evaluate.perplexity.forgetting_summary)
+        value = ((results.get("forgetting") or {}).get(stage) or {}).get("damage")
+        return None if value is None or not math.isfinite(value) else float(value)
     kind, _, stat = metric.partition(".")
     summary = summarize(rows).get(kind, {}).get(stat) if rows else None
     if not isinstance(summary, dict):
@@ -192,16 +183,13 @@ def check_tune(exp: Experiment) -> tuple[set[str], set[str]]:
 
 
 def _preflight_data_and_model(exp: Experiment, console: Console) -> None:
-    """The stages' data files and the model, checked before the study's storage is created,
-    so that bad input leaves nothing behind (the runner checks them again per trial)."""
-    from factlab.models.loading import resolve_model
-    from factlab.train.stage import load_stage_data
+    """Everything a run checks before its first write (data files, probes, the model, layer
+    groups, chat template, probe lengths: experiment.preflight), on the experiment as written,
+    before the study's storage is created, so that bad input leaves nothing behind (each
+    trial's runner checks its own settings again)."""
+    from factlab.experiment.preflight import ModelShape, preflight
 
-    texp = trial_experiment(exp, {})
-    for st in texp.stages:
-        load_stage_data(st, st.data.corpus or texp.data.corpus, st.data.qa or texp.data.qa,
-                        substitute=st.data.substitute or texp.data.substitute)
-    resolve_model(texp.model, console)
+    preflight(trial_experiment(exp, {}), ModelShape(console))
 
 
 # ---------------------------------------------------------------------------------------

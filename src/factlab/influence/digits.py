@@ -310,7 +310,6 @@ def run_digits(cfg: DigitsSpec, out_dir: Path, console: Console | None = None) -
     from factlab.influence.exact import deterministic, progress_bar
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     split = load_split(cfg)
     with deterministic():
@@ -348,10 +347,15 @@ def run_digits(cfg: DigitsSpec, out_dir: Path, console: Console | None = None) -
     result = {"spec": cfg.model_dump(), "samples": int(len(x)), "pretrain_test_accuracy": acc,
               "pretrain_seconds": t_pre, "params": int(sum(p.numel() for p in net.parameters())),
               "levels": levels, "seconds": time.perf_counter() - t0, "torch_threads": torch.get_num_threads()}
-    (out_dir / "digits.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    np.savez_compressed(out_dir / "digits-eif.npz", labels=y, dataset_index=split["held_index"],
-                        **{f"eif_{n}": M for n, M in mats.items()})
-    plot(out_dir / "digits-eif.png", mats, y)
+    from factlab.atomic import staged_dir
+
+    # written into a temporary sibling and moved into place when complete: an interrupted run
+    # leaves nothing that a rerun would take for a result
+    with staged_dir(out_dir) as tmp:
+        np.savez_compressed(tmp / "digits-eif.npz", labels=y, dataset_index=split["held_index"],
+                            **{f"eif_{n}": M for n, M in mats.items()})
+        plot(tmp / "digits-eif.png", mats, y)
+        (tmp / "digits.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     if console is not None:
         _print(result, console)
     return result
@@ -382,10 +386,11 @@ def digits_block(experiment: Path) -> dict | None:
     None (an LLM influence study); FactlabError for a missing or unreadable file."""
     import yaml
 
-    if not experiment.is_file():
-        raise FactlabError(f"experiment file not found: {experiment}")
-    try:
-        doc = yaml.safe_load(experiment.read_text(encoding="utf-8")) or {}
+    from factlab.config import load_yaml
+    from factlab.data.io import read_text
+
+    try:  # read like every experiment file: BOM, NUL bytes and duplicate keys get one clear line
+        doc = load_yaml(read_text(experiment, "experiment file")) or {}
     except yaml.YAMLError as e:
         raise FactlabError(f"{experiment} is not valid YAML: {str(e).splitlines()[0]}") from None
     infl = doc.get("influence") if isinstance(doc, dict) else None
@@ -397,14 +402,15 @@ def digits_block(experiment: Path) -> dict | None:
     return {"name": doc.get("name", experiment.stem), "digits": infl["digits"]}
 
 
-def run_digits_file(experiment: Path, out: Path | None, console) -> Path:
-    """Run the digits block of an experiment file into `out` (default runs/<name>-digits)."""
+def run_digits_file(experiment: Path, out: Path | None, console, parent: Path | None = None) -> Path:
+    """Run the digits block of an experiment file into `out`, or into <parent>/<name>-digits
+    (parent: runs/ by default, as `factlab influence -o PARENT` gives it)."""
     block = digits_block(experiment)
     if block is None:
         raise FactlabError(f"{experiment} has no influence block with task: digits; add "
                            "`influence: {task: digits, digits: {}}`")
     spec = load_spec(block["digits"])
-    out = out or Path("runs") / f"{block['name']}-digits"
+    out = out or Path(parent or "runs") / f"{block['name']}-digits"
     if (out / "digits.json").exists():
         raise FactlabError(f"{out} already holds a digits result; pass another output folder or remove it")
     run_digits(spec, out, console)

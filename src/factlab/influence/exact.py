@@ -23,7 +23,6 @@ Q&A pair or probe; the whole text of a document), so the loss of sample i at θ_
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -104,25 +103,15 @@ class EIFResult:
 # Tokens and losses
 
 
-def prefix_token(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The token that stands in for an empty context (BOS, else EOS), as the Scorer does, so
-    that a document's first token is predicted and scored too."""
-    tid = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if tid is None:
-        raise FactlabError("a document sample needs a BOS or EOS token to be scored from its first token; "
-                           "give the samples a prompt or use a tokenizer with BOS/EOS")
-    return tid
-
-
 def sample_tokens(tokenizer: PreTrainedTokenizerBase, sample: Sample) -> tuple[list[int], int]:
     """(input ids, number of context tokens) of a sample: the Scorer's tokenization
     (``split_pair`` on ``scored_pair``; an empty context becomes the BOS/EOS stand-in).
     The tokens after the first ``n_context`` are the scored part."""
-    from factlab.evaluate.scoring import split_pair
+    from factlab.evaluate.tokens import prefix_id, split_pair
 
     ctx_text, cont_text = scored_pair(sample, tokenizer)
     ctx, cont = split_pair(tokenizer, ctx_text, cont_text)
-    ctx = ctx or [prefix_token(tokenizer)]
+    ctx = ctx or [prefix_id(tokenizer)]  # an empty context: the Scorer's stand-in token
     return ctx + cont, len(ctx)
 
 
@@ -202,7 +191,7 @@ class RowTrainer:
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, peft: PeftSpec,
                  schedule: Schedule, seed: int = 0):
-        from factlab.train.peft_methods import method_info
+        from factlab.methods import method_info
 
         self.tokenizer, self.schedule, self.seed = tokenizer, schedule, seed
         self.wraps = method_info(peft.method).wraps
@@ -264,15 +253,12 @@ class RowTrainer:
 
 
 def progress_bar(console: Console | None):
-    """A rich progress bar (rows done, seconds per row), shown on a terminal or with FACTLAB_PROGRESS=1."""
-    from rich.console import Console as RichConsole
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """factlab's progress bar (train.progress.progress_bar) with the seconds per row."""
+    from rich.progress import TextColumn
 
-    console = console or RichConsole(stderr=True)
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False,
-                    disable=not console.is_terminal and os.environ.get("FACTLAB_PROGRESS") != "1")
+    from factlab.train.progress import progress_bar as bar
+
+    return bar(console, TextColumn("{task.fields[rate]}"))
 
 
 def exact_eif(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: Sequence[Sample],

@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from factlab.config import InfluenceSamples, InfluenceSpec
+from factlab.config import InfluenceSamples
 from factlab.data.io import iter_jsonl
 from factlab.errors import FactlabError
 from factlab.influence.samples import Sample

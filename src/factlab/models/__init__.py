@@ -1,1 +1,2 @@
-"""Model loading, layer-group targets, saving and merging."""
+"""Models: loading (aliases, the embedded GGUF, .gguf files, local folders, hub ids), layer-group
+targets per architecture, and GGUF export. Saving and merging trained stages: train.merge."""

@@ -68,9 +68,10 @@ def fact_recall(summary: dict) -> dict | None:
 
 
 def ppl_ratio(run: Run, stage: str) -> float | None:
+    """Held-out perplexity after / before, the mean over the general texts (1 + damage)."""
     f = run.results.forgetting.get(stage) or {}
     ratios = [p["perplexity_ratio"] for p in (f.get("perplexity") or {}).values()]
-    return ratios[0] if ratios else None
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def locality_delta(run: Run, stage: str, view: str = "locality") -> float | None:
@@ -85,8 +86,8 @@ def damage(run: Run, stage: str) -> float | None:
     f = run.results.forgetting.get(stage) or {}
     if f.get("damage") is not None:
         return f["damage"]
-    ratios = [p["perplexity_ratio"] for p in (f.get("perplexity") or {}).values()]
-    return sum(ratios) / len(ratios) - 1 if ratios else None
+    ratio = ppl_ratio(run, stage)
+    return None if ratio is None else ratio - 1
 
 
 def kinds_of(runs: list[Run]) -> list[str]:

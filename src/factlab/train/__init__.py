@@ -1,1 +1,2 @@
-"""Training: PEFT method builders, one stage (prepare, fit, save), merging and saving, regularizers."""
+"""Training: PEFT method builders, one stage (prepare, fit, save), its step plan, progress and
+memory, merging and saving, regularizers."""

@@ -12,6 +12,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 
+def progress_bar(console: Console | None, *columns) -> Progress:
+    """The one rich progress bar of factlab (stages, sweeps, influence rows): description, bar,
+    done/total, any extra `columns`, elapsed and remaining time. Shown on a terminal, or
+    anywhere with FACTLAB_PROGRESS=1 (e.g. a log file)."""
+    console = console or Console(stderr=True)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *columns,
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+                    disable=not console.is_terminal and os.environ.get("FACTLAB_PROGRESS") != "1")
+
+
 class RichProgress(TrainerCallback):
     """A rich progress bar with loss and tokens/s (tokens = non-padding input tokens)."""
 
@@ -23,17 +33,7 @@ class RichProgress(TrainerCallback):
         self.loss = float("nan")
 
     def on_train_begin(self, args, state, control, **kw):
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-            transient=False,
-            disable=not self.console.is_terminal and os.environ.get("FACTLAB_PROGRESS") != "1",
-        )
+        self.progress = progress_bar(self.console, TextColumn("loss {task.fields[loss]:.4f}  {task.fields[tps]:,.0f} tok/s"))
         self.progress.start()
         self.task = self.progress.add_task(self.label, total=state.max_steps, loss=float("nan"), tps=0.0)
         self.t0 = time.perf_counter()
