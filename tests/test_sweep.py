@@ -96,7 +96,7 @@ def sweep_project(tmp_path, tiny_dir, steps=2):
 
 def factlab(*args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "factlab.cli", *map(str, args)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "factlab", *map(str, args)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 

@@ -327,9 +327,9 @@ def compare(
     runs = [load_run(d) for d in run_dirs]
     if stage is not None:
         for r in runs:
-            if stage not in r.results["summaries"]:
+            if stage not in r.results.summaries:
                 raise FactlabError(f"--stage {stage!r}: run {r.folder} has no such stage; its stages are "
-                                   f"{', '.join(r.results['summaries']) or '(none)'}")
+                                   f"{', '.join(r.results.summaries) or '(none)'}")
     Console().print(compare_table(runs, stage=stage))
     diff = difference_table(runs, stage=stage)
     if diff is not None:

@@ -69,7 +69,8 @@ def metric_value(metric: str, rows: list[dict], results: dict, stage: str) -> fl
     if metric == "damage":
         # the figure the run recorded for the stage (evaluate.perplexity.forgetting_summary)
         value = ((results.get("forgetting") or {}).get(stage) or {}).get("damage")
-        return None if value is None or not math.isfinite(value) else float(value)
+        # inf is a real answer (a wrecked model: its perplexity overflowed), NaN is not
+        return None if value is None or math.isnan(value) else float(value)
     kind, _, stat = metric.partition(".")
     summary = summarize(rows).get(kind, {}).get(stat) if rows else None
     if not isinstance(summary, dict):
