@@ -135,3 +135,23 @@ def test_stage_by_stage_table_pools_the_fact_kinds_per_stage(tmp_path):
     assert row["facts: sft"].startswith("0.67") and row["facts: sft"].endswith("(6)")  # recall 3/4 + qa 1/2
     assert row["qa EOS: sft"].startswith("1.00") and row["qa EOS: cpt"] == "-" and row["ppl ×: sft"] == "x1.50"
     assert dict(zip(header, rows[0]))["facts: sft"] == "-"
+
+
+def test_sample_hit_table_pools_the_samples_per_kind_with_counts(tmp_path):
+    from factlab.evaluate.metrics import rate_summary
+    from factlab.report.tables import sample_hit_rows
+
+    results = RunResults(name="r", model="tiny", seed=0)
+    results.add(EvalRecord("base", summaries={"paraphrase": {"accuracy": rate(0, 7), "sample_hits": rate_summary([False] * 140)}}))
+    results.stages.append(StageRecord("cpt", RunFolder.stage_folder_name(0, "cpt"), stage("cpt")))
+    hits = rate_summary([True] * 12 + [False] * 128)
+    results.add(EvalRecord("cpt", summaries={"paraphrase": {"accuracy": rate(0, 7), "sample_hits": hits}}, forgetting={}))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    RunFolder(folder).write_results(results)
+    header, rows = sample_hit_rows([load_run(folder, "mlp")])
+    assert header == ["variant", "stage", "paraphrase (samples)"]
+    assert rows[0][:2] == ["(untrained)", "base"] and rows[0][2].endswith("(0/140)")
+    assert rows[1][:2] == ["mlp", "cpt"] and rows[1][2].startswith("0.09 [") and rows[1][2].endswith("(12/140)")
+    # no samples anywhere: no table
+    assert sample_hit_rows([load_run(fake_run(tmp_path / "plain", [stage("cpt")]), "x")]) == ([], [])

@@ -13,7 +13,7 @@ from factlab.experiment.run_folder import BASE, RunFolder
 from factlab.experiment.store import RunStore
 from factlab.report.plots import plot_losses, plot_stage_bars, plot_tradeoff, png
 from factlab.report.tables import (
-    Run, difference_rows, load_run, stage_rows, style_rows, training_rows, variant_rows,
+    Run, difference_rows, load_run, sample_hit_rows, stage_rows, style_rows, training_rows, variant_rows,
 )
 
 
@@ -95,6 +95,10 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
          "run; damage = relative increase of held-out general-text perplexity (+15% = 1.15 times the base model's); "
          "locality Δ = change of candidate accuracy on facts the base model knew, locality greedy Δ = change of the "
          "share whose greedy answer still contains the fact; qa EOS = share of chat answers that end with EOS.", *variant_rows(runs, all_stages=True)),
+        ("table", "Sampled answers that contain the target", "Per probe kind: the share of all sampled answers (n "
+         "per probe at the eval temperature, pooled over the kind's probes) whose text contains the target, k/n with "
+         "a 95% Wilson interval; samples of one probe are not independent, so the interval is optimistic.",
+         *sample_hit_rows(runs)),
         ("table", "Stage by stage", "Per run: accuracy pooled over every fact probe kind (all but locality) [95% Wilson "
          "interval] (n), the EOS rate of chat answers, and held-out perplexity after / before, after the base model and "
          "each stage. Did the facts survive the later stage, and did the model learn to stop?", *stage_rows(runs)),

@@ -121,6 +121,32 @@ def variant_rows(runs: list[Run], stage: str | None = None, all_stages: bool = F
     return header, rows
 
 
+def sample_hit_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows like variant_rows, but the share of all sampled answers that contain the
+    target, per probe kind (all samples of a kind pooled: k/n with a Wilson interval; the
+    samples of one probe are not independent, so read the interval as a lower bound of the
+    uncertainty). Empty when no run drew samples."""
+    kinds = [k for k in kinds_of(runs)
+             if any((r.summary(st).get(k) or {}).get("sample_hits") for r in runs for st in r.results.summaries)]
+    if not kinds:
+        return [], []
+    rows = []
+
+    def row(r: Run, st: str, label: str) -> list[str]:
+        cells = [label, st]
+        for k in kinds:
+            x = (r.summary(st).get(k) or {}).get("sample_hits")
+            cells.append(f"{interval(x)} ({x['k']}/{x['n']})" if x and x.get("n") else "-")
+        return cells
+
+    if runs and BASE in runs[0].results.evaluations:
+        rows.append(row(runs[0], BASE, "(untrained)"))
+    for r in runs:
+        for st in r.stages:
+            rows.append(row(r, st, r.label))
+    return ["variant", "stage"] + [f"{k} (samples)" for k in kinds], rows
+
+
 def _size(n: float | None) -> str:
     if not n:
         return "-"
