@@ -99,7 +99,8 @@ def test_factlab_influence_runs_the_digits_task(tmp_path):
     r = subprocess.run([sys.executable, "-m", "factlab", "influence", str(exp), "-o", str(out)],
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert json.loads((out / "digits.json").read_text())["samples"] == 6
+    # -o is the parent folder, as for every influence run: the result is <parent>/<name>-digits
+    assert json.loads((out / "d-digits" / "digits.json").read_text())["samples"] == 6
     again = subprocess.run([sys.executable, "-m", "factlab", "influence", str(exp), "-o", str(out)],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "already holds a digits result" in again.stderr
