@@ -65,13 +65,15 @@ def pack_documents(tokenizer, docs: list[str], seq_len: int) -> list[dict]:
     for doc in docs:
         stream.extend(tokenizer(doc, add_special_tokens=True)["input_ids"])
         stream.append(eos)
-    blocks = []
-    for start in range(0, len(stream), seq_len):
-        ids = stream[start : start + seq_len]
-        if len(ids) < 2:  # a lone trailing token has nothing to predict
-            continue
-        blocks.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
-    return blocks
+    return _pieces(stream, seq_len)
+
+
+def _pieces(ids: list[int], seq_len: int) -> list[dict]:
+    """Consecutive examples of at most `seq_len` tokens; a lone trailing token is dropped (it
+    has nothing to predict)."""
+    return [{"input_ids": piece, "attention_mask": [1] * len(piece), "labels": list(piece)}
+            for piece in (ids[start : start + seq_len] for start in range(0, len(ids), seq_len))
+            if len(piece) >= 2]
 
 
 def document_examples(tokenizer, docs: list[str], seq_len: int) -> list[dict]:
@@ -83,15 +85,7 @@ def document_examples(tokenizer, docs: list[str], seq_len: int) -> list[dict]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise FactlabError("the tokenizer has no EOS token; CPT needs one to mark document ends")
-    out = []
-    for doc in docs:
-        ids = tokenizer(doc, add_special_tokens=True)["input_ids"] + [eos]
-        for start in range(0, len(ids), seq_len):
-            piece = ids[start : start + seq_len]
-            if len(piece) < 2:  # a lone trailing token has nothing to predict
-                continue
-            out.append({"input_ids": piece, "attention_mask": [1] * len(piece), "labels": list(piece)})
-    return out
+    return [ex for doc in docs for ex in _pieces(tokenizer(doc, add_special_tokens=True)["input_ids"] + [eos], seq_len)]
 
 
 def cpt_examples(tokenizer, docs: list[str], seq_len: int, packing: str = "blocks") -> list[dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from factlab.errors import FactlabError
+from factlab.report.plots import png
 
 
 def is_influence_run(folder: Path) -> bool:
@@ -71,15 +71,6 @@ def influence_sections(sources: list[tuple[Path, str]]) -> list[tuple]:
     return sections
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
 _CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}"
         "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;"
         "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
@@ -105,7 +96,7 @@ def build_influence_report(sources: list[tuple[Path, str]], output: Path, fmt: s
                 md += ["", f"## {t}", "", note, "", "| " + " | ".join(th) + " |", "|" + "---|" * len(th)]
                 md += ["| " + " | ".join(r) + " |" for r in trs]
             else:
-                (assets / f"influence{n}.png").write_bytes(_png(sec[2]))
+                (assets / f"influence{n}.png").write_bytes(png(sec[2]))
                 md += ["", f"## {sec[1]}", "", f"![{sec[1]}]({assets.name}/influence{n}.png)"]
         output.write_text("\n".join(md) + "\n", encoding="utf-8")
         return output
@@ -121,7 +112,7 @@ def build_influence_report(sources: list[tuple[Path, str]], output: Path, fmt: s
             parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in trs]
             parts.append("</table>")
         else:
-            data = base64.b64encode(_png(sec[2])).decode()
+            data = base64.b64encode(png(sec[2])).decode()
             parts.append(f"<h2>{esc(sec[1])}</h2><img alt='{esc(sec[1])}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
     output.write_text("\n".join(parts), encoding="utf-8")
