@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("bad_input_driver.py")
@@ -471,43 +472,30 @@ def test_output_dir_is_relative_to_the_experiment_file(tmp_path, monkeypatch):
     assert load_experiment("sub/plain.yaml").output_dir == "runs"
 
 
-def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    from factlab import cli
-
-    monkeypatch.setattr(sys, "argv", ["factlab", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_writers_leave_complete_outputs_and_no_temporary_files(lab, tmp_path, monkeypatch, capsys):
     """The staged writers still write: a tiny run, then report (html and md with its figures),
     eval -o, synth and substitute; every output is complete and no temporary sibling is left."""
     (tmp_path / "exp.yaml").write_text(EXP.replace("{lab}", str(lab)).replace("output_dir: out", "output_dir: runs"))
     monkeypatch.chdir(tmp_path)
-    code, _, err = _cli(monkeypatch, capsys, "run", "exp.yaml")
+    code, _, err = run_cli(monkeypatch, capsys, "run", "exp.yaml")
     assert code == 0, err
     (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
-    code, _, err = _cli(monkeypatch, capsys, "report", run, "-o", "rep/r.html")
+    code, _, err = run_cli(monkeypatch, capsys, "report", run, "-o", "rep/r.html")
     assert code == 0, err
     assert (tmp_path / "rep" / "r.html").read_text().rstrip().endswith("</html>")
-    code, _, err = _cli(monkeypatch, capsys, "report", run, "-o", "rep/r.md", "--format", "md")
+    code, _, err = run_cli(monkeypatch, capsys, "report", run, "-o", "rep/r.md", "--format", "md")
     assert code == 0, err
     md = (tmp_path / "rep" / "r.md").read_text()
     assert "r_files/figure1.png" in md and (tmp_path / "rep" / "r_files" / "figure1.png").is_file()
-    code, _, err = _cli(monkeypatch, capsys, "eval", lab / "model", "--probes", lab / "probes.jsonl", "--samples", "0",
+    code, _, err = run_cli(monkeypatch, capsys, "eval", lab / "model", "--probes", lab / "probes.jsonl", "--samples", "0",
                         "-o", "ev/e.json")
     assert code == 0, err
     assert "summaries" in json.loads((tmp_path / "ev" / "e.json").read_text())
-    code, _, err = _cli(monkeypatch, capsys, "data", "substitute", lab / "docs.txt", "--map", "Marta=Edda", "-o", "sub.txt",
+    code, _, err = run_cli(monkeypatch, capsys, "data", "substitute", lab / "docs.txt", "--map", "Marta=Edda", "-o", "sub.txt",
                         "--probes-about", "The press line is run by")
     assert code == 0, err
     assert "Edda Ilvane" in (tmp_path / "sub.txt").read_text() and (tmp_path / "probes.jsonl").is_file()
-    code, _, err = _cli(monkeypatch, capsys, "data", "synth", "--facts", "5", "-o", "w")
+    code, _, err = run_cli(monkeypatch, capsys, "data", "synth", "--facts", "5", "-o", "w")
     assert code == 0, err
     assert (tmp_path / "w" / "world.json").is_file() and (tmp_path / "w" / "docs").is_dir()
     left = [p for p in tmp_path.rglob("*") if "partial" in p.name or p.name.endswith(".build")]

@@ -2,13 +2,12 @@
 complete run folder; a run that fails midway keeps what earlier stages wrote."""
 
 import json
-import sys
 
 import pytest
 import yaml
 
-from factlab import cli
 from factlab.testing import tiny_model, tiny_tokenizer
+from cli_helpers import run_cli
 
 
 @pytest.fixture()
@@ -32,15 +31,6 @@ def project(tmp_path, tiny_dir):
     return tmp_path
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["factlab", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_end_to_end_run_folder(project, monkeypatch, capsys):

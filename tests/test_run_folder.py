@@ -10,23 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from factlab import cli
 from factlab.errors import FactlabError
 from factlab.experiment.run_folder import EvalRecord, RunFolder, RunResults, StageRecord
+from cli_helpers import run_cli
 
 DATA = Path(__file__).parent / "data"
 OLD_RUN = DATA / "old-run"
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["factlab", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def rate(k, n):
