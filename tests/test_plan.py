@@ -82,3 +82,80 @@ def test_document_packing_never_attends_across_documents():
             n = len(e["input_ids"])
             cols = (batch["attention_mask"][i] == 1).nonzero().squeeze(1)
             torch.testing.assert_close(together[i, cols][:n], alone, atol=1e-5, rtol=1e-5)
+
+
+def _stage(**train):
+    from factlab.config import StageSpec
+
+    return StageSpec(kind="cpt", train={"packing": "documents", **train})
+
+
+def test_documents_stage_flattens_and_keeps_each_document_apart():
+    """The collator factlab picks for `packing: documents` lays a batch's documents in one
+    unpadded row; each document's logits equal those of the document alone, and the loss equals
+    the padded batch's loss."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    from factlab.methods import method_info
+    from factlab.train.stage import stage_collator
+
+    tok = tiny_tokenizer()
+    model = tiny_model().eval()
+    docs = ["alpha beta gamma delta", "epsilon zeta", "eta theta iota kappa lambda mu"]
+    examples = document_examples(tok, docs, seq_len=64)
+    collate = stage_collator(model, tok, _stage(), method_info("lora"))
+    assert isinstance(collate, DataCollatorWithFlattening)
+    batch = collate(examples)
+    assert batch["use_cache"] is False  # with a cache, transformers skips the packed-sequence mask
+    assert batch["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
+    with torch.no_grad():
+        model.train()  # as the Trainer runs it: the mode in which a forgotten use_cache=False crosses documents
+        out = model(**batch)
+        start = 0
+        for e in examples:
+            n = len(e["input_ids"])
+            alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+            torch.testing.assert_close(out.logits[0, start:start + n], alone, atol=1e-5, rtol=1e-5)
+            start += n
+        padded = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)(examples)
+        ref = model(**padded).loss
+    torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_stages_that_must_pad_get_the_padding_collator():
+    from transformers import DataCollatorForSeq2Seq
+
+    from factlab.config import StageSpec
+    from factlab.methods import method_info
+    from factlab.train.stage import stage_collator
+
+    tok, model = tiny_tokenizer(), tiny_model()
+    padded = DataCollatorForSeq2Seq
+    assert isinstance(stage_collator(model, tok, StageSpec(kind="cpt"), method_info("lora")), padded)  # blocks
+    assert isinstance(stage_collator(model, tok, StageSpec(kind="sft"), method_info("lora")), padded)
+    assert isinstance(stage_collator(model, tok, _stage(), method_info("prompt_tuning")), padded)
+    assert isinstance(stage_collator(model, tok, _stage(neftune_alpha=5.0), method_info("lora")), padded)
+
+
+def test_flattening_check_fails_for_a_model_that_attends_across_documents():
+    """A model that ignores position ids (here: a wrapper dropping them) must not be flattened."""
+    import torch
+
+    from factlab.train.stage import flattening_keeps_documents_apart
+
+    model = tiny_model()
+
+    class NoPositions(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_input_embeddings(self):
+            return self.inner.get_input_embeddings()
+
+        def forward(self, input_ids, position_ids=None):
+            return self.inner(input_ids=input_ids)
+
+    assert flattening_keeps_documents_apart(model)
+    assert not flattening_keeps_documents_apart(NoPositions(model))

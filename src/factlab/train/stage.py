@@ -37,6 +37,7 @@ import torch
 from rich.console import Console
 from transformers import (
     DataCollatorForSeq2Seq,
+    DataCollatorWithFlattening,
     EarlyStoppingCallback,
     PrinterCallback,
     TrainerCallback,
@@ -345,7 +346,7 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
         args=args,
         train_dataset=train_ex,
         eval_dataset=eval_ex or None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=stage_collator(peft_model, tokenizer, stage, method),
         callbacks=callbacks,
         optimizers=(optimizer, None),
         l2_to_base=l2,
@@ -354,6 +355,65 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
     return PreparedStage(name, stage, method, seed, bf16, peft_model, targets, trainable, total,
                          train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan)
+
+
+def stage_collator(model, tokenizer, stage: StageSpec, method: MethodInfo):
+    """The batch builder of a stage.
+
+    CPT with `packing: documents` puts a batch's documents one after the other in a single row
+    without padding (transformers' DataCollatorWithFlattening: position ids restart at every
+    document, the first token of each gets no label), and the model's attention mask keeps
+    every token inside its own document (transformers builds that block-diagonal causal mask
+    from the position ids). The step plan and the loss stay those of one padded example per
+    document; the compute on padding goes: a batch of short fact documents mixed with full
+    replay blocks was mostly padding (measured in the README's step-aware training section).
+
+    Everything else pads (DataCollatorForSeq2Seq): SFT, `packing: blocks`, the prompt methods
+    (their virtual tokens shift every position), NEFTune (its noise scale depends on the padded
+    length), and any model for which flattening_keeps_documents_apart() fails.
+    """
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    tr = stage.train
+    if stage.kind != "cpt" or tr.packing != "documents" or not method.merges or tr.neftune_alpha:
+        return padded
+    if not flattening_keeps_documents_apart(model):
+        return padded
+    return FlattenDocuments()
+
+
+class FlattenDocuments(DataCollatorWithFlattening):
+    """transformers' flattening collator, plus `use_cache=False` in every batch: with a KV cache
+    (which the models create in training mode too unless told not to) transformers skips the
+    packed-sequence mask, and the documents of a row would attend to each other."""
+
+    def __call__(self, features, return_tensors=None, separator_id=None):
+        batch = super().__call__(features, return_tensors, separator_id)
+        batch["use_cache"] = False
+        return batch
+
+
+def flattening_keeps_documents_apart(model) -> bool:
+    """True if `model`, fed a FlattenDocuments batch of two short documents, gives each
+    document the logits it gives alone: the attention of this architecture honours the packed
+    position ids. Two tiny forward passes in eval mode (dropout off; with use_cache=False the
+    mask is built as in training), no gradients."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    docs = [[min(i, vocab - 1) for i in (11, 12, 13, 14)], [min(i, vocab - 1) for i in (15, 16, 17)]]
+    device = next(model.parameters()).device
+    batch = FlattenDocuments()([{"input_ids": d, "labels": d} for d in docs])
+    batch.pop("labels")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            together = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).logits[0]
+            alone = torch.cat([model(input_ids=torch.tensor([d], device=device), use_cache=False).logits[0]
+                               for d in docs])
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(together.float(), alone.float(), atol=1e-3, rtol=1e-3))
 
 
 def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, bf16: bool, has_eval: bool) -> TrainingArguments:
