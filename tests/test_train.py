@@ -170,3 +170,28 @@ def test_train_loss_after_is_the_clean_mean_loss_on_the_training_examples(tmp_pa
     assert res.eval_loss is not None
     _, plain = train_stage(tiny_model("llama", vocab_size=len(tok)), tok, stage("cpt", ("mlp",)), "cpt", tmp_path / "t", blocks, seed=0)
     assert plain.train_loss_after is None and plain.eval_loss is None
+
+
+def test_flattened_documents_train_exactly_like_padded_documents(tmp_path, tok, monkeypatch):
+    """`packing: documents` trains on unpadded flattened rows; the loss of every step equals the
+    one the same batches give padded (same seed, same shuffling)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    import factlab.train.stage as st
+    from factlab.data.corpus import document_examples
+
+    docs = DOCS + ["The night shift starts at ten.", "Vessen lies on the river Aro."]
+
+    def run(folder):
+        model = tiny_model("llama", vocab_size=len(tok))
+        spec = stage("cpt", packing="documents", max_steps=4, batch_size=3, lr=5e-3)
+        _, res = st.train_stage(model, tok, spec, "cpt", tmp_path / folder, document_examples(tok, docs, 32), seed=0)
+        return res
+
+    flat = run("flat")
+    monkeypatch.setattr(st, "stage_collator",
+                        lambda *a: DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+    padded = run("padded")
+    assert len(flat.loss_history) == 4
+    for a, b in zip(flat.loss_history, padded.loss_history):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (flat.loss_history, padded.loss_history)
