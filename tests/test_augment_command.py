@@ -80,8 +80,11 @@ def test_world_input_is_deterministic_leak_free_and_reverses_what_it_claims(tmp_
     for f in facts:
         if f.relation in manifest["reversed_relations"]:
             assert rev_probes[f.id].target == f.subject
-            reverse_sentence = {"works_at": f"{f.object} employs {f.subject}.", "made_by": f"{f.object} makes {f.subject}."}[f.relation]
-            assert reverse_sentence in joined
+            # every reverse wording of the relation states the fact object-first somewhere
+            wordings = {"works_at": ["{o} employs {s}.", "On the staff of {o} is {s}.", "Among the people at {o} is {s}."],
+                        "made_by": ["{o} makes {s}.", "{o} builds {s}.", "From the workshops of {o} comes {s}."]}[f.relation]
+            for w in wordings:
+                assert w.format(o=f.object, s=f.subject) in joined, w
         else:
             assert f.id not in rev_probes
     # paraphrase probes: held-out wording 1 in probes.jsonl, wording 2 in select-probes.jsonl
@@ -166,3 +169,21 @@ def test_more_wordings_than_a_relation_has_is_refused_and_a_relations_file_adds_
     bad.write_text("mascot:\n  doc: ['{o} is what {s} has.']\n")
     r = run_cli("data", "augment", table, "-o", tmp_path / "out2", "--relations", bad)
     assert r.returncode == 2 and "needs one {s} before one {o}" in r.stderr
+
+
+def test_sft_answers_state_the_fact_as_a_sentence_or_short(tmp_path):
+    write_world(synth_world(30, seed=3), tmp_path / "w")
+    facts, _, lang = load_facts_input(tmp_path / "w")
+    by_id = {f.id: f for f in facts}
+    sent = augment_facts(facts, seed=1, lang=lang)
+    short = augment_facts(facts, seed=1, lang=lang, answers="short")
+    assert sent.manifest["options"]["answers"] == "sentence" and short.manifest["options"]["answers"] == "short"
+    training = sent.manifest["heldout"]["training_templates"]
+    assert sent.qa and len(sent.qa) == len(short.qa)
+    for a, b in zip(sent.qa, short.qa):
+        f = by_id[a["fact"]]
+        assert a["question"] == b["question"]
+        assert a["answer"] == training[f.relation][0].format(s=f.subject, o=f.object)  # the first training wording
+        assert b["answer"] == f"{f.object}."
+    with pytest.raises(FactlabError, match="answers must be sentence or short"):
+        augment_facts(facts, seed=1, lang=lang, answers="long")

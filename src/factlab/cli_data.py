@@ -198,6 +198,7 @@ def augment(
     reverse: Annotated[bool, typer.Option("--reverse/--no-reverse", help="State one-to-one relations object-first too, and probe them in reverse.")] = True,
     shuffled_docs: Annotated[int, typer.Option(help="Extra documents per subject with mixed wordings in shuffled sentence order.")] = 2,
     qa: Annotated[bool, typer.Option("--qa/--no-qa", help="Write SFT Q&A (qa.jsonl) and qa probes for held-out subjects.")] = True,
+    answers: Annotated[str, typer.Option(help="SFT answers: sentence (states the fact in a training wording) or short (the object).")] = "sentence",
     heldout_phrasings: Annotated[int, typer.Option(help="Wordings per fact kept out of training for paraphrase probes (2+: the extra ones go to select-probes.jsonl).")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files byte for byte.")] = 0,
     paraphrases: Annotated[Optional[Path], typer.Option("--paraphrases", help="Your own paraphrases: JSONL of {\"fact\": id, \"text\": ...}, several per fact; split into training / held-out by the seed.")] = None,
@@ -216,7 +217,7 @@ def augment(
     user = load_user_paraphrases(paraphrases, fact_list) if paraphrases else {}
     aug = augment_facts(fact_list, phrasings=phrasings, reverse=reverse, shuffled_docs=shuffled_docs, qa=qa,
                         heldout_phrasings=heldout_phrasings, seed=seed, lang=lang or world_lang, relations=templates,
-                        generic=generic, aliases=aliases, paraphrases=user)
+                        generic=generic, aliases=aliases, paraphrases=user, answers=answers)
     paths = write_augmented(aug, out, overwrite=force)
     m = aug.manifest
     table = Table(title=f"augmented {m['counts']['facts']} facts (seed {seed})")

@@ -376,7 +376,8 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
                   qa: bool = True, heldout_phrasings: int = 1, seed: int = 0, lang: str = "en",
                   relations: Mapping[str, RelationTemplates] | None = None, generic: bool = False,
                   aliases: Mapping[str, Sequence[str]] | None = None,
-                  paraphrases: Mapping[str, Sequence[str]] | None = None, qa_heldout: float = 0.5) -> Augmented:
+                  paraphrases: Mapping[str, Sequence[str]] | None = None, qa_heldout: float = 0.5,
+                  answers: str = "sentence") -> Augmented:
     """Training documents, Q&A and probes from facts (see the section comment above).
 
     Per relation, the wordings (the relation's doc and held-out templates) are split by the
@@ -389,12 +390,17 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
     user's own texts per fact id, split by the seed: ``heldout_phrasings`` per fact (at most all
     but one) become paraphrase probes, the rest training documents. Q&A: facts with split
     ``train``; when no fact is marked ``heldout``, a ``qa_heldout`` share of subjects is held
-    out by the seed and asked as ``qa`` probes instead. Deterministic per seed.
+    out by the seed and asked as ``qa`` probes instead. ``answers``: ``sentence`` (the answer
+    states the fact in the relation's first training wording, "Nalur lies in the province of
+    Drogokir.") or ``short`` (the relation's answer template, by default "{o}."); see the
+    README's recipe section for why sentence is the default. Deterministic per seed.
     """
     check_lang(lang)
     for name, v, lo in (("phrasings", phrasings, 1), ("heldout_phrasings", heldout_phrasings, 1), ("shuffled_docs", shuffled_docs, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise FactlabError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if answers not in ("sentence", "short"):
+        raise FactlabError(f"answers must be sentence or short, got {answers!r}")
     if not 0.0 <= qa_heldout < 1.0:
         raise FactlabError(f"qa_heldout must be in [0, 1), got {qa_heldout!r}")
     facts = _facts(facts)
@@ -457,8 +463,14 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
     def sentence(f: Fact, j: int, subject: str | None = None) -> str:
         return fill(train_t[f.relation][j % phrasings], s=subject or f.subject, o=f.object)
 
-    def rev_sentence(f: Fact) -> list[str]:
-        return [fill(specs[f.relation].reverse_doc[0], s=f.subject, o=f.object)] if f.relation in reversed_rel else []
+    def rev_sentence(f: Fact, j: int) -> list[str]:
+        # the object-first statement in reverse wording j (in turn): several wordings, as for
+        # the forward direction, so that the reverse probe's held-out wording is a paraphrase
+        # of something trained and not of one fixed sentence
+        if f.relation not in reversed_rel:
+            return []
+        words = specs[f.relation].reverse_doc
+        return [fill(words[j % len(words)], s=f.subject, o=f.object)]
 
     documents: list[dict] = []
     doc_rng = rng("documents")
@@ -474,8 +486,8 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
         al = [a for f in fs for a in aliases.get(f.id, ())]
         al = list(dict.fromkeys(al))
         extra = [fill("{s} is also known as {o}." if lang == "en" else "{s}は{o}とも呼ばれる。", s=subject, o=a) for a in al]
-        rev = [s for f in fs for s in rev_sentence(f)]
         for j in range(phrasings):
+            rev = [s for f in fs for s in rev_sentence(f, j)]
             # ordered documents: wording j of every fact, an alias as subject in turn
             name = al[(j - 1) % len(al)] if al and j > 0 else None
             sents = [sentence(f, j, name) for f in fs] + rev + (extra if j == 0 else [])
@@ -487,7 +499,7 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
             # duplicate would only weigh that subject double)
             for _ in range(20):
                 offsets = [doc_rng.randrange(phrasings) for _ in fs]
-                sents = [sentence(f, o + k) for f, o in zip(fs, offsets)] + rev
+                sents = [sentence(f, o + k) for f, o in zip(fs, offsets)] + [s for f, o in zip(fs, offsets) for s in rev_sentence(f, o + k)]
                 doc_rng.shuffle(sents)
                 if join.join(sents) not in seen:
                     seen.add(join.join(sents))
@@ -504,7 +516,8 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
             if f.subject not in qa_held:
                 spec = specs[f.relation]
                 qa_rows.append({"question": fill(spec.question, s=f.subject, o=f.object),
-                                "answer": fill(spec.answer, s=f.subject, o=f.object), "fact": f.id})
+                                "answer": fill(train_t[f.relation][0] if answers == "sentence" else spec.answer,
+                                               s=f.subject, o=f.object), "fact": f.id})
 
     # -- probes --------------------------------------------------------------------------------
     objects_of: dict[tuple[str, str], set[str]] = {}
@@ -552,7 +565,8 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
     manifest = {
         "seed": seed, "lang": lang,
         "options": {"phrasings": phrasings, "heldout_phrasings": heldout_phrasings, "shuffled_docs": shuffled_docs,
-                    "reverse": reverse, "qa": qa, "qa_heldout": qa_heldout, "generic": generic},
+                    "reverse": reverse, "qa": qa, "qa_heldout": qa_heldout, "generic": generic,
+                    "answers": answers},
         "counts": {"facts": len(facts), "subjects": len(subjects), "documents": len(documents), "qa": len(qa_rows),
                    "probes": dict(sorted(Counter(p["kind"] for p in probes).items())), "select_probes": len(select),
                    "user_paraphrases": {"train": sum(map(len, user_train.values())), "heldout": sum(map(len, user_held.values()))}},
