@@ -4,9 +4,10 @@ Two packings (`train.packing`):
 - `blocks`: documents joined with EOS and cut into fixed `seq_len` blocks (few, full examples:
   the fastest per token, the classic pre-training layout; a short-fact corpus becomes a
   handful of blocks, so few optimizer steps).
-- `documents`: one document per example (a document longer than `seq_len` is cut into pieces
-  of at most `seq_len`), padded at collation; no token ever attends across documents and every
-  fact starts at a document start, as it will in a question.
+- `documents` (the default): one document per example (a document longer than `seq_len` is cut
+  into pieces of at most `seq_len`); the Trainer lays a batch's documents end to end in one
+  row without padding (train.stage.stage_collator), no token ever attends across documents,
+  and every fact starts at a document start, as it will in a question.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def document_examples(tokenizer, docs: list[str], seq_len: int) -> list[dict]:
     return [ex for doc in docs for ex in _pieces(tokenizer(doc, add_special_tokens=True)["input_ids"] + [eos], seq_len)]
 
 
-def cpt_examples(tokenizer, docs: list[str], seq_len: int, packing: str = "blocks") -> list[dict]:
+def cpt_examples(tokenizer, docs: list[str], seq_len: int, packing: str = "documents") -> list[dict]:
     """CPT examples in the chosen packing (`blocks` or `documents`, see the module docstring)."""
     if packing == "documents":
         return document_examples(tokenizer, docs, seq_len)
