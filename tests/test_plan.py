@@ -132,7 +132,8 @@ def test_stages_that_must_pad_get_the_padding_collator():
 
     tok, model = tiny_tokenizer(), tiny_model()
     padded = DataCollatorForSeq2Seq
-    assert isinstance(stage_collator(model, tok, StageSpec(kind="cpt"), method_info("lora")), padded)  # blocks
+    blocks = StageSpec(kind="cpt", train={"packing": "blocks"})
+    assert isinstance(stage_collator(model, tok, blocks, method_info("lora")), padded)
     assert isinstance(stage_collator(model, tok, StageSpec(kind="sft"), method_info("lora")), padded)
     assert isinstance(stage_collator(model, tok, _stage(), method_info("prompt_tuning")), padded)
     assert isinstance(stage_collator(model, tok, _stage(neftune_alpha=5.0), method_info("lora")), padded)
