@@ -187,3 +187,12 @@ def test_sft_answers_state_the_fact_as_a_sentence_or_short(tmp_path):
         assert b["answer"] == f"{f.object}."
     with pytest.raises(FactlabError, match="answers must be sentence or short"):
         augment_facts(facts, seed=1, lang=lang, answers="long")
+
+
+def test_cli_answers_option_and_a_bad_value(table, tmp_path):
+    r = run_cli("data", "augment", table, "-o", tmp_path / "short", "--answers", "short", "--generic")
+    assert r.returncode == 0, r.stderr
+    assert all(q["answer"].count(" ") <= 2 for q in map(json.loads, (tmp_path / "short" / "qa.jsonl").read_text().splitlines()))
+    r = run_cli("data", "augment", table, "-o", tmp_path / "out", "--answers", "long", "--generic")
+    assert r.returncode == 2 and "answers must be sentence or short" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -198,7 +198,7 @@ def augment(
     reverse: Annotated[bool, typer.Option("--reverse/--no-reverse", help="State one-to-one relations object-first too, and probe them in reverse.")] = True,
     shuffled_docs: Annotated[int, typer.Option(help="Extra documents per subject with mixed wordings in shuffled sentence order.")] = 2,
     qa: Annotated[bool, typer.Option("--qa/--no-qa", help="Write SFT Q&A (qa.jsonl) and qa probes for held-out subjects.")] = True,
-    answers: Annotated[str, typer.Option(help="SFT answers: sentence (states the fact in a training wording) or short (the object).")] = "sentence",
+    answers: Annotated[str, typer.Option(help="SFT answers: sentence (states the fact in a training wording) or short (the relation's answer template: the object alone unless a relations file says otherwise).")] = "sentence",
     heldout_phrasings: Annotated[int, typer.Option(help="Wordings per fact kept out of training for paraphrase probes (2+: the extra ones go to select-probes.jsonl).")] = 1,
     seed: Annotated[int, typer.Option(help="Random seed; same seed, same files byte for byte.")] = 0,
     paraphrases: Annotated[Optional[Path], typer.Option("--paraphrases", help="Your own paraphrases: JSONL of {\"fact\": id, \"text\": ...}, several per fact; split into training / held-out by the seed.")] = None,
