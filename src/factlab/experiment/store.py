@@ -53,8 +53,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 def config_hash(config: dict) -> str:
     """A stable hash of a resolved config and of the contents of the data files it names,
     ignoring where its output goes: a sweep point whose corpus, Q&A or probe file was edited
-    since it finished is not "finished" any more."""
+    since it finished is not "finished" any more. `device: auto` (where it runs, when the
+    machine decides) is left out too; an explicit device is part of the point."""
     c = {k: v for k, v in config.items() if k not in ("output_dir", "sweep")}
+    if c.get("device") == "auto":  # the default: hashes stay those of configs written before `device` existed
+        del c["device"]
     h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
     for path in sorted(_input_paths({k: v for k, v in c.items() if k != "model"})):  # a model folder is weights: by name only
         p = Path(path)

@@ -67,7 +67,7 @@ class SweepCache:
     def base_key(exp: Experiment, model_path: Path, sft_conversations: list | None) -> str:
         files = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in exp.eval.probes + exp.eval.general_text]
         return content_hash({"model": str(model_path), "eval": exp.eval.model_dump(mode="json"), "seed": exp.seed,
-                             "files": files, "sft": sft_conversations})
+                             "device": exp.device, "files": files, "sft": sft_conversations})
 
     @staticmethod
     def context_key(base_key: str, context: str) -> str:
