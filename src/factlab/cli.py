@@ -258,13 +258,17 @@ def sweep(
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir).")] = None,
     store: StoreOpt = None,
     mlflow: MlflowOpt = False,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Run points in this many processes, each with its share of the CPU threads (at most one per CPU).")] = 1,
 ) -> None:
     """Run every point of an experiment's sweep (grid x points x repeat); a restarted sweep
-    skips finished points, and an earlier stage shared by several points is trained once."""
+    skips finished points, and an earlier stage shared by several points is trained once
+    (once per worker with --workers)."""
     from factlab.experiment.preflight import preflight_sweep
     from factlab.experiment.sweep import expand_sweep, run_sweep
 
     _one_process("sweep")
+    if workers < 1:
+        raise FactlabError(f"--workers {workers} is out of range; give 1 or more processes")
     if output_dir is not None:
         _check_out_dir(output_dir, "--output-dir")
     exp = _load(experiment, set_, output_dir)
@@ -289,7 +293,7 @@ def sweep(
         require_mlflow()
     on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
     on_stage, on_done = _presenters()
-    run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
+    run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done, workers=workers)
     Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
 
 
