@@ -41,6 +41,7 @@ def _turn(model, tokenizer, history: list[dict], *, temperature: float, max_new_
     from transformers import TextStreamer
 
     enc = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}  # where the model is
 
     class _Stream(TextStreamer):
         # TextStreamer prints to sys.stdout; send the text to `out` instead (tests, pipes).
@@ -105,8 +106,8 @@ def chat_loop(models: list[tuple[str, object, object]], *, temperature: float = 
 
 
 def load_chat_models(model_or_run: str, stage: str | None = None, compare: bool = False,
-                     console: Console | None = None) -> list[tuple[str, object, object]]:
-    """[(label, model, tokenizer)] for chat: the chosen stage's model, preceded by the base
+                     console: Console | None = None, device="cpu") -> list[tuple[str, object, object]]:
+    """[(label, model, tokenizer)] for chat, on `device`: the chosen stage's model, preceded by the base
     model with `compare` (for a run folder: its base model; for a model: itself, no comparison)."""
     from factlab.experiment.evaluation import eval_targets, load_target
 
@@ -119,6 +120,6 @@ def load_chat_models(model_or_run: str, stage: str | None = None, compare: bool 
         chosen = [base, target]
     loaded = []
     for t in chosen:
-        model, tok = load_target(t)
+        model, tok = load_target(t, device)
         loaded.append((t[0], model, tok))
     return loaded

@@ -142,6 +142,20 @@ def _note_new_folders(root: Path):
     return note
 
 
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or mps.")]
+
+
+def _one_process(command: str) -> None:
+    """Only `factlab run` runs data-parallel under accelerate launch / torchrun; any other
+    command there would run N times over, racing on the same files."""
+    from factlab.models.device import world_size
+
+    if world_size() > 1:
+        hint = "; run sweep points in parallel with `factlab sweep --workers N`" if command == "sweep" else ""
+        raise FactlabError(f"`factlab {command}` runs in one process; launch only `factlab run` with several "
+                           f"processes (accelerate launch / torchrun){hint}")
+
+
 MlflowOpt = Annotated[bool, typer.Option("--mlflow", help="Also log each run to MLflow (needs the mlflow package).")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite); default: <output_dir>/factlab.db, i.e. runs/factlab.db.")]
 ReadStoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite) to read; default: runs/factlab.db.")]
@@ -199,7 +213,12 @@ def run(
     run_store = _store(store, exp.output_dir)
     on_interrupt(_note_new_folders(Path(exp.output_dir)))
     on_stage, on_done = _presenters()
-    run_experiment(exp, console=err, store=run_store, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
+    from factlab.train import distributed
+
+    try:
+        run_experiment(exp, console=err, store=run_store, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
+    finally:
+        distributed.stop()
 
 
 
@@ -214,6 +233,7 @@ def influence(
     An experiment with `influence: {task: digits}` runs the small-CNN experiment instead."""
     from factlab.influence.digits import digits_block, run_digits_file
 
+    _one_process("influence")
     if output_dir is not None:
         _check_out_dir(output_dir, "--output-dir")
     if digits_block(experiment) is not None:
@@ -238,12 +258,17 @@ def sweep(
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir).")] = None,
     store: StoreOpt = None,
     mlflow: MlflowOpt = False,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Run points in this many processes, each with its share of the CPU threads (at most one per CPU).")] = 1,
 ) -> None:
     """Run every point of an experiment's sweep (grid x points x repeat); a restarted sweep
-    skips finished points, and an earlier stage shared by several points is trained once."""
+    skips finished points, and an earlier stage shared by several points is trained once
+    (once per worker with --workers)."""
     from factlab.experiment.preflight import preflight_sweep
     from factlab.experiment.sweep import expand_sweep, run_sweep
 
+    _one_process("sweep")
+    if workers < 1:
+        raise FactlabError(f"--workers {workers} is out of range; give 1 or more processes")
     if output_dir is not None:
         _check_out_dir(output_dir, "--output-dir")
     exp = _load(experiment, set_, output_dir)
@@ -268,7 +293,7 @@ def sweep(
         require_mlflow()
     on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
     on_stage, on_done = _presenters()
-    run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
+    run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done, workers=workers)
     Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
 
 
@@ -283,6 +308,7 @@ def tune(
     run in the store; a killed study resumes; prints the Pareto front."""
     from factlab.experiment.tune import front_table, run_tune
 
+    _one_process("tune")
     if output_dir is not None:
         _check_out_dir(output_dir, "--output-dir")
     exp = _load(experiment, set_, output_dir)
@@ -399,9 +425,11 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="Scoring batch size.")] = 16,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the summaries as JSON here.")] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Evaluate a model, or every stage of a run, on probes without training."""
     _quiet_libraries()
+    _one_process("eval")
     import json
 
     from factlab.config import EvalSpec
@@ -418,6 +446,9 @@ def eval_(
             raise FactlabError(f"{flag} {value} is out of range; give a number {rule}")
     if output is not None:
         _check_out_file(output, "--output")
+    from factlab.models.device import resolve_device
+
+    torch_device = resolve_device(device)
     run = RunFolder(model_or_run)
     if not probes and run.config_path.is_file():
         cfg = run.read_config()
@@ -449,7 +480,7 @@ def eval_(
     check_probe_lengths(probe_list, tokenizer, shape)
     if output is not None:
         on_interrupt(lambda: "nothing was written (the scores were not saved)")
-    results = evaluate_models(targets, spec, context=context, seed=seed, console=err)
+    results = evaluate_models(targets, spec, context=context, seed=seed, console=err, device=torch_device)
     first = next(iter(results["summaries"]), None)
     out = Console()
     if first is not None:
@@ -531,14 +562,17 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer, in tokens.")] = 200,
     compare: Annotated[bool, typer.Option("--compare", help="Answer each question with the base model too, before the tuned one.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Talk to a model in the terminal (chat template, streamed answers, /reset, /quit)."""
     _quiet_libraries()
+    _one_process("chat")
     from factlab.chat import chat_loop, load_chat_models
+    from factlab.models.device import resolve_device
 
     if temperature < 0 or max_new_tokens < 1:  # before loading any model
         raise FactlabError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {temperature} and {max_new_tokens}")
-    models = load_chat_models(model_or_run, stage, compare, console=err)
+    models = load_chat_models(model_or_run, stage, compare, console=err, device=resolve_device(device))
     chat_loop(models, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
 
 

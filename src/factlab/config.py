@@ -118,7 +118,9 @@ class TrainSpec(_Strict):
     """Forgetting control: cap on the global L2 norm of each optimizer step's parameter update;
     a larger update is scaled back onto the cap (see factlab.train.regularizers)."""
     bf16: bool | Literal["auto"] = "auto"
-    """bf16 autocast: true, false, or `auto` = when the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    """Mixed precision: true (bf16 autocast), false (fp32), or `auto`: on the CPU bf16 when it
+    computes bf16 natively (AVX512-BF16 / AMX), else fp32; on a GPU bf16 where it is supported,
+    else fp16 autocast."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
@@ -394,6 +396,10 @@ class Experiment(_Strict):
     model: str
     """Alias (see `factlab models`), a `.gguf` file, a local Hugging Face folder, or a hub id (online only)."""
     seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where the model trains and is scored: `auto` = a GPU when torch sees one (CUDA, then
+    Apple's MPS), else the CPU (see factlab.models.device). Under `accelerate launch` each
+    process takes its own GPU."""
     output_dir: str = "runs"
     """Where run folders are created. Set in the file, it is relative to the file's folder like
     every other path; the default `runs` and `factlab run -o DIR` are relative to the current

@@ -146,12 +146,12 @@ def eval_targets(model_or_run: str, console: Console | None = None) -> list[tupl
     return [(path.name if path.is_dir() else model_or_run, resolve_model(model_or_run, console))]
 
 
-def load_target(target: tuple):
-    """(model, tokenizer) for an eval target: a model folder, or a model folder plus a PEFT
-    adapter (prompt methods get their logits aligned with the input ids, as in a run)."""
+def load_target(target: tuple, device="cpu"):
+    """(model, tokenizer) for an eval target, on `device`: a model folder, or a model folder
+    plus a PEFT adapter (prompt methods get their logits aligned with the input ids, as in a run)."""
     from factlab.models.loading import load_model
 
-    model, tokenizer = load_model(target[1])
+    model, tokenizer = load_model(target[1], device=device)
     if len(target) > 2 and target[2] is not None:
         from peft import PeftModel
 
@@ -164,11 +164,12 @@ def load_target(target: tuple):
 
 
 def evaluate_models(targets: list[tuple], spec: EvalSpec, *, context: str | None = None,
-                    seed: int = 0, folder: RunFolder | None = None, console: Console | None = None) -> dict:
+                    seed: int = 0, folder: RunFolder | None = None, console: Console | None = None,
+                    device="cpu") -> dict:
     """Evaluate each (label, model folder[, adapter folder]) with the same probes and texts; the first is the
     baseline for forgetting. With `context`, the first model is also scored with the source
     text in the prompt (label "<first>+context"). Returns {"summaries", "perplexity",
-    "forgetting"}, each by label (what `factlab eval -o` saves)."""
+    "forgetting"}, each by label (what `factlab eval -o` saves). Models are loaded on `device`."""
     from factlab.data.sft import require_chat_template
 
     console = console or Console(stderr=True)
@@ -177,7 +178,7 @@ def evaluate_models(targets: list[tuple], spec: EvalSpec, *, context: str | None
     evaluator = base = None
     for i, target in enumerate(targets):
         label = target[0]
-        model, tokenizer = load_target(target)
+        model, tokenizer = load_target(target, device)
         if i == 0:
             if any(p.kind == "qa" for p in probes):
                 require_chat_template(tokenizer, "qa probes")

@@ -6,6 +6,11 @@ Everything that can be checked without training (data files, probes, layer group
 template) is checked before the first write, so bad input never leaves a half-made run.
 Presentation (tables, loss plots) is the caller's: it passes `on_stage` / `on_done`
 callbacks (the CLI plugs in report/), so this module never imports the report.
+
+The model lives on the experiment's `device` (factlab.models.device); training, scoring and
+generation follow it. Under `accelerate launch` with several processes (factlab.train.
+distributed) every process runs the same preflight and trains its slice of each batch; only
+rank 0 evaluates and writes the run folder and the store, the others wait for it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_file
 from factlab.experiment.run_folder import BASE, CONTEXT, EvalRecord, RunFolder, RunResults, StageRecord
 from factlab.experiment.store import RunStore
 from factlab.experiment.sweep import SweepCache
+from factlab.models.device import check_training_device, resolve_device
 from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
 from factlab.methods import check_stage_order
+from factlab.train import distributed
 from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
 
 
@@ -57,6 +64,18 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     and with `mlflow` adds the report to that MLflow run)."""
     console = console or Console(stderr=True)
     names = exp.stage_names()
+    main = distributed.is_main()
+    if not main:  # the other processes of a launch train quietly; rank 0 speaks for them
+        console = Console(stderr=True, quiet=True)
+    device = resolve_device(exp.device)
+    if exp.stages:
+        check_training_device(device)
+    if distributed.processes() > 1:
+        if cache is not None or sweep is not None:
+            raise FactlabError("several processes run one experiment (factlab run); run sweeps with --workers instead")
+        for st, name in zip(exp.stages, names):
+            distributed.per_process_batch(st.train.batch_size, name)
+    distributed.start(device)
 
     # --- preflight: everything a user can get wrong, before any write ------------------------
     if mlflow:
@@ -78,8 +97,12 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
 
             docs = [substitute(d, exp.data.substitute)[0] for d in docs]
         context = "\n\n".join(docs)
-    model_path = resolve_model(exp.model, console)
-    model, tokenizer = load_model(model_path)
+    if main:
+        model_path = resolve_model(exp.model, console)  # a first use converts (writes the cache)
+    distributed.barrier()
+    if not main:
+        model_path = resolve_model(exp.model, console)
+    model, tokenizer = load_model(model_path, device=device)
     if any(st.kind == "sft" for st in exp.stages):
         require_chat_template(tokenizer, "SFT stages")
     if any(p.kind == "qa" for p in probes):
@@ -99,8 +122,15 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
                                f"of this model (context {limit}); turn in_context off or use a shorter corpus")
 
     # --- the run ------------------------------------------------------------------------------
+    if not main:
+        # Rank 0 names the folder (its name has a time stamp): the others need it for the
+        # stages' checkpoints, which early stopping reloads in every process.
+        folder = RunFolder(Path(distributed.broadcast(None)))
+        _train_along(exp, model, tokenizer, stage_examples, names, folder)
+        return folder.path
     folder = RunFolder(run_dir) if run_dir is not None else RunFolder.create(Path(exp.output_dir), exp.name)
     folder.path.mkdir(parents=True, exist_ok=True)
+    distributed.broadcast(str(folder.path))
     if store is not None:
         store.start(folder.path, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point, label=label)
     try:
@@ -120,7 +150,19 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     if on_done is not None:
         on_done(folder, results, mlflow_run)
     console.print(f"results: {folder.results_path}")
+    distributed.barrier()
     return folder.path
+
+
+def _train_along(exp: Experiment, model, tokenizer, stage_examples, names, folder: RunFolder) -> None:
+    """A process other than rank 0 of a data-parallel launch: train every stage with the
+    others (train_stage writes nothing here), and wait while rank 0 evaluates."""
+    quiet = Console(stderr=True, quiet=True)
+    distributed.barrier()  # rank 0: the base evaluation(s)
+    for i, (st, name) in enumerate(zip(exp.stages, names)):
+        model, _ = train_stage(model, tokenizer, st, name, folder.stage_path(i, name), stage_examples[i], exp.seed, quiet)
+        distributed.barrier()  # rank 0: this stage's evaluation
+    distributed.barrier()  # rank 0: results, store, report
 
 
 def _reuse_or_evaluate(cache: SweepCache | None, key: str | None, label: str, folder: RunFolder, console: Console,
@@ -166,6 +208,7 @@ def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, 
         ctx_key = SweepCache.context_key(key, context) if key is not None else None
         record(_reuse_or_evaluate(cache, ctx_key, BASE + CONTEXT, folder, console,
                                   lambda: evaluator.evaluate(BASE + CONTEXT, model, context=context, with_perplexity=False)))
+    distributed.barrier()  # the other processes of a launch wait here (see _train_along)
     for i, (st, name) in enumerate(zip(exp.stages, names)):
         out = folder.stage_path(i, name)
         skey = SweepCache.stage_key(key, exp, i, stage_examples) if key is not None and i < len(exp.stages) - 1 else None
@@ -175,14 +218,18 @@ def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, 
             SweepCache.link_stage(source, entry, out)
             folder.copy_scores(source, name)
             stage = replace(entry, reused_from=str(source.stage_dir(entry)))
+            device = next(model.parameters()).device
             del model
-            model, _ = load_model(folder.merged_model(stage))
+            model, _ = load_model(folder.merged_model(stage), device=device)
             console.print(f"[dim]stage {name} reused from {source.path} (same model, settings, data and seed)[/dim]")
         else:
             model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
+            where = "" if res.device == "cpu" and res.processes == 1 else \
+                f" on {res.device}" + (f" x {res.processes} processes" if res.processes > 1 else "")
             console.print(
                 f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
-                f"{res.tokens_per_second:,.0f} tok/s{' (bf16)' if res.bf16 else ''}, {res.seconds:.0f} s"
+                f"{res.tokens_per_second:,.0f} tok/s{f' ({res.precision})' if res.precision != 'fp32' else ''}{where}, "
+                f"{res.seconds:.0f} s"
             )
             stage = StageRecord(name, RunFolder.stage_folder_name(i, name),
                                 metrics={k: v for k, v in asdict(res).items() if k not in ("name", "loss_history")})
@@ -190,6 +237,7 @@ def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, 
         results.stages.append(stage)
         ev = replace(ev, forgetting=forgetting(base_eval, ev))
         record(ev)
+        distributed.barrier()  # the other processes of a launch wait for this evaluation
         if on_stage is not None:
             on_stage(folder, stage)
         if hit is None and skey is not None and stage.merged:

@@ -5,6 +5,9 @@ store indexes them so that sweeps can resume and runs can be listed, filtered an
 without opening every folder. SQLite gives atomic transactions for free: a run's status moves
 from `running` to `done` (with its metrics) in one commit, so a sweep killed with SIGKILL leaves
 either a finished run or one marked `running`, which the next start redoes.
+
+Several processes may write at once (`factlab sweep --workers N`): every write is one short
+transaction, and a writer that finds the database locked waits for it (up to 30 s).
 """
 
 from __future__ import annotations
@@ -53,8 +56,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 def config_hash(config: dict) -> str:
     """A stable hash of a resolved config and of the contents of the data files it names,
     ignoring where its output goes: a sweep point whose corpus, Q&A or probe file was edited
-    since it finished is not "finished" any more."""
+    since it finished is not "finished" any more. `device: auto` (where it runs, when the
+    machine decides) is left out too; an explicit device is part of the point."""
     c = {k: v for k, v in config.items() if k not in ("output_dir", "sweep")}
+    if c.get("device") == "auto":  # the default: hashes stay those of configs written before `device` existed
+        del c["device"]
     h = hashlib.sha256(json.dumps(c, sort_keys=True).encode())
     for path in sorted(_input_paths({k: v for k, v in c.items() if k != "model"})):  # a model folder is weights: by name only
         p = Path(path)
@@ -126,14 +132,21 @@ class RunStore:
         self.path = Path(path)
 
     def _connect(self) -> sqlite3.Connection:
-        if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(self.path, timeout=30)) as db:
-                db.executescript(SCHEMA)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=30)
+        # Created on first use. Checked on the tables, not on the file: with several writers
+        # (sweep workers) one may find the file that another has just created and not yet
+        # filled; CREATE ... IF NOT EXISTS under SQLite's lock makes the second a no-op.
+        if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='metrics'").fetchone() is None:
+            db.executescript(SCHEMA)
         db.execute("PRAGMA foreign_keys = ON")
         db.row_factory = sqlite3.Row
         return db
+
+    def ensure(self) -> None:
+        """Create the database now if it does not exist yet."""
+        with closing(self._connect()):
+            pass
 
     def start(self, run_dir: Path, name: str, config: dict, sweep: str | None = None, point: dict | None = None,
               label: str | None = None) -> None:

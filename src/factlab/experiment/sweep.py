@@ -2,6 +2,16 @@
 `repeat` seeds); runs go one after another under one progress bar, each indexed in the run
 store, and a restarted sweep skips the points that finished. Work that points share is reused
 through one SweepCache.
+
+With `workers` > 1 the points run in that many processes on this machine (started with
+`spawn`), each with its share of the CPU threads (`worker_plan`), so that together they never
+ask for more threads than there are CPUs. The parent checks every point first (preflight),
+hands out the unfinished ones in point order, prints each as it finishes, and is the only
+one that prints tables; the workers write their runs and the store (SQLite takes concurrent
+writers) and log to `<output_dir>/<sweep>/logs/<point>.log`. Each worker keeps its own
+SweepCache across the points it runs, so work the points share is done at most once per
+worker. A worker whose sweep was killed ends within a second (factlab.train.distributed.
+exit_with_parent), leaving its point `running` for the restarted sweep to redo.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +78,7 @@ class SweepCache:
     def base_key(exp: Experiment, model_path: Path, sft_conversations: list | None) -> str:
         files = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in exp.eval.probes + exp.eval.general_text]
         return content_hash({"model": str(model_path), "eval": exp.eval.model_dump(mode="json"), "seed": exp.seed,
-                             "files": files, "sft": sft_conversations})
+                             "device": exp.device, "files": files, "sft": sft_conversations})
 
     @staticmethod
     def context_key(base_key: str, context: str) -> str:
@@ -159,40 +170,180 @@ def expand_sweep(exp: Experiment) -> list[SweepPoint]:
     return points
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def worker_plan(workers: int, cpus: int) -> tuple[int, int]:
+    """(processes, threads per process) for `workers` asked on `cpus` CPUs: at most one
+    process per CPU and cpus // processes threads each, so processes x threads <= cpus."""
+    n = max(1, min(workers, cpus))
+    return n, max(1, cpus // n)
+
+
 def run_sweep(exp: Experiment, store: RunStore, console: Console | None = None, mlflow: bool = False,
               on_stage: Callable[[RunFolder, StageRecord], None] | None = None,
-              on_done: Callable[[RunFolder, RunResults, str | None], None] | None = None) -> list[Path]:
+              on_done: Callable[[RunFolder, RunResults, str | None], None] | None = None,
+              workers: int = 1) -> list[Path]:
     """Run every point not already finished in `store`; returns the run folders in point order.
 
     A point whose run is marked `running` (a sweep killed mid-run) is redone from scratch.
-    `on_stage` / `on_done` are passed to each point's run_experiment (presentation).
+    `on_stage` / `on_done` are passed to each point's run_experiment (presentation). With
+    `workers` > 1 the points run in parallel processes (see the module's doc): `on_stage` then
+    runs in the workers (it must be a module-level function) and `on_done` in this process.
     """
-    from factlab.experiment.runner import run_experiment
-
     from factlab.experiment.preflight import preflight_sweep
 
     console = console or Console(stderr=True)
     points = expand_sweep(exp)
     preflight_sweep(points, console)  # a bad later point fails now, not after earlier points trained
     root = Path(exp.output_dir) / exp.name
-    folders: list[Path] = []
-    cache = SweepCache()
+    folders: dict[int, Path] = {}
+    todo: list[SweepPoint] = []
+    for p in points:
+        done = store.done_point(exp.name, config_hash(p.experiment.model_dump(mode="json")))
+        if done:
+            console.print(f"[dim]skip {p.folder}: finished in {done}[/dim]")
+            folders[p.index] = Path(done)
+        else:
+            todo.append(p)
     with progress_bar(console) as progress:
-        task = progress.add_task(f"sweep {exp.name}", total=len(points))
-        for p in points:
-            cfg = p.experiment.model_dump(mode="json")
-            done = store.done_point(exp.name, config_hash(cfg))
-            if done:
-                console.print(f"[dim]skip {p.folder}: finished in {done}[/dim]")
-                folders.append(Path(done))
+        task = progress.add_task(f"sweep {exp.name}", total=len(points), completed=len(points) - len(todo))
+        if workers > 1 and len(todo) > 1:
+            cpus = available_cpus()
+            if workers > cpus:
+                console.print(f"[yellow]--workers {workers} on {cpus} CPUs: running {min(cpus, len(todo))} processes "
+                              "(never more processes than CPUs)[/yellow]")
+            n, threads = worker_plan(min(workers, len(todo)), cpus)  # no idle worker holds threads back
+            run = _run_parallel(exp, todo, store, console, mlflow, on_stage, on_done, n, threads,
+                                lambda p: progress.advance(task), len(points))
+            folders.update(run)
+        else:
+            from factlab.experiment.runner import run_experiment
+
+            cache = SweepCache()
+            for p in todo:
+                done = store.done_point(exp.name, config_hash(p.experiment.model_dump(mode="json")))
+                if done:  # the same settings as an earlier point of this sweep
+                    console.print(f"[dim]skip {p.folder}: finished in {done}[/dim]")
+                    folders[p.index] = Path(done)
+                    progress.advance(task)
+                    continue
+                console.rule(f"point {p.index + 1}/{len(points)}: {p.label}")
+                folders[p.index] = run_experiment(
+                    p.experiment, console=console, run_dir=_fresh_run_dir(root / p.folder), store=store, sweep=exp.name,
+                    point=p.overrides, label=p.label, mlflow=mlflow, cache=cache, on_stage=on_stage, on_done=on_done)
                 progress.advance(task)
-                continue
-            run_dir = root / p.folder
-            if run_dir.exists():  # left by an interrupted run: redo it
-                shutil.rmtree(run_dir)
-            console.rule(f"point {p.index + 1}/{len(points)}: {p.label}")
-            run_experiment(p.experiment, console=console, run_dir=run_dir, store=store, sweep=exp.name, point=p.overrides,
-                           label=p.label, mlflow=mlflow, cache=cache, on_stage=on_stage, on_done=on_done)
-            folders.append(run_dir)
-            progress.advance(task)
-    return folders
+    return [folders[p.index] for p in points]
+
+
+def _fresh_run_dir(run_dir: Path) -> Path:
+    if run_dir.exists():  # left by an interrupted run: redo it
+        shutil.rmtree(run_dir)
+    return run_dir
+
+
+def _run_parallel(exp: Experiment, todo: list[SweepPoint], store: RunStore, console: Console, mlflow: bool,
+                  on_stage, on_done, n: int, threads: int, advance: Callable[[SweepPoint], None],
+                  total: int) -> dict[int, Path]:
+    """The unfinished points in `n` spawned processes of `threads` threads each; returns
+    {point index: run folder}. The first point that fails stops the sweep: points not yet
+    started are cancelled, running ones finish, then the error is raised here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = Path(exp.output_dir) / exp.name
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    store.ensure()  # created here, before the workers race to write it
+    console.print(f"sweep {exp.name}: {len(todo)} points in {n} processes of {threads} thread(s) each; "
+                  f"their logs in {root / 'logs'}", markup=False, highlight=False)
+    out: dict[int, Path] = {}
+    started = time.perf_counter()
+    # Spawned children read their thread counts from the environment when torch loads; this
+    # process's own thread pool was sized when it started, so setting them here changes only theirs.
+    saved = {var: os.environ.get(var) for var in _THREAD_VARS}
+    os.environ.update({var: str(threads) for var in _THREAD_VARS})
+    try:
+        with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_worker, initargs=(threads,)) as pool:
+            _collect(pool, todo, exp, root, store, mlflow, on_stage, on_done, advance, total, console, out)
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+    console.print(f"[dim]{len(todo)} points in {time.perf_counter() - started:.0f} s[/dim]")
+    return out
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _collect(pool, todo: list[SweepPoint], exp: Experiment, root: Path, store: RunStore, mlflow: bool, on_stage,
+             on_done, advance: Callable[[SweepPoint], None], total: int, console: Console, out: dict[int, Path]) -> None:
+    """Submit every point to `pool` and report each as it finishes."""
+    from concurrent.futures import as_completed
+
+    futures = {pool.submit(_run_point, p.experiment, str(root / p.folder), str(store.path), exp.name,
+                           p.overrides, p.label, mlflow, on_stage,
+                           str(root / "logs" / f"{p.folder}.log")): p for p in todo}
+    try:
+        for fut in as_completed(futures):
+            p = futures[fut]
+            run_dir, mlflow_run, seconds = fut.result()
+            out[p.index] = Path(run_dir)
+            console.print(f"point {p.index + 1}/{total} done in {seconds:.0f} s: {p.label}  ({run_dir})",
+                          markup=False, highlight=False)
+            if on_done is not None:
+                folder = RunFolder(Path(run_dir))
+                on_done(folder, folder.read_results(), mlflow_run)
+            advance(p)
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+
+
+_worker_cache: SweepCache | None = None
+"""A worker process's SweepCache, kept across the points it runs."""
+
+
+def _start_worker(threads: int) -> None:
+    """A sweep worker's first act: its share of the threads, before any torch work."""
+    global _worker_cache
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(threads)
+    from factlab.train.distributed import exit_with_parent
+
+    exit_with_parent()
+    _worker_cache = SweepCache()
+
+
+def _run_point(experiment: Experiment, run_dir: str, store_path: str, sweep: str, point: dict, label: str,
+               mlflow: bool, on_stage, log_path: str) -> tuple[str, str | None, float]:
+    """One point in a worker: (run folder, MLflow run id or None, seconds)."""
+    import warnings
+
+    from factlab.experiment.runner import run_experiment
+
+    # The worker is a fresh interpreter: quieten the libraries as the CLI does in its own.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    t0 = time.perf_counter()
+    logged: list = []
+    with open(log_path, "w", encoding="utf-8") as log:
+        console = Console(file=log, width=160, force_terminal=False)
+        path = run_experiment(experiment, console=console, run_dir=_fresh_run_dir(Path(run_dir)),
+                              store=RunStore(store_path), sweep=sweep, point=point, label=label, mlflow=mlflow,
+                              cache=_worker_cache, on_stage=on_stage,
+                              on_done=lambda folder, results, run_id: logged.append(run_id))
+    return str(path), (logged[0] if logged else None), time.perf_counter() - t0
+

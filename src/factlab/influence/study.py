@@ -305,6 +305,7 @@ def run_influence(exp: Experiment, console: Console | None = None) -> Path:
     from factlab.config import dump_experiment
     from factlab.influence.exact import Schedule, exact_eif, sample_tokens
     from factlab.influence.in_context import in_context_eif
+    from factlab.models.device import resolve_device
     from factlab.models.loading import load_model, resolve_model
 
     console = console or RichConsole(stderr=True)
@@ -313,7 +314,7 @@ def run_influence(exp: Experiment, console: Console | None = None) -> Path:
     schedule = Schedule(steps=spec.steps, lr=spec.lr, optimizer=spec.optimizer, weight_decay=spec.weight_decay,
                         max_grad_norm=spec.max_grad_norm, batch_size=spec.batch_size)
     seeds = spec.seeds or [exp.seed]
-    model, tok = load_model(resolve_model(exp.model, console))
+    model, tok = load_model(resolve_model(exp.model, console), device=resolve_device(exp.device))
     if any(s.chat for s in rows + cols):
         from factlab.data.sft import require_chat_template
 

@@ -188,8 +188,9 @@ def _from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def load_model(path: Path, dtype: torch.dtype = torch.float32):
-    """Load (model, tokenizer) from a local folder, in eval mode, on the CPU."""
+def load_model(path: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Load (model, tokenizer) from a local folder, in eval mode, on `device` (see
+    factlab.models.device.resolve_device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -200,6 +201,8 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32):
     if tokenizer.pad_token_id is None:
         # Padding positions are masked everywhere, so any id works; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
+    if torch.device(device).type != "cpu":
+        model.to(device)
     model.eval()
     return model, tokenizer
 

@@ -84,22 +84,26 @@ def merge_adapter(peft_model):
     return merged
 
 
-def save_trained(model, tokenizer, method: MethodInfo, merge: bool, folder: Path) -> SavedStage:
+def save_trained(model, tokenizer, method: MethodInfo, merge: bool, folder: Path | None) -> SavedStage:
     """Save a trained stage's model into `folder` (adapter/ and/or merged/) as its method says,
     merging when `merge` and the method can. `model` is what was trained: a PeftModel, or for
-    `full` the model itself."""
+    `full` the model itself. `folder` None writes nothing and returns the same model (the
+    other processes of a data-parallel launch, which only the first one writes for)."""
     if not method.wraps:
         # Full fine-tuning: the trained model is the result; merged/ holds it (no adapter/).
         for p in model.parameters():
             p.requires_grad_(False)
-        model.save_pretrained(folder / "merged")
-        size = folder_bytes(folder / "merged")  # before the tokenizer: the model's files only
-        tokenizer.save_pretrained(folder / "merged")
+        size = 0
+        if folder is not None:
+            model.save_pretrained(folder / "merged")
+            size = folder_bytes(folder / "merged")  # before the tokenizer: the model's files only
+            tokenizer.save_pretrained(folder / "merged")
         return SavedStage(model, "model", size, None)
-    size = save_adapter(model, folder / "adapter")
+    size = save_adapter(model, folder / "adapter") if folder is not None else 0
     note = no_merge_reason(method.name) or (None if merge else "merge: false in the stage")
     if note is not None:
         return SavedStage(model, "adapter", size, note)
     merged = merge_adapter(model)
-    save_model(merged, tokenizer, folder / "merged")
+    if folder is not None:
+        save_model(merged, tokenizer, folder / "merged")
     return SavedStage(merged, "adapter", size, None)

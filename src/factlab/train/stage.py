@@ -51,12 +51,14 @@ from factlab.data.sft import build_sft_examples, load_conversations
 from factlab.data.substitute import substitute as swap
 from factlab.errors import FactlabError
 from factlab.methods import MethodInfo, method_info
+from factlab.models.device import check_training_device, gpu_has_bf16
 from factlab.models.targets import TargetSpec
 from factlab.train.merge import SavedStage, save_trained
 from factlab.train.plan import StepPlan, plan_stage, warning as plan_warning
 from factlab.train.peft_methods import align_virtual_token_logits, build_peft_model, is_peft_model
 from factlab.train.progress import RichProgress, peak_rss_mb, reset_peak_rss
 from factlab.train.regularizers import L2ToBase, RegularizedTrainer, UpdateNormCap, neftune
+from factlab.train import distributed
 
 
 @lru_cache(maxsize=1)
@@ -75,8 +77,24 @@ def cpu_has_bf16() -> bool:
 
 
 def use_bf16(setting: bool | str) -> bool:
-    """`train.bf16` resolved: `auto` means where the CPU computes bf16 natively."""
+    """`train.bf16` resolved on the CPU: `auto` means where the CPU computes bf16 natively."""
     return cpu_has_bf16() if setting == "auto" else bool(setting)
+
+
+def stage_precision(setting: bool | str, device: torch.device) -> str:
+    """`train.bf16` resolved for the device the model is on: "bf16", "fp16" or "fp32" (the
+    weights stay fp32; bf16 and fp16 are autocast). CPU: as use_bf16. GPU: bf16 where the GPU
+    computes it; `auto` falls back to fp16 autocast (with loss scaling) elsewhere; false is fp32."""
+    if device.type == "cpu":
+        return "bf16" if use_bf16(setting) else "fp32"
+    if setting is False:
+        return "fp32"
+    if gpu_has_bf16(device):
+        return "bf16"
+    if setting == "auto":
+        return "fp16"
+    raise FactlabError(f"train.bf16: true, but this {device.type} device does not compute bf16; "
+                       "set bf16: auto (fp16 autocast there) or false")
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,6 +246,12 @@ class StageResult:
     """The step plan made before training (factlab.train.plan.StepPlan): examples, replay,
     optimizer steps, tokens, passes over the data, and the warning if it was too small."""
     loss_history: list[dict] = field(default_factory=list)
+    precision: str = "fp32"
+    """What the stage computed in: `bf16` or `fp16` autocast, or `fp32` (see stage_precision)."""
+    device: str = "cpu"
+    """The device type it trained on (cpu, cuda, mps)."""
+    processes: int = 1
+    """Data-parallel processes that trained it (accelerate launch); batch_size is their total."""
 
 
 @dataclass
@@ -255,6 +279,8 @@ class PreparedStage:
     out_dir: Path
     plan: StepPlan | None = None
     """What the stage will do (steps, tokens, passes), printed before it trains."""
+    precision: str = "fp32"
+    """bf16, fp16 (autocast) or fp32: train.bf16 resolved for the model's device."""
 
 
 @dataclass
@@ -313,7 +339,12 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     method = method_info(stage.peft.method)
     check_fresh_model(model, name)
     seed = tr.seed if tr.seed is not None else seed
-    bf16 = use_bf16(tr.bf16)
+    # The stage trains where the model is (the runner put it on the experiment's device).
+    device = next(model.parameters()).device
+    check_training_device(device)
+    precision = stage_precision(tr.bf16, device)
+    bf16 = precision == "bf16"
+    per_process = distributed.per_process_batch(tr.batch_size, name)
     train_ex, eval_ex = split_heldout(examples, tr.eval_fraction, seed)
     plan = plan_stage(train_ex, batch_size=tr.batch_size, grad_accum=tr.grad_accum, epochs=tr.epochs,
                       max_steps=tr.max_steps, replay_examples=getattr(examples, "replay", 0),
@@ -333,9 +364,11 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     l2 = L2ToBase(peft_model) if tr.l2_to_base > 0 else None
 
     partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    args = _training_arguments(tr, partial / "checkpoints", seed, bf16, has_eval=bool(eval_ex))
+    if distributed.is_main():  # several processes: the first one writes (see save_stage)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    args = _training_arguments(tr, partial / "checkpoints", seed, precision, has_eval=bool(eval_ex),
+                               device=device, batch_size=per_process)
     optimizer = torch.optim.AdamW(param_groups(peft_model, tr.lr, tr.embed_lr, tr.weight_decay, tr.head_lr), lr=tr.lr)
     cap = UpdateNormCap(optimizer, tr.max_update_norm) if tr.max_update_norm else None
     callbacks: list[TrainerCallback] = [RichProgress(console, f"{name} ({stage.kind}, {method.name})")]
@@ -354,7 +387,7 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
     return PreparedStage(name, stage, method, seed, bf16, peft_model, targets, trainable, total,
-                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan)
+                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan, precision)
 
 
 def stage_collator(model, tokenizer, stage: StageSpec, method: MethodInfo):
@@ -416,11 +449,15 @@ def flattening_keeps_documents_apart(model) -> bool:
     return bool(torch.allclose(together.float(), alone.float(), atol=1e-3, rtol=1e-3))
 
 
-def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, bf16: bool, has_eval: bool) -> TrainingArguments:
+def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, precision: str, has_eval: bool,
+                        device: torch.device, batch_size: int) -> TrainingArguments:
+    """The Trainer's arguments. `batch_size` is this process's share of train.batch_size (all
+    of it in one process); the Trainer's data-parallel sampler gives the processes consecutive
+    slices of the same seeded order, so together they see the batches of a one-process run."""
     return TrainingArguments(
         output_dir=str(ckpt_dir),
-        per_device_train_batch_size=tr.batch_size,
-        per_device_eval_batch_size=tr.batch_size,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
         gradient_accumulation_steps=tr.grad_accum,
         num_train_epochs=tr.epochs,
         max_steps=tr.max_steps or -1,
@@ -431,8 +468,9 @@ def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, bf16: bool, ha
         max_grad_norm=tr.max_grad_norm,
         # NEFTune is factlab's own hook (regularizers.neftune), never the Trainer's as well.
         neftune_noise_alpha=None,
-        bf16=bf16,
-        use_cpu=True,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device.type == "cpu",
         seed=seed,
         data_seed=seed,
         logging_steps=1,
@@ -449,6 +487,9 @@ def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, bf16: bool, ha
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        # Data-parallel: every trainable parameter takes part in every forward (adapters, or
+        # the targeted weights), so DDP need not search the graph for unused ones each step.
+        ddp_find_unused_parameters=False,
         optim="adamw_torch",
     )
 
@@ -516,16 +557,25 @@ def fit(prepared: PreparedStage) -> Fit:
 
 def save_stage(prepared: PreparedStage, measured: Fit, tokenizer) -> tuple[object, StageResult]:
     """Save the trained model and train.json, then move `out_dir`.partial to `out_dir`.
-    Returns (model for the next stage, StageResult)."""
-    shutil.rmtree(prepared.partial / "checkpoints", ignore_errors=True)
-    saved = save_trained(prepared.model, tokenizer, prepared.method, prepared.stage.merge, prepared.partial)
+    Returns (model for the next stage, StageResult).
+
+    Several processes (accelerate launch): each merges its own copy of the model in memory
+    (they are identical after data-parallel training) for the next stage; only the first
+    writes, and all of them wait until the folder is in place."""
+    main = distributed.is_main()
+    if main:
+        shutil.rmtree(prepared.partial / "checkpoints", ignore_errors=True)
+    saved = save_trained(prepared.model, tokenizer, prepared.method, prepared.stage.merge,
+                         prepared.partial if main else None)
     if not prepared.method.merges:
         # Evaluated as base + adapter: make the logits line up with the input ids.
         align_virtual_token_logits(saved.model)
     result = stage_result(prepared, measured, saved)
-    (prepared.partial / "train.json").write_text(json.dumps(asdict(result), indent=2))
-    shutil.rmtree(prepared.out_dir, ignore_errors=True)
-    os.replace(prepared.partial, prepared.out_dir)
+    if main:
+        (prepared.partial / "train.json").write_text(json.dumps(asdict(result), indent=2))
+        shutil.rmtree(prepared.out_dir, ignore_errors=True)
+        os.replace(prepared.partial, prepared.out_dir)
+    distributed.barrier()
     return saved.model, result
 
 
@@ -567,4 +617,7 @@ def stage_result(prepared: PreparedStage, measured: Fit, saved: SavedStage) -> S
         loss_history=[{"step": h["step"], "loss": h["loss"], **({"l2_to_base": h["l2_to_base"]} if "l2_to_base" in h else {})}
                       for h in losses]
         + [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
+        precision=prepared.precision,
+        device=next(prepared.model.parameters()).device.type,
+        processes=distributed.processes(),
     )
