@@ -118,6 +118,10 @@ class TrainSpec(_Strict):
     a larger update is scaled back onto the cap (see factlab.train.regularizers)."""
     bf16: bool | Literal["auto"] = "auto"
     """bf16 autocast: true, false, or `auto` = when the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    fused_loss: bool = True
+    """Compute the loss from the labelled positions only, lm_head applied in chunks, never
+    building [batch, seq, vocab] logits (factlab.train.loss); the same loss as the model's
+    own. Methods it cannot apply to (prompt methods) use the model's loss; false: always."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":

@@ -29,6 +29,7 @@ import resource
 import shutil
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +52,7 @@ from factlab.data.substitute import substitute as swap
 from factlab.errors import FactlabError
 from factlab.methods import MethodInfo, method_info
 from factlab.models.targets import TargetSpec
+from factlab.train.loss import LossPath, fused_loss, loss_path
 from factlab.train.merge import SavedStage, save_trained
 from factlab.train.plan import StepPlan, plan_stage, warning as plan_warning
 from factlab.train.peft_methods import align_virtual_token_logits, build_peft_model, is_peft_model
@@ -223,6 +225,11 @@ class StageResult:
     """With train.l2_to_base: sum ||W_merged - W_base||_F^2 after the last step (unscaled)."""
     update_norm_capped_steps: int | None = None
     """With train.max_update_norm: optimizer steps whose update was scaled back onto the cap."""
+    loss_path: str = "standard"
+    """`fused` (labelled positions only, lm_head in chunks; factlab.train.loss) or `standard`
+    (the model's own loss)."""
+    loss_path_note: str | None = None
+    """Why the standard loss was used."""
     plan: dict | None = None
     """The step plan made before training (factlab.train.plan.StepPlan): examples, replay,
     optimizer steps, tokens, passes over the data, and the warning if it was too small."""
@@ -254,6 +261,7 @@ class PreparedStage:
     out_dir: Path
     plan: StepPlan | None = None
     """What the stage will do (steps, tokens, passes), printed before it trains."""
+    loss_path: LossPath = field(default_factory=lambda: LossPath("standard"))
 
 
 @dataclass
@@ -330,6 +338,9 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     total = sum(p.numel() for p in peft_model.parameters())
     # Built before training: for full fine-tuning it copies the starting weights.
     l2 = L2ToBase(peft_model) if tr.l2_to_base > 0 else None
+    # The fused loss is checked against the model's own on the start of the first example.
+    check_ids = torch.tensor([train_ex[0]["input_ids"][:16]]) if train_ex and len(train_ex[0]["input_ids"]) > 1 else None
+    path = loss_path(peft_model, tr.fused_loss, check_ids)
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
@@ -353,7 +364,7 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
     return PreparedStage(name, stage, method, seed, bf16, peft_model, targets, trainable, total,
-                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan)
+                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan, path)
 
 
 def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, bf16: bool, has_eval: bool) -> TrainingArguments:
@@ -421,13 +432,19 @@ def param_groups(model, lr: float, embed_lr: float | None, weight_decay: float,
     return [g for g in groups if g["params"]]
 
 
+def training_loss(prepared: PreparedStage):
+    """The context in which the stage's model computes its training loss: the fused loss
+    (factlab.train.loss) when the stage uses it, else the model's own."""
+    return fused_loss(prepared.model) if prepared.loss_path.name == "fused" else nullcontext()
+
+
 def fit(prepared: PreparedStage) -> Fit:
     """Train, then score the held-out and the training examples; leaves the model in eval mode."""
     tr, trainer = prepared.stage.train, prepared.trainer
     own_peak = reset_peak_rss()
     t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings(), neftune(prepared.model, tr.neftune_alpha):
+        with warnings.catch_warnings(), neftune(prepared.model, tr.neftune_alpha), training_loss(prepared):
             warnings.filterwarnings("ignore", message=".*use_cpu.*")
             trainer.train()
     finally:
@@ -438,12 +455,13 @@ def fit(prepared: PreparedStage) -> Fit:
     history = list(trainer.state.log_history)
     eval_loss = train_loss_after = None
     if prepared.heldout_examples:
-        eval_loss = float(trainer.evaluate()["eval_loss"])
-        # The logged train losses are of single batches, taken with dropout and NEFTune noise
-        # on; to set against the held-out loss, the training examples are scored the same way
-        # (eval mode: no noise, no dropout) once training is done.
-        train_loss_after = float(trainer.evaluate(eval_dataset=prepared.train_examples,
-                                                  metric_key_prefix="train")["train_loss"])
+        with training_loss(prepared):
+            eval_loss = float(trainer.evaluate()["eval_loss"])
+            # The logged train losses are of single batches, taken with dropout and NEFTune noise
+            # on; to set against the held-out loss, the training examples are scored the same way
+            # (eval mode: no noise, no dropout) once training is done.
+            train_loss_after = float(trainer.evaluate(eval_dataset=prepared.train_examples,
+                                                      metric_key_prefix="train")["train_loss"])
     l2_final = None
     if prepared.l2 is not None:
         with torch.no_grad():
@@ -502,6 +520,8 @@ def stage_result(prepared: PreparedStage, measured: Fit, saved: SavedStage) -> S
         train_peak_rss_mb=measured.train_peak_rss_mb,
         l2_to_base_final=measured.l2_to_base_final,
         update_norm_capped_steps=prepared.cap.capped_steps if prepared.cap is not None else None,
+        loss_path=prepared.loss_path.name,
+        loss_path_note=prepared.loss_path.reason,
         plan=({**prepared.plan.to_dict(), "warning": plan_warning(prepared.plan, prepared.name)}
               if prepared.plan is not None else None),
         loss_history=[{"step": h["step"], "loss": h["loss"], **({"l2_to_base": h["l2_to_base"]} if "l2_to_base" in h else {})}
