@@ -118,6 +118,10 @@ class TrainSpec(_Strict):
     a larger update is scaled back onto the cap (see factlab.train.regularizers)."""
     bf16: bool | Literal["auto"] = "auto"
     """bf16 autocast: true, false, or `auto` = when the CPU has native bf16 (AVX512-BF16 / AMX)."""
+    bf16_weights: bool = True
+    """With bf16 on: the frozen base matrices are stored in bf16 while the stage trains (adapters,
+    trained weights and optimizer state stay fp32; the fp32 base is restored afterwards; see
+    factlab.train.precision). false: fp32 storage, cast by autocast at every step."""
     fused_loss: bool = True
     """Compute the loss from the labelled positions only, lm_head applied in chunks, never
     building [batch, seq, vocab] logits (factlab.train.loss); the same loss as the model's

@@ -126,16 +126,23 @@ def _logits_are_head_of_body(model, body, head, ids: torch.Tensor) -> bool:
 @contextmanager
 def fused_loss(model, chunk_rows: int | None = None):
     """Within the block, a forward of `model` given labels returns the fused loss (and no
-    logits). `chunk_rows`: head rows per chunk (default: CHUNK_ELEMENTS / vocabulary)."""
+    logits). `chunk_rows`: head rows per chunk (default: CHUNK_ELEMENTS / vocabulary).
+
+    If something wraps the model's forward meanwhile (accelerate wraps the forward of the model
+    the Trainer trains in autocast; without PEFT that is this very model), the wrapper is left
+    in place at the end and the fused forward inside it passes every call on unchanged."""
     hf = _hf_model(model)
     body, head = _body_and_head(hf)
     if body is None:
         raise ValueError(f"{type(hf).__name__} has no separate body and output head")
-    original = hf.forward  # the bound method of the class
+    previous = vars(hf).get("forward")  # an instance-level forward already there, if any
+    original = hf.forward
     rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(1, head.weight.shape[0]))
+    active = True
 
     def forward(*args, labels=None, num_items_in_batch=None, **kwargs):
-        if labels is None or args or kwargs.get("past_key_values") is not None or "logits_to_keep" in kwargs:
+        if (not active or labels is None or args or kwargs.get("past_key_values") is not None
+                or "logits_to_keep" in kwargs):
             return original(*args, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs)
         kwargs["use_cache"] = False
         kwargs.pop("return_dict", None)
@@ -146,7 +153,13 @@ def fused_loss(model, chunk_rows: int | None = None):
     try:
         yield
     finally:
-        del hf.forward  # back to the class's forward
+        if vars(hf).get("forward") is forward:
+            if previous is None:
+                del hf.forward  # back to the class's forward
+            else:
+                hf.forward = previous
+        else:
+            active = False
 
 
 def causal_lm_loss(head, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,

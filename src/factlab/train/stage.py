@@ -29,7 +29,7 @@ import resource
 import shutil
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -56,6 +56,7 @@ from factlab.train.loss import LossPath, fused_loss, loss_path
 from factlab.train.merge import SavedStage, save_trained
 from factlab.train.plan import StepPlan, plan_stage, warning as plan_warning
 from factlab.train.peft_methods import align_virtual_token_logits, build_peft_model, is_peft_model
+from factlab.train.precision import frozen_weights_in_bf16
 from factlab.train.progress import RichProgress, peak_rss_mb, reset_peak_rss
 from factlab.train.regularizers import L2ToBase, RegularizedTrainer, UpdateNormCap, neftune
 
@@ -432,19 +433,34 @@ def param_groups(model, lr: float, embed_lr: float | None, weight_decay: float,
     return [g for g in groups if g["params"]]
 
 
-def training_loss(prepared: PreparedStage):
-    """The context in which the stage's model computes its training loss: the fused loss
-    (factlab.train.loss) when the stage uses it, else the model's own."""
-    return fused_loss(prepared.model) if prepared.loss_path.name == "fused" else nullcontext()
-
-
 def fit(prepared: PreparedStage) -> Fit:
-    """Train, then score the held-out and the training examples; leaves the model in eval mode."""
+    """Train, then score the held-out and the training examples; leaves the model in eval mode.
+
+    While it trains and is scored, the model computes the fused loss when the stage uses it
+    (factlab.train.loss) and, with bf16 on, keeps its frozen matrices in bf16
+    (factlab.train.precision: the fp32 values are back before anything else sees the model)."""
+    tr = prepared.stage.train
+    with ExitStack() as during:
+        during.enter_context(frozen_weights_in_bf16(prepared.model, prepared.partial / "frozen-fp32.safetensors",
+                                                    enabled=prepared.bf16 and tr.bf16_weights))
+        if prepared.loss_path.name == "fused":
+            during.enter_context(fused_loss(prepared.model))
+        measured = _train_and_score(prepared)
+    if prepared.l2 is not None:
+        with torch.no_grad():
+            measured.l2_to_base_final = float(prepared.l2())
+        # Full fine-tuning: frees the copy of the starting weights before the model is saved.
+        prepared.l2 = prepared.trainer.l2_to_base = None
+    prepared.model.eval()
+    return measured
+
+
+def _train_and_score(prepared: PreparedStage) -> Fit:
     tr, trainer = prepared.stage.train, prepared.trainer
     own_peak = reset_peak_rss()
     t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings(), neftune(prepared.model, tr.neftune_alpha), training_loss(prepared):
+        with warnings.catch_warnings(), neftune(prepared.model, tr.neftune_alpha):
             warnings.filterwarnings("ignore", message=".*use_cpu.*")
             trainer.train()
     finally:
@@ -455,21 +471,13 @@ def fit(prepared: PreparedStage) -> Fit:
     history = list(trainer.state.log_history)
     eval_loss = train_loss_after = None
     if prepared.heldout_examples:
-        with training_loss(prepared):
-            eval_loss = float(trainer.evaluate()["eval_loss"])
-            # The logged train losses are of single batches, taken with dropout and NEFTune noise
-            # on; to set against the held-out loss, the training examples are scored the same way
-            # (eval mode: no noise, no dropout) once training is done.
-            train_loss_after = float(trainer.evaluate(eval_dataset=prepared.train_examples,
-                                                      metric_key_prefix="train")["train_loss"])
-    l2_final = None
-    if prepared.l2 is not None:
-        with torch.no_grad():
-            l2_final = float(prepared.l2())
-        # Full fine-tuning: frees the copy of the starting weights before the model is saved.
-        prepared.l2 = trainer.l2_to_base = None
-    prepared.model.eval()
-    return Fit(seconds, history, train_peak, eval_loss, train_loss_after, l2_final)
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+        # The logged train losses are of single batches, taken with dropout and NEFTune noise
+        # on; to set against the held-out loss, the training examples are scored the same way
+        # (eval mode: no noise, no dropout) once training is done.
+        train_loss_after = float(trainer.evaluate(eval_dataset=prepared.train_examples,
+                                                  metric_key_prefix="train")["train_loss"])
+    return Fit(seconds, history, train_peak, eval_loss, train_loss_after, None)
 
 
 def save_stage(prepared: PreparedStage, measured: Fit, tokenizer) -> tuple[object, StageResult]:
