@@ -122,6 +122,10 @@ class TrainSpec(_Strict):
     """With bf16 on: the frozen base matrices are stored in bf16 while the stage trains (adapters,
     trained weights and optimizer state stay fp32; the fp32 base is restored afterwards; see
     factlab.train.precision). false: fp32 storage, cast by autocast at every step."""
+    compile: bool = False
+    """torch.compile the model's repeated blocks (decoder layers) while the stage trains
+    (factlab.train.compiling). Off by default: on CPU the compilation costs more than short
+    stages win (bench/bench_training.py measures it)."""
     fused_loss: bool = True
     """Compute the loss from the labelled positions only, lm_head applied in chunks, never
     building [batch, seq, vocab] logits (factlab.train.loss); the same loss as the model's

@@ -52,6 +52,7 @@ from factlab.data.substitute import substitute as swap
 from factlab.errors import FactlabError
 from factlab.methods import MethodInfo, method_info
 from factlab.models.targets import TargetSpec
+from factlab.train.compiling import compiled_blocks
 from factlab.train.loss import LossPath, fused_loss, loss_path
 from factlab.train.merge import SavedStage, save_trained
 from factlab.train.plan import StepPlan, plan_stage, warning as plan_warning
@@ -437,14 +438,16 @@ def fit(prepared: PreparedStage) -> Fit:
     """Train, then score the held-out and the training examples; leaves the model in eval mode.
 
     While it trains and is scored, the model computes the fused loss when the stage uses it
-    (factlab.train.loss) and, with bf16 on, keeps its frozen matrices in bf16
-    (factlab.train.precision: the fp32 values are back before anything else sees the model)."""
+    (factlab.train.loss), with bf16 on keeps its frozen matrices in bf16
+    (factlab.train.precision: the fp32 values are back before anything else sees the model),
+    and with train.compile runs its decoder layers compiled (factlab.train.compiling)."""
     tr = prepared.stage.train
     with ExitStack() as during:
         during.enter_context(frozen_weights_in_bf16(prepared.model, prepared.partial / "frozen-fp32.safetensors",
                                                     enabled=prepared.bf16 and tr.bf16_weights))
         if prepared.loss_path.name == "fused":
             during.enter_context(fused_loss(prepared.model))
+        during.enter_context(compiled_blocks(prepared.model, enabled=tr.compile))
         measured = _train_and_score(prepared)
     if prepared.l2 is not None:
         with torch.no_grad():
