@@ -87,6 +87,11 @@ class TrainSpec(_Strict):
     """Optimizer steps; overrides `epochs` when set."""
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0)
+    """Examples per forward/backward pass (default: batch_size). Smaller splits each batch into
+    micro-batches whose gradients add up before the optimizer step: the same steps, the same
+    loss (normalised over the whole batch), activation memory of the micro-batch only.
+    batch_size must be a multiple of it."""
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
@@ -135,6 +140,9 @@ class TrainSpec(_Strict):
     def _check(self) -> "TrainSpec":
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give either train.warmup_steps or train.warmup_ratio, not both")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.micro_batch_size ({self.micro_batch_size}) must divide train.batch_size "
+                             f"({self.batch_size}); e.g. micro_batch_size: 1, 2 or 4 for batch_size: 8")
         if self.early_stopping_patience and not self.eval_fraction:
             raise ValueError("train.early_stopping_patience needs a held-out split: set train.eval_fraction (e.g. 0.1)")
         return self

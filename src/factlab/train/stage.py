@@ -372,9 +372,10 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
 def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, bf16: bool, has_eval: bool) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(ckpt_dir),
-        per_device_train_batch_size=tr.batch_size,
-        per_device_eval_batch_size=tr.batch_size,
-        gradient_accumulation_steps=tr.grad_accum,
+        # A batch of micro-batches is one more level of gradient accumulation (same steps).
+        per_device_train_batch_size=tr.micro_batch_size or tr.batch_size,
+        per_device_eval_batch_size=tr.micro_batch_size or tr.batch_size,
+        gradient_accumulation_steps=tr.grad_accum * (tr.batch_size // (tr.micro_batch_size or tr.batch_size)),
         num_train_epochs=tr.epochs,
         max_steps=tr.max_steps or -1,
         learning_rate=tr.lr,
