@@ -16,8 +16,10 @@ held-out evaluation, early stopping and `accelerate launch` scale-out come from 
 library the field uses. What factlab adds: PEFT methods by name, layer-group targets,
 per-group learning rates, NEFTune that reaches every method's embedding, forgetting controls
 (L2 to the base weights, an update-norm cap; see factlab.train.regularizers), bf16 autocast
-chosen from the CPU's flags, a rich progress bar with tokens/s, and the saved artefacts of a
-stage (see factlab.train.merge for what each method saves).
+chosen from the CPU's flags with the frozen weights stored in bf16 (factlab.train.precision),
+a loss that never builds full-vocabulary logits (factlab.train.loss), a rich progress bar with
+tokens/s, and the saved artefacts of a stage (see factlab.train.merge for what each method
+saves).
 """
 
 from __future__ import annotations
