@@ -106,7 +106,7 @@ def _logits_are_head_of_body(model, body, head, ids: torch.Tensor) -> bool:
     def replace(module, args, output):
         gen = torch.Generator().manual_seed(0)
         seen["input"] = args[0].detach()
-        seen["logits"] = 30 * torch.randn(output.shape, generator=gen).to(output.dtype)
+        seen["logits"] = (30 * torch.randn(output.shape, generator=gen)).to(device=output.device, dtype=output.dtype)
         return seen["logits"]
 
     was_training = model.training
