@@ -1,16 +1,33 @@
-"""Training throughput: factlab's CPT stage against the plain transformers + PEFT way.
+"""Training speed, model FLOPs utilisation and memory: factlab's CPT stage against the plain
+transformers + PEFT Trainer, and what each of factlab's training changes contributes.
 
-Both train the same LoRA (r=16 on attention + MLP of SmolLM2-135M) on the same packed blocks
-for the same number of optimizer steps, each in its own subprocess (so peak RSS is its own).
-What is timed is `Trainer.train()` alone in both (no model loading, no saving, no scoring):
-factlab reports it as StageResult.seconds, the plain script times the same call.
+All rows train the same LoRA (r=16, alpha 32 on q/k/v/o and gate/up/down of every layer of
+SmolLM2-135M) on the same packed blocks for the same optimizer steps, each in its own
+subprocess (so its peak RSS is its own). What is timed is `Trainer.train()` alone in every
+row (factlab reports it as StageResult.seconds; the plain script times the same call).
 
-The plain way is what a person writes from the transformers/PEFT docs: default
-TrainingArguments on CPU (fp32), and the same with `bf16=True` (what a person who knows the
-CPU has bf16 would set). factlab chooses bf16 autocast itself from the CPU flags. Modes run
-interleaved, `--repeats` times each; the table gives the best and the median.
+Rows (one change at a time, top to bottom):
+  plain       transformers+PEFT Trainer as the docs show it: default TrainingArguments, fp32
+  plain-bf16  the same with bf16=True (autocast): only where the CPU has native bf16
+  old         factlab as before issue 14: the model's own loss (fused_loss: false; on bf16
+              CPUs also bf16_weights: false, i.e. autocast over fp32 weights)
+  fused       + the fused loss (bf16 CPUs only; elsewhere this is the `factlab` row)
+  factlab     factlab's defaults: fused loss, and on bf16 CPUs frozen weights in bf16
+  compile     + train.compile: true (regional torch.compile, compile time included)
+  micro       + train.micro_batch_size (--micro): the same batches as micro-batches
 
-    python bench/bench_training.py [--steps 12] [--batch 8] [--seq-len 256] [--repeats 2]
+Before the rows, the machine's matmul throughput is measured at the model's shapes (the
+rows of one forward pass, M = batch x seq_len, times the layer's Linear shapes and lm_head), in
+fp32 and bf16; the FLOP-weighted mix of one forward pass is the "peak" of MFU.
+
+MFU = tokens/s x FLOPs per token / measured peak of the row's dtype, with FLOPs per token =
+4 x N_frozen + 6 x N_trainable: a frozen matrix costs 2N forward and 2N backward (the gradient
+of its input, no weight gradient), a trained one 6N (forward, input and weight gradients).
+N counts matmul weights (every Linear, lm_head included; the embedding lookup is not a
+matmul); attention scores are left out (under 4% here at seq_len 256).
+
+    python bench/bench_training.py [--steps 12] [--batch 8] [--seq-len 256] [--repeats 2] [--micro 2]
+    python bench/bench_training.py --quick     # a tiny random model, seconds: checks the script
 """
 
 from __future__ import annotations
@@ -18,46 +35,170 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-WORKER = r'''
-import json, resource, sys, time, torch, warnings
-warnings.filterwarnings("ignore")
-from transformers.utils import logging; logging.set_verbosity_error(); logging.disable_progress_bar()
-from factlab.data.corpus import load_documents, pack_documents
-from factlab.models.loading import load_model, resolve_model
-mode, steps, batch, seq_len = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-model, tok = load_model(resolve_model("smollm2-135m"))
-docs = load_documents(["examples/data/korrin/docs", "src/factlab/builtin/general.txt"])
-blocks = pack_documents(tok, docs * 4, seq_len)
-blocks = [b for b in blocks if len(b["input_ids"]) == seq_len]
-targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-if mode == "factlab":
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+"""--quick: the tiny random llama (factlab.testing.tiny_model with these sizes, vocab 400)."""
+
+LABELS = {
+    "plain": "transformers+PEFT Trainer, fp32",
+    "plain-bf16": "transformers+PEFT Trainer, bf16=True",
+    "old": "factlab, model's own loss (old path)",
+    "fused": "factlab, fused loss, autocast weights",
+    "factlab": "factlab defaults (fused loss{w})",
+    "compile": "factlab defaults + compile",
+    "micro": "factlab defaults + micro_batch_size {m}",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Worker: one row, in its own process
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _workload(quick: bool, seq_len: int):
+    """(model, tokenizer, blocks of exactly seq_len tokens)."""
+    from factlab.data.corpus import load_documents, pack_documents
+
+    docs = load_documents([ROOT / "examples/data/korrin/docs", ROOT / "src/factlab/builtin/general.txt"])
+    if quick:
+        from factlab.testing import tiny_model, tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        model = tiny_model("llama", vocab_size=len(tok), **TINY)
+    else:
+        from factlab.models.loading import load_model, resolve_model
+
+        model, tok = load_model(resolve_model("smollm2-135m"))
+    blocks = [b for b in pack_documents(tok, docs * 4, seq_len) if len(b["input_ids"]) == seq_len]
+    return model, tok, blocks
+
+
+def _matmul_params(model) -> tuple[int, int]:
+    """(N_frozen, N_trainable): frozen matmul weights (Linear / Conv1D, each once) and trained parameters."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    frozen, seen = 0, set()
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, (torch.nn.Linear, Conv1D)) and w is not None and not w.requires_grad and id(w) not in seen:
+            seen.add(id(w))
+            frozen += w.numel()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return frozen, trainable
+
+
+def worker(mode: str, a: argparse.Namespace) -> dict:
+    rss_start = _rss_mb()
     import tempfile
-    from pathlib import Path
-    from factlab.config import StageSpec
-    from factlab.train.stage import train_stage
-    stage = StageSpec.model_validate({"kind": "cpt", "merge": False, "peft": {"targets": ["attention", "mlp"], "r": 16, "alpha": 32},
-                                      "train": {"lr": 1e-4, "max_steps": steps, "batch_size": batch, "seq_len": seq_len}})
-    _, res = train_stage(model, tok, stage, "cpt", Path(tempfile.mkdtemp()) / "s", blocks, seed=0)
-    seconds, tokens, bf16 = res.seconds, res.train_tokens, res.bf16
-else:  # "plain" (fp32) or "plain-bf16"
-    import tempfile
-    from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
-    pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, max_steps=steps,
-                             learning_rate=1e-4, use_cpu=True, report_to="none", save_strategy="no",
-                             disable_tqdm=True, logging_steps=steps, remove_unused_columns=False, seed=0,
-                             bf16=(mode == "plain-bf16"))
-    trainer = Trainer(model=pm, args=args, train_dataset=blocks,
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
-    t0 = time.perf_counter(); trainer.train(); seconds = time.perf_counter() - t0
-    tokens, bf16 = steps * batch * seq_len, mode == "plain-bf16"
-print(json.dumps({"mode": mode, "seconds": seconds, "tokens": tokens, "tok_s": tokens / seconds, "bf16": bf16,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-'''
+    import warnings
+
+    import torch  # noqa: F401
+    from transformers.utils import logging
+
+    from factlab.train.progress import peak_rss_mb, reset_peak_rss
+
+    warnings.filterwarnings("ignore")
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    rss_import = _rss_mb()
+    model, tok, blocks = _workload(a.quick, a.seq_len)
+    rss_loaded = _rss_mb()
+    out = {"mode": mode, "rss_start_mb": rss_start, "rss_import_mb": rss_import, "rss_loaded_mb": rss_loaded}
+    if mode.startswith("plain"):
+        from peft import LoraConfig, get_peft_model
+        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+        pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=a.batch, max_steps=a.steps,
+                                 learning_rate=1e-4, use_cpu=True, report_to="none", save_strategy="no",
+                                 disable_tqdm=True, logging_steps=a.steps, remove_unused_columns=False, seed=0,
+                                 bf16=(mode == "plain-bf16"))
+        trainer = Trainer(model=pm, args=args, train_dataset=blocks,
+                          data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100))
+        own = reset_peak_rss()
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+        out.update(seconds=seconds, tokens=a.steps * a.batch * a.seq_len, bf16=mode == "plain-bf16",
+                   train_peak_rss_mb=peak_rss_mb() if own else None, loss_path="model's own", final_loss=None)
+        trained = pm
+    else:
+        from pathlib import Path as P
+
+        from factlab.config import StageSpec
+        from factlab.train.stage import train_stage
+
+        train = {"lr": 1e-4, "max_steps": a.steps, "batch_size": a.batch, "seq_len": a.seq_len}
+        train.update({"old": {"fused_loss": False, "bf16_weights": False}, "fused": {"bf16_weights": False},
+                      "compile": {"compile": True}, "micro": {"micro_batch_size": a.micro}}.get(mode, {}))
+        stage = StageSpec.model_validate({"kind": "cpt", "merge": False, "train": train,
+                                          "peft": {"targets": ["attention", "mlp"], "r": 16, "alpha": 32}})
+        trained, res = train_stage(model, tok, stage, "cpt", P(tempfile.mkdtemp()) / "s", blocks, seed=0)
+        out.update(seconds=res.seconds, tokens=res.train_tokens, bf16=res.bf16, train_peak_rss_mb=res.train_peak_rss_mb,
+                   loss_path=res.loss_path, final_loss=res.final_loss)
+    out["n_frozen"], out["n_trainable"] = _matmul_params(trained)
+    import resource
+
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Matmul throughput at the model's shapes
+
+
+def model_shapes(quick: bool) -> tuple[list[tuple[str, int, int, int]], dict]:
+    """[(name, in, out, count per forward pass)] of the model's matmuls, and its config."""
+    if quick:
+        cfg = dict(TINY, vocab_size=400, head_dim=TINY["hidden_size"] // TINY["num_attention_heads"])
+    else:
+        from factlab.models.loading import resolve_model
+
+        cfg = json.loads((resolve_model("smollm2-135m") / "config.json").read_text())
+    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
+    return [("q_proj, o_proj", h, h, 2 * n), ("k_proj, v_proj", h, kv, 2 * n), ("gate_proj, up_proj", h, i, 2 * n),
+            ("down_proj", i, h, n), ("lm_head", h, cfg["vocab_size"], 1)], cfg
+
+
+def matmul_throughput(shapes, rows: int, dtype, min_seconds: float) -> tuple[dict, float]:
+    """GFLOP/s of F.linear((rows, in), (out, in)) per shape, and of one forward pass's mix
+    (total FLOPs / total time, each shape weighted by its count)."""
+    import torch
+    import torch.nn.functional as F
+
+    per, flops, secs = {}, 0.0, 0.0
+    for name, fan_in, fan_out, count in shapes:
+        x, w = torch.randn(rows, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
+        F.linear(x, w)  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while n < 1 or time.perf_counter() - t0 < min_seconds:
+            F.linear(x, w)
+            n += 1
+        call = (time.perf_counter() - t0) / n
+        f = 2.0 * rows * fan_in * fan_out
+        per[name] = f / call / 1e9
+        flops += count * f
+        secs += count * call
+    return per, flops / secs / 1e9
+
+
+# ---------------------------------------------------------------------------------------
+# Driver
 
 
 def cpu_model() -> str:
@@ -72,39 +213,107 @@ def cpu_model() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (12; --quick 3)")
+    ap.add_argument("--batch", type=int, default=None, help="examples per step (8; --quick 4)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per example (256; --quick 64)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs of every row, interleaved (2; --quick 1)")
+    ap.add_argument("--micro", type=int, default=2, help="micro_batch_size of the `micro` row")
+    ap.add_argument("--modes", default=None, help="comma-separated rows (default: all that apply)")
+    ap.add_argument("--quick", action="store_true", help="a tiny random model: checks the script in seconds")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    import statistics
+    q = a.quick
+    a.steps = a.steps or (3 if q else 12)
+    a.batch = a.batch or (4 if q else 8)
+    a.seq_len = a.seq_len or (64 if q else 256)
+    a.repeats = a.repeats or (1 if q else 2)
+    if a.worker:
+        print(json.dumps(worker(a.worker, a)))
+        return
 
     import torch
 
-    print(f"machine: {cpu_model()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
-    print(f"LoRA r=16 on attention+MLP of SmolLM2-135M, {a.steps} steps x {a.batch} x {a.seq_len} tokens")
-    modes = {"plain": "transformers+PEFT Trainer, fp32", "plain-bf16": "transformers+PEFT Trainer, bf16=True",
-             "factlab": "factlab train_stage"}
+    from factlab.train.stage import cpu_has_bf16
+
+    native = cpu_has_bf16()
+    if a.modes:
+        modes = a.modes.split(",")
+    else:
+        modes = ["plain", "plain-bf16", "old", "fused", "factlab", "compile", "micro"]
+        if not native:  # bf16 is emulated (slow) there, and bf16_weights does nothing without bf16
+            modes = [m for m in modes if m not in ("plain-bf16", "fused")]
+        if q:
+            modes = [m for m in modes if m != "compile"]  # compiling takes minutes, the tiny run seconds
+    unknown = set(modes) - set(LABELS)
+    if unknown:
+        sys.exit(f"unknown --modes {sorted(unknown)}; use some of {', '.join(LABELS)}")
+    labels = {m: LABELS[m].format(w=", bf16 weights" if native else "", m=a.micro) for m in modes}
+
+    model_name = "tiny random llama (--quick)" if q else "SmolLM2-135M-Instruct"
+    print(f"machine: {cpu_model()}, native bf16: {native}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"workload: LoRA r=16 on attention+MLP of {model_name}, {a.steps} steps x {a.batch} x {a.seq_len} tokens")
+
+    shapes, _ = model_shapes(q)
+    rows = a.batch * a.seq_len
+    peak = {}
+    print(f"\nmatmul throughput at the model's shapes, M = {rows} rows (GFLOP/s):")
+    print(f"  {'shape (in -> out)':<36}{'fp32':>10}{'bf16':>10}")
+    per = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        per[dtype], peak[dtype] = matmul_throughput(shapes, rows, dtype, 0.2 if q else 1.0)
+    for name, fan_in, fan_out, count in shapes:
+        print(f"  {f'{name} ({fan_in} -> {fan_out}) x{count}':<36}{per[torch.float32][name]:>10.1f}"
+              f"{per[torch.bfloat16][name]:>10.1f}")
+    print(f"  {'one forward pass (FLOP-weighted)':<36}{peak[torch.float32]:>10.1f}{peak[torch.bfloat16]:>10.1f}\n")
+
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     for rep in range(a.repeats):
         for mode in modes:
-            out = subprocess.run([sys.executable, "-c", WORKER, mode, str(a.steps), str(a.batch), str(a.seq_len)],
-                                 capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(a.steps), "--batch", str(a.batch),
+                   "--seq-len", str(a.seq_len), "--micro", str(a.micro)] + (["--quick"] if q else [])
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
-                sys.exit(f"{mode} failed:\n{out.stderr[-2000:]}")
+                sys.exit(f"{mode} failed:\n{out.stderr[-3000:]}")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             runs[mode].append(r)
-            print(f"  repeat {rep + 1}: {modes[mode]}: {r['seconds']:.1f} s (bf16={r['bf16']})", flush=True)
-    print(f"{'method':<40}{'best s':>8}{'median s':>10}{'tok/s':>8}{'peak RSS MB':>13}")
-    best = {}
-    for mode, label in modes.items():
-        secs = [r["seconds"] for r in runs[mode]]
+            print(f"  repeat {rep + 1}: {labels[mode]}: {r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+
+    print(f"\n{'row':<46}{'best s':>8}{'med s':>7}{'tok/s':>8}{'MFU':>7}{'RSS MB':>8}{'train MB':>9}  loss path")
+    best: dict[str, float] = {}
+    tok_s: dict[str, float] = {}
+    rss: dict[str, float] = {}
+    for mode in modes:
+        rs = runs[mode]
+        secs = [r["seconds"] for r in rs]
         best[mode] = min(secs)
-        tok_s = runs[mode][0]["tokens"] / best[mode]
-        rss = max(r["peak_rss_mb"] for r in runs[mode])
-        print(f"{label:<40}{best[mode]:>8.1f}{statistics.median(secs):>10.1f}{tok_s:>8.0f}{rss:>13.0f}")
-    for ref in ("plain", "plain-bf16"):
-        print(f"speed ratio factlab / {ref} (best / best): {best[ref] / best['factlab']:.2f}x")
+        r0 = rs[0]
+        tok_s[mode] = r0["tokens"] / best[mode]
+        flops_per_token = 4 * r0["n_frozen"] + 6 * r0["n_trainable"]
+        mfu = tok_s[mode] * flops_per_token / (peak[torch.bfloat16 if r0["bf16"] else torch.float32] * 1e9)
+        rss[mode] = max(r["peak_rss_mb"] for r in rs)
+        train_mb = max((r["train_peak_rss_mb"] or 0) for r in rs)
+        print(f"{labels[mode]:<46}{best[mode]:>8.1f}{statistics.median(secs):>7.1f}{tok_s[mode]:>8.0f}"
+              f"{100 * mfu:>6.1f}%{rss[mode]:>8.0f}{train_mb:>9.0f}  {r0['loss_path']}")
+    r0 = runs[modes[0]][0]
+    print(f"\nFLOPs per token: 4 x {r0['n_frozen']:,} frozen + 6 x {r0['n_trainable']:,} trained matmul weights"
+          f" = {4 * r0['n_frozen'] + 6 * r0['n_trainable']:,}")
+    losses = {m: runs[m][0]["final_loss"] for m in modes if runs[m][0]["final_loss"] is not None}
+    if losses:
+        print("final logged loss (same training in every factlab row): "
+              + ", ".join(f"{m} {v:.4f}" for m, v in losses.items()))
+
+    print("\nwhat each change contributed (each row against the one above it):")
+    for prev, mode in zip(modes, modes[1:]):
+        print(f"  {labels[mode]:<46} speed x{best[prev] / best[mode]:.2f}, peak RSS {rss[mode] - rss[prev]:+.0f} MB")
+    if "factlab" in best:
+        for ref in ("plain", "plain-bf16"):
+            if ref in best:
+                print(f"speed ratio factlab defaults / {labels[ref]} (best / best): {best[ref] / best['factlab']:.2f}x")
+        f = runs["factlab"][0]
+        print(f"where the factlab stage's RSS goes: interpreter {f['rss_start_mb']:.0f} MB, imports "
+              f"+{f['rss_import_mb'] - f['rss_start_mb']:.0f} MB, model load +{f['rss_loaded_mb'] - f['rss_import_mb']:.0f} MB "
+              f"(weights are mapped from the file, resident once touched), peak while training "
+              f"{f['train_peak_rss_mb'] or float('nan'):.0f} MB, process peak {f['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def test_dump_round_trips(tmp_path):
         (("model: smollm2-135m", "modle: smollm2-135m"), "modle: unknown key"),
         (("train: {lr: 5.0e-4}", "train: {lr: 5.0e-4, warmup_steps: 3, warmup_ratio: 0.1}"), "not both"),
         (("train: {lr: 5.0e-4}", "train: {early_stopping_patience: 2}"), "eval_fraction"),
+        (("train: {lr: 5.0e-4}", "train: {batch_size: 8, micro_batch_size: 3}"), "micro_batch_size (3) must divide"),
     ],
 )
 def test_errors_name_the_key(tmp_path, edit, expected):

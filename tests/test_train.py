@@ -195,3 +195,28 @@ def test_flattened_documents_train_exactly_like_padded_documents(tmp_path, tok, 
     assert len(flat.loss_history) == 4
     for a, b in zip(flat.loss_history, padded.loss_history):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (flat.loss_history, padded.loss_history)
+
+
+def test_micro_batches_train_the_same_steps_with_smaller_forward_passes(tmp_path, tok):
+    """batch_size 4 as micro-batches of 2 or 1: the same optimizer steps, logged losses and
+    trained weights (up to summation order), no forward pass over more than the micro-batch."""
+    from factlab.train.stage import train_stage
+
+    ex = examples(tok, "sft") * 3  # 6 conversations of different lengths: padding differs per micro-batch
+    runs = {}
+    for micro in (None, 2, 1):
+        sizes = []
+        model = tiny_model("llama", vocab_size=len(tok))
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, a, out: sizes.append(out.shape[0]))
+        spec = stage("sft", ("all",), merge=False, max_steps=3, batch_size=4, micro_batch_size=micro)
+        peft_model, res = train_stage(model, tok, spec, "sft", tmp_path / str(micro), ex, seed=0)
+        handle.remove()
+        runs[micro] = (res, {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad})
+        assert res.steps == 3 and max(sizes) == (micro or 4)
+    ref, ref_w = runs[None]
+    for micro in (2, 1):
+        res, w = runs[micro]
+        assert res.train_tokens == ref.train_tokens
+        assert [h["loss"] for h in res.loss_history] == pytest.approx([h["loss"] for h in ref.loss_history], abs=1e-5)
+        for name, p in w.items():
+            torch.testing.assert_close(p, ref_w[name], atol=1e-4, rtol=1e-3)

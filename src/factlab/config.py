@@ -87,6 +87,11 @@ class TrainSpec(_Strict):
     """Optimizer steps; overrides `epochs` when set."""
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
+    micro_batch_size: int | None = Field(None, gt=0)
+    """Examples per forward/backward pass (default: batch_size). Smaller splits each batch into
+    micro-batches whose gradients add up before the optimizer step: the same steps, the same
+    loss (normalised over the whole batch), activation memory of the micro-batch only.
+    batch_size must be a multiple of it."""
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
@@ -121,11 +126,26 @@ class TrainSpec(_Strict):
     """Mixed precision: true (bf16 autocast), false (fp32), or `auto`: on the CPU bf16 when it
     computes bf16 natively (AVX512-BF16 / AMX), else fp32; on a GPU bf16 where it is supported,
     else fp16 autocast."""
+    bf16_weights: bool = True
+    """With bf16 on: the frozen base matrices are stored in bf16 while the stage trains (adapters,
+    trained weights and optimizer state stay fp32; the fp32 base is restored afterwards; see
+    factlab.train.precision). false: fp32 storage, cast by autocast at every step."""
+    compile: bool = False
+    """torch.compile the model's repeated blocks (decoder layers) while the stage trains
+    (factlab.train.compiling). Off by default: on CPU the compilation costs more than short
+    stages win (bench/bench_training.py measures it)."""
+    fused_loss: bool = True
+    """Compute the loss from the labelled positions only, lm_head applied in chunks, never
+    building [batch, seq, vocab] logits (factlab.train.loss); the same loss as the model's
+    own. Methods it cannot apply to (prompt methods) use the model's loss; false: always."""
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError("give either train.warmup_steps or train.warmup_ratio, not both")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.micro_batch_size ({self.micro_batch_size}) must divide train.batch_size "
+                             f"({self.batch_size}); e.g. micro_batch_size: 1, 2 or 4 for batch_size: 8")
         if self.early_stopping_patience and not self.eval_fraction:
             raise ValueError("train.early_stopping_patience needs a held-out split: set train.eval_fraction (e.g. 0.1)")
         return self

@@ -1,6 +1,7 @@
 """Tiny tokenizers and random models for the tests (no downloads, built in seconds).
 
-Nothing in factlab itself uses this module; only tests/ does (bench/ runs the real model).
+Nothing in factlab itself uses this module; only tests/ does, and bench/ with --quick (otherwise
+bench/ runs the real model).
 It stays in the package so that any test file, and users' own tests of registered methods
 or architectures, can build the same tiny fixtures with a plain import.
 """

@@ -16,8 +16,10 @@ held-out evaluation, early stopping and `accelerate launch` scale-out come from 
 library the field uses. What factlab adds: PEFT methods by name, layer-group targets,
 per-group learning rates, NEFTune that reaches every method's embedding, forgetting controls
 (L2 to the base weights, an update-norm cap; see factlab.train.regularizers), bf16 autocast
-chosen from the CPU's flags, a rich progress bar with tokens/s, and the saved artefacts of a
-stage (see factlab.train.merge for what each method saves).
+chosen from the CPU's flags with the frozen weights stored in bf16 (factlab.train.precision),
+a loss that never builds full-vocabulary logits (factlab.train.loss), a rich progress bar with
+tokens/s, and the saved artefacts of a stage (see factlab.train.merge for what each method
+saves).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import resource
 import shutil
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -53,9 +56,12 @@ from factlab.errors import FactlabError
 from factlab.methods import MethodInfo, method_info
 from factlab.models.device import check_training_device, gpu_has_bf16
 from factlab.models.targets import TargetSpec
+from factlab.train.compiling import compiled_blocks
+from factlab.train.loss import LossPath, fused_loss, loss_path
 from factlab.train.merge import SavedStage, save_trained
 from factlab.train.plan import StepPlan, plan_stage, warning as plan_warning
 from factlab.train.peft_methods import align_virtual_token_logits, build_peft_model, is_peft_model
+from factlab.train.precision import frozen_weights_in_bf16
 from factlab.train.progress import RichProgress, peak_rss_mb, reset_peak_rss
 from factlab.train.regularizers import L2ToBase, RegularizedTrainer, UpdateNormCap, neftune
 from factlab.train import distributed
@@ -242,6 +248,11 @@ class StageResult:
     """With train.l2_to_base: sum ||W_merged - W_base||_F^2 after the last step (unscaled)."""
     update_norm_capped_steps: int | None = None
     """With train.max_update_norm: optimizer steps whose update was scaled back onto the cap."""
+    loss_path: str = "standard"
+    """`fused` (labelled positions only, lm_head in chunks; factlab.train.loss) or `standard`
+    (the model's own loss)."""
+    loss_path_note: str | None = None
+    """Why the standard loss was used."""
     plan: dict | None = None
     """The step plan made before training (factlab.train.plan.StepPlan): examples, replay,
     optimizer steps, tokens, passes over the data, and the warning if it was too small."""
@@ -281,6 +292,7 @@ class PreparedStage:
     """What the stage will do (steps, tokens, passes), printed before it trains."""
     precision: str = "fp32"
     """bf16, fp16 (autocast) or fp32: train.bf16 resolved for the model's device."""
+    loss_path: LossPath = field(default_factory=lambda: LossPath("standard"))
 
 
 @dataclass
@@ -362,6 +374,9 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     total = sum(p.numel() for p in peft_model.parameters())
     # Built before training: for full fine-tuning it copies the starting weights.
     l2 = L2ToBase(peft_model) if tr.l2_to_base > 0 else None
+    # The fused loss is checked against the model's own on the start of the first example.
+    check_ids = torch.tensor([train_ex[0]["input_ids"][:16]]) if train_ex and len(train_ex[0]["input_ids"]) > 1 else None
+    path = loss_path(peft_model, tr.fused_loss, check_ids)
 
     partial = out_dir.with_name(out_dir.name + ".partial")
     if distributed.is_main():  # several processes: the first one writes (see save_stage)
@@ -387,7 +402,7 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
     return PreparedStage(name, stage, method, seed, bf16, peft_model, targets, trainable, total,
-                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan, precision)
+                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan, precision, path)
 
 
 def stage_collator(model, tokenizer, stage: StageSpec, method: MethodInfo):
@@ -454,11 +469,17 @@ def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, precision: str
     """The Trainer's arguments. `batch_size` is this process's share of train.batch_size (all
     of it in one process); the Trainer's data-parallel sampler gives the processes consecutive
     slices of the same seeded order, so together they see the batches of a one-process run."""
+    micro = min(tr.micro_batch_size or batch_size, batch_size)
+    if batch_size % micro:
+        raise FactlabError(f"train.micro_batch_size {tr.micro_batch_size} must divide each process's share of "
+                           f"train.batch_size ({batch_size}); choose a divisor of {batch_size}")
     return TrainingArguments(
         output_dir=str(ckpt_dir),
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        gradient_accumulation_steps=tr.grad_accum,
+        # A batch of micro-batches is one more level of gradient accumulation (same steps);
+        # batch_size is this process's share (see distributed.per_process_batch).
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=tr.grad_accum * (batch_size // micro),
         num_train_epochs=tr.epochs,
         max_steps=tr.max_steps or -1,
         learning_rate=tr.lr,
@@ -523,7 +544,31 @@ def param_groups(model, lr: float, embed_lr: float | None, weight_decay: float,
 
 
 def fit(prepared: PreparedStage) -> Fit:
-    """Train, then score the held-out and the training examples; leaves the model in eval mode."""
+    """Train, then score the held-out and the training examples; leaves the model in eval mode.
+
+    While it trains and is scored, the model computes the fused loss when the stage uses it
+    (factlab.train.loss), with bf16 on keeps its frozen matrices in bf16
+    (factlab.train.precision: the fp32 values are back before anything else sees the model),
+    and with train.compile runs its decoder layers compiled (factlab.train.compiling)."""
+    tr = prepared.stage.train
+    with ExitStack() as during:
+        spill = f"frozen-fp32-rank{distributed.rank()}.safetensors"  # each process its own
+        during.enter_context(frozen_weights_in_bf16(prepared.model, prepared.partial / spill,
+                                                    enabled=prepared.bf16 and tr.bf16_weights))
+        if prepared.loss_path.name == "fused":
+            during.enter_context(fused_loss(prepared.model))
+        during.enter_context(compiled_blocks(prepared.model, enabled=tr.compile))
+        measured = _train_and_score(prepared)
+    if prepared.l2 is not None:
+        with torch.no_grad():
+            measured.l2_to_base_final = float(prepared.l2())
+        # Full fine-tuning: frees the copy of the starting weights before the model is saved.
+        prepared.l2 = prepared.trainer.l2_to_base = None
+    prepared.model.eval()
+    return measured
+
+
+def _train_and_score(prepared: PreparedStage) -> Fit:
     tr, trainer = prepared.stage.train, prepared.trainer
     own_peak = reset_peak_rss()
     t0 = time.perf_counter()
@@ -545,14 +590,7 @@ def fit(prepared: PreparedStage) -> Fit:
         # (eval mode: no noise, no dropout) once training is done.
         train_loss_after = float(trainer.evaluate(eval_dataset=prepared.train_examples,
                                                   metric_key_prefix="train")["train_loss"])
-    l2_final = None
-    if prepared.l2 is not None:
-        with torch.no_grad():
-            l2_final = float(prepared.l2())
-        # Full fine-tuning: frees the copy of the starting weights before the model is saved.
-        prepared.l2 = trainer.l2_to_base = None
-    prepared.model.eval()
-    return Fit(seconds, history, train_peak, eval_loss, train_loss_after, l2_final)
+    return Fit(seconds, history, train_peak, eval_loss, train_loss_after, None)
 
 
 def save_stage(prepared: PreparedStage, measured: Fit, tokenizer) -> tuple[object, StageResult]:
@@ -612,6 +650,8 @@ def stage_result(prepared: PreparedStage, measured: Fit, saved: SavedStage) -> S
         train_peak_rss_mb=measured.train_peak_rss_mb,
         l2_to_base_final=measured.l2_to_base_final,
         update_norm_capped_steps=prepared.cap.capped_steps if prepared.cap is not None else None,
+        loss_path=prepared.loss_path.name,
+        loss_path_note=prepared.loss_path.reason,
         plan=({**prepared.plan.to_dict(), "warning": plan_warning(prepared.plan, prepared.name)}
               if prepared.plan is not None else None),
         loss_history=[{"step": h["step"], "loss": h["loss"], **({"l2_to_base": h["l2_to_base"]} if "l2_to_base" in h else {})}
