@@ -1,12 +1,15 @@
-"""The one model interface: a causal LM and its tokenizer behind three requests.
+"""The one model interface: a causal LM and its tokenizer behind four requests.
 
 Modelled on lm-evaluation-harness's ``LM`` (``lm_eval/api/model.py``) and its Hugging Face
 implementation: ``loglikelihood`` scores (context, continuation) pairs, ``loglikelihood_rolling``
-scores whole texts in windows (perplexity), ``generate`` continues prompts (greedy or sampled).
-All three share one padding helper (``pad``), one context-length lookup (``max_positions``),
-one eval-mode guard (``eval_mode``) and one forward (``LM._forward``). Strings become tokens
-in ``tokens.py`` only; the key/value-cache reuse of the shared-prompt path is in
-``kvcache.py``. Works with any Hugging Face causal LM, PEFT-wrapped or not.
+scores whole texts in windows (perplexity), ``generate`` continues prompts (greedy or sampled),
+and ``complete`` does all a probe needs in one pass over its prompt: the candidates' scores,
+the greedy answer and the samples (``generate`` is ``complete`` without candidates). All share
+one padding helper (``pad``), one context-length lookup (``max_positions``), one eval-mode
+guard (``eval_mode``) and one forward (``LM._forward``). Strings become tokens in
+``tokens.py`` only; the key/value-cache code is in ``kvcache.py``, the token-by-token loop,
+the sampler and the batch plan in ``decoding.py``. Works with any Hugging Face causal LM,
+PEFT-wrapped or not.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation import LogitsProcessorList
 
 from factlab.errors import FactlabError
-from factlab.evaluate.kvcache import can_extend_rows, select_rows
-from factlab.evaluate.tokens import encode, prefix_id, split_pair
+from factlab.evaluate.decoding import Sampler, SamplerProcessor, Step, decode, greedy_pick, plan_batches, sample_uniforms
+from factlab.evaluate.kvcache import can_extend_rows, keep_rows, room, select_rows
+from factlab.evaluate.tokens import TokenCache, encode, prefix_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -193,6 +198,7 @@ class LM:
         self.tokenizer = tokenizer
         self.batch_size = self._check_batch_size(batch_size)
         self.share_prefix = share_prefix
+        self._tokens = TokenCache(tokenizer)  # each distinct text encoded once per LM
 
     @staticmethod
     def _check_batch_size(batch_size: int) -> int:
@@ -275,6 +281,7 @@ class LM:
         dropped if it is too long. Both give the same numbers up to float rounding (tested to
         1e-5).
         """
+        self._tokens.prefetch_pairs(list(pairs))
         requests = [self._request(context, continuation) for context, continuation in pairs]
         results: list[LogLik | None] = [None] * len(requests)
         with eval_mode(self.model):
@@ -292,7 +299,7 @@ class LM:
         return results  # type: ignore[return-value]
 
     def _request(self, context: str, continuation: str) -> _Request:
-        ctx, cont = split_pair(self.tokenizer, context, continuation)
+        ctx, cont = self._tokens.split_pair(context, continuation)
         return _Request(tuple(ctx) or (self.prefix_id,), tuple(cont))
 
     # The plain path: every pair runs whole (the reference, and the fallback)
@@ -523,48 +530,383 @@ class LM:
         """``n`` generations per prompt, in the order of ``prompts``.
 
         Prompts are tokenized by ``tokens.encode`` (special tokens added once; an empty
-        prompt becomes ``prefix_id``) and left-padded, so every row's next token is predicted
-        at the last position. Generation stops at any of ``eos_ids``; each result records
-        whether it ended with EOS within ``max_new_tokens`` and how many tokens it took.
-        temperature 0 means greedy (then ``n`` must be 1). Sampling is seeded: the generator
-        is reset to ``seed`` before every batch, and batches are formed in a fixed order
-        (longest prompt first), so the same call gives the same samples on CPU.
-        ``batch_size`` (default: the LM's) counts sequences (prompts x n): decoding a small
-        model on a CPU is bound by memory traffic per step, so wide batches are much faster.
+        prompt becomes ``prefix_id``). Generation stops at any of ``eos_ids``; each result
+        records whether it ended with EOS within ``max_new_tokens`` and how many tokens it
+        took. temperature 0 means greedy (then ``n`` must be 1). Sampling is seeded per
+        prompt (``decoding.sample_uniforms``): the same seed and prompt give the same samples
+        whatever else is in the call and whatever the batch size. ``batch_size`` (default:
+        the LM's, at least 80) is the most sequences (prompts x n) decoded together: decoding
+        a small model on a CPU is bound by memory traffic per step, so wide batches are much
+        faster. This is ``complete`` with prompts only (see there for the two paths).
         """
         if max_new_tokens < 1:
             raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         greedy = temperature <= 0
         if greedy and n != 1:
             raise FactlabError("greedy decoding gives one answer per prompt; set temperature > 0 for n > 1 samples")
-        batch_size = self.batch_size if batch_size is None else self._check_batch_size(batch_size)
-        tokenizer = self.tokenizer
-        encoded = [encode(tokenizer, p) or [self.prefix_id] for p in prompts]
-        stops = eos_ids(self.model, tokenizer)
+        if not greedy and n < 1:
+            raise FactlabError(f"n must be at least 1, got {n}")
+        requests = [PromptRequest(p, greedy_tokens=max_new_tokens if greedy else 0) for p in prompts]
+        out = self.complete(requests, samples=0 if greedy else n, temperature=temperature if not greedy else 1.0,
+                            top_p=top_p, sample_tokens=max_new_tokens, seed=seed, gen_batch=batch_size)
+        return [[c.greedy] if greedy else c.samples for c in out]  # type: ignore[list-item]
+
+    # -- complete: candidates, a greedy answer and samples per prompt, in one pass ---------
+
+    def complete(self, requests: Sequence[PromptRequest], *, samples: int = 0, temperature: float = 1.0,
+                 top_p: float = 1.0, sample_tokens: int = 24, seed: int = 0,
+                 gen_batch: int | None = None) -> list[Completion]:
+        """Per request: the log-likelihood of each continuation after its context, its greedy
+        answer (``greedy_tokens`` > 0) and ``samples`` sampled continuations of
+        ``sample_tokens`` tokens at ``temperature`` (top-p ``top_p``), in the order of
+        ``requests``.
+
+        With ``share_prefix`` (and a model whose cache can be reused, as for
+        ``loglikelihood``) every prompt runs through the model once: prompts are batched
+        (``decoding.plan_batches``; a prefix that many prompts share, such as the in-context
+        baseline's corpus, runs once per batch group), the samples are drawn from copies of
+        the prompt's key/value cache, each continuation is scored by one forward that extends
+        the cache in place (positions of the other candidates are masked), and the greedy
+        answer continues from there: the first continuation's tokens that are the model's
+        argmax are already the first tokens of the greedy answer, so decoding starts after
+        them (and is skipped when they fill the budget). Rows that end leave their batch.
+        Otherwise (``share_prefix=False``, the reference; other models; a request too long for
+        the model) continuations go through ``loglikelihood`` and answers through
+        transformers' ``generate``. Both paths give the same scores up to float rounding
+        (tested to 1e-5), the same greedy answers and the same samples (see ``decoding``).
+        """
+        if samples < 0:
+            raise FactlabError(f"samples must be 0 or more, got {samples}")
+        if samples and (temperature <= 0 or sample_tokens < 1):
+            raise FactlabError("sampling needs temperature > 0 and sample_tokens >= 1; "
+                               f"got temperature {temperature}, sample_tokens {sample_tokens}")
+        if any(r.greedy_tokens < 0 for r in requests):
+            raise FactlabError("greedy_tokens must be 0 (no greedy answer) or more")
+        gen_batch = max(80, self.batch_size) if gen_batch is None else self._check_batch_size(gen_batch)
+        sampler = (Sampler(sample_uniforms(seed, [r.prompt for r in requests], samples, sample_tokens),
+                           temperature, top_p) if samples else None)
+        job = _Job(requests, samples, sample_tokens, sampler, gen_batch)
+        with eval_mode(self.model):
+            if self.share_prefix and self._shares_prefix():
+                self._complete_cached(job)
+            rest = [i for i, c in enumerate(job.results) if c is None]
+            if rest:
+                self._complete_reference(job, rest)
+        return job.results  # type: ignore[return-value]
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(context ids, continuation ids) of each pair, as ``loglikelihood`` scores it (an
+        empty context becomes ``prefix_id``); tokenized once per LM (``complete`` reuses it)."""
+        self._tokens.prefetch_pairs(list(pairs))
+        return [tuple(self._request(c, x)) for c, x in pairs]  # type: ignore[misc]
+
+    def _prompt_ids(self, prompts: Sequence[str]) -> list[tuple[int, ...]]:
+        """``tokens.encode`` of each prompt, ``prefix_id`` for an empty one."""
+        self._tokens.prefetch(list(prompts))
+        return [tuple(self._tokens.encode(p)) or (self.prefix_id,) for p in prompts]
+
+    def _generation(self, tokens: Sequence[int], ended: bool) -> Generation:
+        """A Generation from its new tokens (a last stop token when ``ended``)."""
+        text_ids = list(tokens[:-1]) if ended else list(tokens)
+        return Generation(text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                          n_tokens=len(tokens), ended_with_eos=ended)
+
+    # The reference path: loglikelihood, and transformers' generate
+
+    def _complete_reference(self, job: _Job, idx: list[int]) -> None:
+        requests = job.requests
+        pairs = [(r.scored_context, c) for i in idx for r in [requests[i]] for c in r.continuations]
+        scores = iter(self.loglikelihood(pairs))
+        greedy: dict[int, Generation] = {}
+        for budget in sorted({requests[i].greedy_tokens for i in idx} - {0}):
+            rows = [i for i in idx if requests[i].greedy_tokens == budget]
+            for i, (g,) in zip(rows, self._generate_hf([requests[i].prompt for i in rows], budget, 1, job.gen_batch)):
+                greedy[i] = g
+        sampled: list[list[Generation]] = [[] for _ in idx]
+        if job.samples:
+            rows = [i * job.samples + j for i in idx for j in range(job.samples)]
+            sampled = self._generate_hf([requests[i].prompt for i in idx], job.sample_tokens, job.samples,
+                                        job.gen_batch, job.sampler, rows)
+        for i, samp in zip(idx, sampled):
+            job.results[i] = Completion([next(scores) for _ in requests[i].continuations], greedy.get(i), samp)
+
+    def _generate_hf(self, prompts: Sequence[str], max_new_tokens: int, n: int, batch_size: int,
+                     sampler: Sampler | None = None, sampler_rows: Sequence[int] = ()) -> list[list[Generation]]:
+        """``n`` continuations per prompt by transformers' greedy ``generate``, left-padded
+        batches of up to ``batch_size`` sequences, longest prompt first. With ``sampler`` the
+        n rows of each prompt are sampled (``SamplerProcessor``; ``sampler_rows`` gives the
+        sampler row of each (prompt, sample), prompt-major)."""
+        encoded = self._prompt_ids(prompts)
+        stops = eos_ids(self.model, self.tokenizer)
         # A fresh config, so sampling defaults shipped with the model neither apply nor warn.
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1, num_return_sequences=n,
-            temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
-            top_k=None if not greedy else None, eos_token_id=stops or None, pad_token_id=self.pad_id,
-        )
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  temperature=None, top_p=None, top_k=None,
+                                  eos_token_id=stops or None, pad_token_id=self.pad_id)
+        processor = SamplerProcessor(sampler) if sampler is not None else None
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         per_batch = max(1, batch_size // n)
         results: list[list[Generation]] = [[] for _ in encoded]
-        with eval_mode(self.model):
-            for start in range(0, len(order), per_batch):
-                idx = order[start:start + per_batch]
-                ids, mask = pad([encoded[i] for i in idx], self.pad_id, "left", self.device)  # (B, T)
-                if not greedy:
-                    torch.manual_seed(seed + start)
-                out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                          generation_config=config)  # (B*n, T + new)
-                new = out[:, ids.shape[1]:].tolist()
-                for j, row in enumerate(new):
-                    cut = next((k for k, t in enumerate(row) if t in stops), None)
-                    text_ids = row if cut is None else row[:cut]
-                    results[idx[j // n]].append(Generation(
-                        text=tokenizer.decode(text_ids, skip_special_tokens=True),
-                        n_tokens=len(row) if cut is None else cut + 1,
-                        ended_with_eos=cut is not None,
-                    ))
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            ids, mask = pad([encoded[i] for i in idx], self.pad_id, "left", self.device)  # (B, T)
+            rows = torch.arange(len(idx), device=self.device).repeat_interleave(n)  # (B*n,)
+            extra = {}
+            if processor is not None:
+                processor.rows = [sampler_rows[i * n + j] for i in idx for j in range(n)]
+                processor.width = ids.shape[1]
+                extra["logits_processor"] = LogitsProcessorList([processor])
+            out = self.model.generate(input_ids=ids[rows], attention_mask=mask[rows],
+                                      generation_config=config, **extra)  # (B*n, T + new)
+            for j, row in enumerate(out[:, ids.shape[1]:].tolist()):
+                cut = next((k for k, t in enumerate(row) if t in stops), None)
+                results[idx[j // n]].append(self._generation(row if cut is None else row[:cut + 1], cut is not None))
         return results
+
+    # The cached path: each prompt runs once
+
+    def _complete_cached(self, job: _Job) -> None:
+        """Fill ``job.results`` for the requests the cached path can take (see ``complete``);
+        leaves the others None."""
+        requests = job.requests
+        prompts = self._prompt_ids([r.prompt for r in requests])
+        pairs = [(r.scored_context, c) for r in requests for c in r.continuations]
+        split = iter(self.tokenize_pairs(pairs))
+        conts = [[next(split) for _ in r.continuations] for r in requests]  # (ctx, cont) per candidate
+        max_len = self.max_length
+        fast = []
+        for i, r in enumerate(requests):
+            longest = max([r.greedy_tokens, job.sample_tokens if job.samples else 0]
+                          + [len(cont) for ctx, cont in conts[i] if ctx == prompts[i]])
+            if max_len is None or len(prompts[i]) + longest <= max_len:
+                fast.append(i)
+        # Continuations scored after another context than the prompt (a BPE merge across the
+        # boundary cut the context back): the ordinary loglikelihood, in one call.
+        other = [(i, k) for i in fast for k, (ctx, _) in enumerate(conts[i]) if ctx != prompts[i]]
+        other_scores = dict(zip(other, self.loglikelihood([(requests[i].scored_context, requests[i].continuations[k])
+                                                           for i, k in other]))) if other else {}
+        state = _CachedState(job, prompts, conts, other_scores)
+        for batch in plan_batches([prompts[i] for i in fast], max_rows=job.gen_batch,
+                                  max_tokens=max(job.gen_batch * 64, self.batch_size * 1024)):
+            if not self._run_batch(state, [fast[b] for b in batch.rows], batch.shared):
+                return  # the model's cache cannot be extended this way: the reference path does all the rest
+
+    def _step(self, cache: Cache) -> Step:
+        """The decoding step on ``cache`` (see ``decoding.Step``)."""
+        def step(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self._forward(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)[:, -1]  # (R, V)
+        return step
+
+    def _prefill(self, state: _CachedState, idx: list[int], shared: int
+                 ) -> tuple[Cache, torch.Tensor, torch.Tensor] | None:
+        """One forward over the prompts ``idx``, left-padded so that all end at the last
+        position; the first ``shared`` tokens (the same in all) come from a one-row forward
+        run once per prefix and copied to every row, the padding sitting between them and
+        each prompt's own tokens. Returns the cache, its (B, W) attention mask and the (B, V)
+        fp32 logits at the last position; None if the cache cannot be extended."""
+        device = self.device
+        prompts = [state.prompts[i] for i in idx]
+        cache = None
+        if shared:
+            prefix = prompts[0][:shared]
+            if prefix not in state.prefixes:
+                ids = torch.tensor([prefix], device=device)  # (1, S)
+                out = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    position_ids=torch.arange(shared, device=device)[None], use_cache=True,
+                                    logits_to_keep=1, return_output=True)
+                if not can_extend_rows(out.past_key_values):
+                    return None
+                state.prefixes = {prefix: out.past_key_values}  # groups come one after another
+            cache = select_rows(state.prefixes[prefix], torch.zeros(len(idx), dtype=torch.long, device=device))
+        ids, own = pad([p[shared:] for p in prompts], self.pad_id, "left", device)  # (B, T)
+        positions = shared + (own.cumsum(-1) - 1).clamp(min=0)  # (B, T): counted from each row's first real token
+        mask = torch.cat([torch.ones((len(idx), shared), dtype=own.dtype, device=device), own], dim=1)  # (B, S + T)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1, return_output=True)
+        if not can_extend_rows(out.past_key_values):
+            return None
+        return out.past_key_values, mask, out.logits[:, -1].float()
+
+    def _run_batch(self, state: _CachedState, idx: list[int], shared: int) -> bool:
+        """Everything of the requests ``idx`` from one prefill (see ``complete``); False if the
+        model's cache cannot be used this way (nothing is filled in then)."""
+        job, requests, device = state.job, state.job.requests, self.device
+        stops = eos_ids(self.model, self.tokenizer)
+        ran = self._prefill(state, idx, shared)
+        if ran is None:
+            return False
+        cache, mask, raw = ran  # cache over (B, W); mask (B, W); raw (B, V) fp32
+        last = raw.log_softmax(-1)  # (B, V)
+        first_pick = raw.argmax(-1).tolist()  # (B,) the greedy first token
+        ctx_len = mask.sum(-1)  # (B,) real tokens per row
+        B = len(idx)
+        # In place: the candidates scored right after the prompt, by candidate index.
+        places = [[k for k, (ctx, _) in enumerate(state.conts[i]) if ctx == state.prompts[i]] for i in idx]
+        blocks = max((len(requests[i].continuations) for i in idx), default=0)
+        greedy_budget = max((requests[i].greedy_tokens for i in idx), default=0)
+        width = mask.shape[1] + sum(max((len(state.conts[i][k][1]) for b, i in enumerate(idx) if k in places[b]),
+                                        default=0) for k in range(blocks)) + greedy_budget
+        limit = room(cache)
+        if limit is not None and max(width, mask.shape[1] + (job.sample_tokens if job.samples else 0)) > limit:
+            return True  # a sliding window would drop keys these rows need: the reference path takes them
+
+        # Samples first, from copies of the prompt cache (the scoring blocks below extend it).
+        sampled: list[list[Generation]] = [[] for _ in idx]
+        if job.samples:
+            n = job.samples
+            per = max(1, job.gen_batch // n)
+            for s in range(0, B, per):
+                part = list(range(s, min(B, s + per)))
+                rep = torch.tensor(part, device=device).repeat_interleave(n)  # (P*n,)
+                sub = select_rows(cache, rep)
+                rows = [idx[b] * n + j for b in part for j in range(n)]  # sampler rows
+                sampler = job.sampler
+                decoded = decode(self._step(sub), lambda sel, c=sub: keep_rows(c, sel), mask[rep], ctx_len[rep],
+                                 raw[rep], [job.sample_tokens] * len(rows),
+                                 lambda logits, rs, steps: sampler(logits, [rows[r] for r in rs], steps),
+                                 stops, self.pad_id)
+                for j, d in enumerate(decoded):
+                    sampled[part[j // n]].append(self._generation(d.tokens, d.ended_with_eos))
+                del sub
+
+        # Candidates: block k feeds candidate k of every row after the prompt (all but its last
+        # token; the whole first candidate where a greedy answer is wanted, so that the
+        # answer can go on from it). Earlier blocks are masked out of later ones.
+        logprob = [[0.0] * len(requests[i].continuations) for i in idx]
+        missed = [[0] * len(requests[i].continuations) for i in idx]
+        accepted = [0] * B  # tokens of the first candidate that are the greedy answer's first tokens
+        next_logits = raw.clone()  # (B, V) the logits after the accepted tokens
+        block0 = None  # where the first candidate's block starts in the cache
+        for k in range(blocks):
+            rows = [b for b in range(B) if k in places[b]]
+            if not rows:
+                continue
+            conts = {b: state.conts[idx[b]][k][1] for b in rows}
+            for b in rows:
+                logprob[b][k] = float(last[b, conts[b][0]])
+                missed[b][k] = int(last[b].argmax()) != conts[b][0]
+            full = {b for b in rows if k == 0 and requests[idx[b]].greedy_tokens > 0}
+            feed = [conts[b] if b in full else conts[b][:-1] for b in rows]
+            if not any(feed):
+                continue
+            by_row = dict(zip(rows, feed))
+            ids, block = pad([by_row.get(b, ()) for b in range(B)], self.pad_id, "right", device)  # (B, K)
+            positions = ctx_len[:, None] + torch.arange(ids.shape[1], device=device)  # (B, K)
+            logits = self._forward(input_ids=ids, attention_mask=torch.cat([mask, block], dim=1),
+                                   position_ids=positions, past_key_values=cache, use_cache=True)  # (B, K, V)
+            if k == 0:
+                block0 = mask.shape[1]
+            mask = torch.cat([mask, torch.zeros_like(block)], dim=1)
+            # Row b's block position j predicts its candidate token j + 1.
+            r_idx, cols, targets = [], [], []
+            for b in rows:
+                r_idx += [b] * (len(conts[b]) - 1)
+                cols += range(len(conts[b]) - 1)
+                targets += conts[b][1:]
+            if targets:
+                sums, misses = _token_scores(logits, r_idx, cols, targets, B)
+                for b in rows:
+                    logprob[b][k] += sums[b]
+                    missed[b][k] += misses[b]
+            if full:
+                picks = logits.argmax(-1).tolist()  # (B, K) raw argmax, as greedy decoding takes it
+                for b in full:
+                    cont, a = conts[b], 0
+                    while a < len(cont) and cont[a] == (first_pick[b] if a == 0 else picks[b][a - 1]):
+                        a += 1
+                    accepted[b] = a
+                    if a:
+                        next_logits[b] = logits[b, a - 1].float()
+            del logits
+        for b, i in enumerate(idx):
+            scores = [LogLik(logprob[b][k], len(state.conts[i][k][1]), missed[b][k] == 0) if k in places[b]
+                      else state.other[(i, k)] for k in range(len(requests[i].continuations))]
+            state.job.results[i] = Completion(scores, None, sampled[b])
+
+        # Greedy answers: the accepted tokens, then decoding from the cache after them.
+        started: dict[int, list[int]] = {}
+        for b, i in enumerate(idx):
+            budget = requests[i].greedy_tokens
+            if not budget:
+                continue
+            tokens = list(state.conts[i][0][1][:min(accepted[b], budget)]) if accepted[b] else []
+            stop = next((j for j, t in enumerate(tokens) if t in stops), None)
+            if stop is not None or len(tokens) == budget:
+                # Known without decoding: the first candidate is the greedy answer to the end.
+                done = tokens if stop is None else tokens[:stop + 1]
+                state.job.results[i] = state.job.results[i]._replace(greedy=self._generation(done, stop is not None))
+            else:
+                started[b] = tokens
+        if started:
+            rows = sorted(started)
+            if block0 is not None:
+                for b in rows:
+                    mask[b, block0:block0 + accepted[b]] = 1
+            sel = torch.tensor(rows, device=device)
+            if len(rows) < B:
+                keep_rows(cache, sel)
+            positions = ctx_len[sel] + torch.tensor([len(started[b]) for b in rows], device=device)
+            decoded = decode(self._step(cache), lambda s: keep_rows(cache, s), mask[sel], positions,
+                             next_logits[sel], [requests[idx[b]].greedy_tokens for b in rows], greedy_pick,
+                             stops, self.pad_id, started=[started[b] for b in rows])
+            for b, d in zip(rows, decoded):
+                i = idx[b]
+                state.job.results[i] = state.job.results[i]._replace(greedy=self._generation(d.tokens, d.ended_with_eos))
+        return True
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One prompt of ``LM.complete``: candidates to score after it, a greedy answer, samples."""
+
+    prompt: str
+    """The text the greedy answer and the samples continue."""
+    continuations: tuple[str, ...] = ()
+    """Scored after ``context``; the greedy answer may start with the first one's tokens."""
+    context: str | None = None
+    """What the continuations are scored after (default: ``prompt``); ``split_pair`` moves its
+    trailing spaces into the continuation, so a context that is the prompt plus trailing
+    spaces is scored right after the prompt's tokens."""
+    greedy_tokens: int = 0
+    """Budget of the greedy answer in new tokens (0: no greedy answer)."""
+
+    @property
+    def scored_context(self) -> str:
+        return self.prompt if self.context is None else self.context
+
+
+class Completion(NamedTuple):
+    """What ``LM.complete`` gives for one request."""
+
+    scores: list[LogLik]
+    """One per continuation, in order."""
+    greedy: Generation | None
+    """The greedy answer (None when ``greedy_tokens`` was 0)."""
+    samples: list[Generation]
+
+
+@dataclass
+class _Job:
+    """One ``LM.complete`` call: its requests, sampling settings and results so far."""
+
+    requests: Sequence[PromptRequest]
+    samples: int
+    sample_tokens: int
+    sampler: Sampler | None
+    gen_batch: int
+    results: list[Completion | None] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.results = [None] * len(self.requests)
+
+
+@dataclass
+class _CachedState:
+    """What the batches of the cached path share: tokens, scores from other contexts, the
+    last shared-prefix cache."""
+
+    job: _Job
+    prompts: list[tuple[int, ...]]
+    conts: list[list[tuple[tuple[int, ...], tuple[int, ...]]]]
+    other: dict[tuple[int, int], LogLik]
+    prefixes: dict = field(default_factory=dict)
