@@ -61,6 +61,9 @@ class Evaluator:
         self.texts = general_texts(spec)
         self.folder = folder
         self.console = console or Console(stderr=True)
+        # The style prompts in the chat template, rendered once for every evaluation.
+        self.style_prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
+                              for c in self.conversations]
 
     def evaluate(self, label: str, model, context: str | None = None, with_perplexity: bool = True) -> EvalRecord:
         """The model's EvalRecord: summarize(rows) per probe kind, perplexity per held-out text,
@@ -98,10 +101,8 @@ class Evaluator:
     def style(self, model, label: str) -> dict:
         """Greedy answers to the SFT training prompts: style against the training answers
         (ROUGE-L, BLEU, repetition, diversity on a fixed-length prefix) and chat format."""
-        prompts = [self.tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
-                   for c in self.conversations]
         refs = [[c[-1]["content"]] for c in self.conversations]
-        gens = [g[0] for g in generate(model, self.tokenizer, prompts, max_new_tokens=self.spec.style_tokens)]
+        gens = [g[0] for g in generate(model, self.tokenizer, self.style_prompts, max_new_tokens=self.spec.style_tokens)]
         if self.folder is not None:
             self.folder.write_style(label,
                        [{"prompt": c[-2]["content"], "reference": r[0], "answer": g.text, "tokens": g.n_tokens,
