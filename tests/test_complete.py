@@ -288,6 +288,28 @@ def test_decode_drops_rows_that_ended():
     assert kept == [[1, 2, 3], [1, 2], [0]]
 
 
+def test_rows_of_one_state_share_a_forward_until_they_part():
+    """Four samples of one prompt (one cache row): two take token 1 and two token 2, then the
+    first two part again; the cache is copied only where they part, and a step runs one row
+    per distinct history."""
+    plan = {0: [1, 3, 5], 1: [1, 4, 5], 2: [2, 6, 6], 3: [2, 6, 6]}
+    steps, kept = [], []
+
+    def pick(logits, states, rows, t):
+        assert logits.shape[0] == (1 if t[0] == 0 else 2 if t[0] == 1 else 3)
+        return torch.tensor([plan[r][i] for r, i in zip(rows, t)])
+
+    def step(ids, mask, positions):
+        steps.append(ids[:, 0].tolist())
+        return torch.zeros((ids.shape[0], 8))
+
+    out = decode(step, lambda index: kept.append(index.tolist()), torch.ones((1, 2), dtype=torch.long),
+                 torch.tensor([2]), torch.zeros((1, 8)), [3] * 4, pick, [7], pad_id=0, states=[0, 0, 0, 0])
+    assert [d.tokens for d in out] == [plan[r] for r in range(4)]
+    assert kept == [[0, 0], [0, 0, 1]]
+    assert steps == [[1, 2], [3, 4, 6]]  # the shared state fed once: 2 rows, then 3, not 4 and 4
+
+
 def test_plan_batches_groups_shared_prefixes():
     corpus = list(range(100, 140))
     prompts = [corpus + [1, 2], [5, 6, 7], corpus + [3], [8], corpus + [4, 5, 6], list(range(50, 70)) + [1],

@@ -12,7 +12,7 @@ import torch
 
 import factlab.evaluate
 from factlab.errors import FactlabError
-from factlab.evaluate.kvcache import can_extend_rows, select_rows
+from factlab.evaluate.kvcache import can_extend_rows, keep_rows, make_room, select_rows
 from factlab.evaluate.lm import LM, RollingLogLik, eval_mode, max_positions, pad
 from factlab.evaluate.perplexity import perplexity
 from factlab.testing import tiny_model

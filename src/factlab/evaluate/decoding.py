@@ -27,13 +27,14 @@ from transformers.generation import LogitsProcessor, TopPLogitsWarper
 # step(ids (R, 1), attention mask (R, W + 1), positions (R, 1)) -> next-token logits (R, V):
 # one forward of R rows on the decoding cache, which it extends by one position.
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# pick(logits (R, V), row ids (R,), token index of each row (R,)) -> tokens (R,)
-Pick = Callable[[torch.Tensor, list[int], list[int]], torch.Tensor]
+# pick(logits (S, V) per cache row, cache row of each row (A,), row ids (A,), token index of
+# each row (A,)) -> tokens (A,)
+Pick = Callable[[torch.Tensor, list[int], list[int], list[int]], torch.Tensor]
 
 
-def greedy_pick(logits: torch.Tensor, rows: list[int], steps: list[int]) -> torch.Tensor:
+def greedy_pick(logits: torch.Tensor, states: list[int], rows: list[int], steps: list[int]) -> torch.Tensor:
     """The argmax token of each row, on fp32 logits as transformers' greedy search takes it."""
-    return logits.float().argmax(-1)
+    return logits.float().argmax(-1)[states]
 
 
 def prompt_seed(seed: int, prompt: str) -> int:
@@ -53,37 +54,40 @@ def sample_uniforms(seed: int, prompts: Sequence[str], n: int, max_new_tokens: i
 
 
 def sample(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float = 1.0,
-           block: int = 256) -> torch.Tensor:
-    """One token per row of ``logits`` (R, V), drawn from softmax(logits / temperature) (after
-    top-p filtering, as transformers' ``TopPLogitsWarper`` does it) by inverse transform of
-    ``uniforms`` (R,) in [0, 1): the first token whose cumulative probability exceeds u.
+           states: Sequence[int] | None = None, block: int = 256) -> torch.Tensor:
+    """One token per uniform, drawn from softmax(logits / temperature) of its row of ``logits``
+    (S, V) (row ``states[i]`` for uniform i, default row i), after top-p filtering as
+    transformers' ``TopPLogitsWarper`` does it, by inverse transform of ``uniforms`` (A,) in
+    [0, 1): the first token whose cumulative probability exceeds u.
 
     The cumulative sum is taken in two levels, over blocks of ``block`` tokens and then
     inside the one block that holds u (float64 sums of the fp32 weights): a cumulative sum
     over the whole vocabulary of every row costs more than the rest of a decoding step of a
-    small model.
+    small model (and torch.multinomial's exponential draws for every token even more).
     """
-    scores = logits.float() / temperature  # (R, V), as TemperatureLogitsWarper
+    scores = logits.float() / temperature  # (S, V), as TemperatureLogitsWarper
     if top_p < 1.0:
         scores = TopPLogitsWarper(top_p)(None, scores)
-    rows, vocab = scores.shape
-    weights = scores.sub_(scores.max(-1, keepdim=True).values).exp_()  # (R, V), unnormalised, in place
+    n_states, vocab = scores.shape
+    weights = scores.sub_(scores.max(-1, keepdim=True).values).exp_()  # (S, V), unnormalised, in place
     n_blocks = -(-vocab // block)
     if n_blocks * block != vocab:
         weights = torch.nn.functional.pad(weights, (0, n_blocks * block - vocab))
-    weights = weights.view(rows, n_blocks, block)
-    cdf = weights.sum(-1, dtype=torch.float64).cumsum(-1)  # (R, n_blocks)
-    x = uniforms.to(cdf.device, torch.float64) * cdf[:, -1]  # (R,)
-    b = torch.searchsorted(cdf, x[:, None], right=True).squeeze(-1).clamp(max=n_blocks - 1)  # (R,)
-    r = torch.arange(rows, device=cdf.device)
-    before = torch.where(b > 0, cdf[r, (b - 1).clamp(min=0)], torch.zeros_like(x))  # (R,)
-    inside = weights[r, b]  # (R, block)
-    t = torch.searchsorted(inside.double().cumsum(-1), (x - before)[:, None], right=True).squeeze(-1)  # (R,)
+    weights = weights.view(n_states, n_blocks, block)
+    cdf = weights.sum(-1, dtype=torch.float64).cumsum(-1)  # (S, n_blocks)
+    rows = torch.as_tensor(list(states) if states is not None else range(n_states), device=cdf.device)  # (A,)
+    cdf = cdf[rows]  # (A, n_blocks)
+    x = uniforms.to(cdf.device, torch.float64) * cdf[:, -1]  # (A,)
+    b = torch.searchsorted(cdf, x[:, None], right=True).squeeze(-1).clamp(max=n_blocks - 1)  # (A,)
+    a = torch.arange(len(rows), device=cdf.device)
+    before = torch.where(b > 0, cdf[a, (b - 1).clamp(min=0)], torch.zeros_like(x))  # (A,)
+    inside = weights[rows, b]  # (A, block)
+    t = torch.searchsorted(inside.double().cumsum(-1), (x - before)[:, None], right=True).squeeze(-1)  # (A,)
     # Rounding can put x past the block's last token: take its last token with any weight.
     t = t.clamp(max=block - 1)
-    bad = inside[r, t] <= 0
+    bad = inside[a, t] <= 0
     if bad.any():
-        last = block - 1 - (inside.flip(-1) > 0).long().argmax(-1)  # (R,)
+        last = block - 1 - (inside.flip(-1) > 0).long().argmax(-1)  # (A,)
         t = torch.where(bad, last, t)
     return b * block + t
 
@@ -94,9 +98,9 @@ class Sampler:
     def __init__(self, uniforms: torch.Tensor, temperature: float, top_p: float = 1.0):
         self.uniforms, self.temperature, self.top_p = uniforms, temperature, top_p
 
-    def __call__(self, logits: torch.Tensor, rows: list[int], steps: list[int]) -> torch.Tensor:
-        u = self.uniforms[rows, steps]  # (R,)
-        return sample(logits, u, self.temperature, self.top_p).to(logits.device)
+    def __call__(self, logits: torch.Tensor, states: list[int], rows: list[int], steps: list[int]) -> torch.Tensor:
+        u = self.uniforms[rows, steps]  # (A,)
+        return sample(logits, u, self.temperature, self.top_p, states).to(logits.device)
 
 
 class SamplerProcessor(LogitsProcessor):
@@ -111,9 +115,10 @@ class SamplerProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         step = input_ids.shape[1] - self.width
-        tokens = self.sampler(scores, self.rows, [step] * len(self.rows))  # (B,)
+        n = len(self.rows)
+        tokens = self.sampler(scores, list(range(n)), self.rows, [step] * n)  # (B,)
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(len(tokens), device=scores.device), tokens] = 0.0
+        out[torch.arange(n, device=scores.device), tokens] = 0.0
         return out
 
 
@@ -126,44 +131,57 @@ class Decoded(NamedTuple):
 
 def decode(step: Step, keep: Callable[[torch.Tensor], None], mask: torch.Tensor, positions: torch.Tensor,
            logits: torch.Tensor, budgets: Sequence[int], pick: Pick, stops: Sequence[int], pad_id: int,
-           started: Sequence[Sequence[int]] | None = None) -> list[Decoded]:
-    """Continue every row of a cache until it emits a stop token or reaches its budget.
+           started: Sequence[Sequence[int]] | None = None, states: Sequence[int] | None = None) -> list[Decoded]:
+    """Continue rows from a cache until each emits a stop token or reaches its budget.
 
-    ``mask`` (R, W) is the attention mask over the cache as it is (0 for padding and for
-    positions a row must not see), ``positions`` (R,) the position of each row's next token,
-    ``logits`` (R, V) the logits that predict it, ``budgets`` the new tokens each row may
-    have in all, counting ``started`` (tokens a row already has, e.g. a target the scoring
-    pass found to be the greedy continuation). ``keep(rows)`` drops the other rows from the
-    cache: rows that are done leave once a quarter of the batch has ended, so later steps run
-    only the rows still going. Returns, per row, its tokens (``started`` included) up to and
-    including the first stop token, or ``budgets[r]`` tokens.
+    The cache has S rows (states); ``mask`` (S, W) is its attention mask as it is (0 for
+    padding and for positions a row must not see), ``positions`` (S,) the position of each
+    state's next token and ``logits`` (S, V) the logits that predict it. Row r continues state
+    ``states[r]`` (default: row r has state r); rows that share a state (the n samples of one
+    prompt) share its forward as long as they draw the same tokens, and it is copied when they
+    part (exact: the same tokens give the same logits). ``budgets`` is the new tokens each row
+    may have in all, counting ``started`` (tokens it already has, e.g. a target the scoring
+    pass found to be the greedy continuation). ``keep(index)`` rebuilds the cache from its
+    rows ``index`` (repeats allowed): when states part, and to drop the states no row needs
+    once a quarter of the cache is such, so later steps run only what is still going.
+    Returns, per row, its tokens (``started`` included) up to and including the first stop
+    token, or ``budgets[r]`` tokens.
     """
     stop_set = set(stops)
     tokens = [list(s) for s in started] if started is not None else [[] for _ in budgets]
     ended = [False] * len(tokens)
-    live = list(range(len(tokens)))  # the cache's rows, as row ids
-    going = [r for r in live if len(tokens[r]) < budgets[r]]
+    state = list(states) if states is not None else list(range(len(tokens)))  # row -> cache row
+    n_cache = mask.shape[0]
+    going = [r for r in range(len(tokens)) if len(tokens[r]) < budgets[r]]
     while going:
-        rank = {r: i for i, r in enumerate(live)}
-        rows = logits if len(going) == len(live) else logits[[rank[r] for r in going]]  # (A, V)
-        new = pick(rows, going, [len(tokens[r]) for r in going]).tolist()  # (A,)
+        new = pick(logits, [state[r] for r in going], going, [len(tokens[r]) for r in going]).tolist()  # (A,)
         for r, t in zip(going, new):
             tokens[r].append(t)
             ended[r] = t in stop_set
         going = [r for r in going if not ended[r] and len(tokens[r]) < budgets[r]]
         if not going:
             break
-        if len(going) <= 3 * len(live) // 4:
-            # Drop the rows that are done: copy the cache rows once, run fewer rows after.
-            sel = torch.tensor([rank[r] for r in going], device=mask.device)
-            keep(sel)
-            mask, positions = mask[sel], positions[sel]
-            live = list(going)
-            rank = {r: i for i, r in enumerate(live)}
-        feed = torch.full((len(live), 1), pad_id, dtype=torch.long, device=mask.device)  # (L, 1)
-        feed[[rank[r] for r in going], 0] = torch.tensor([tokens[r][-1] for r in going], device=mask.device)
-        mask = torch.cat([mask, torch.ones((len(live), 1), dtype=mask.dtype, device=mask.device)], dim=1)
-        logits = step(feed, mask, positions[:, None])  # (L, V)
+        # The next states: a cache row and the token its rows just took; rows that took
+        # different tokens from one state part.
+        nexts: dict[tuple[int, int], int] = {}
+        for r in going:
+            nexts.setdefault((state[r], tokens[r][-1]), len(nexts))
+        parents = [c for c, _ in nexts]
+        if len(set(parents)) < len(parents) or len(parents) <= 3 * n_cache // 4:
+            index = torch.tensor(parents, device=mask.device)
+            keep(index)
+            mask, positions = mask[index], positions[index]
+            n_cache = len(parents)
+            for r in going:
+                state[r] = nexts[(state[r], tokens[r][-1])]
+            feed_tokens = [t for _, t in nexts]
+        else:  # each state goes on in its own row; rows of ended states get padding
+            feed_tokens = [pad_id] * n_cache
+            for c, t in nexts:
+                feed_tokens[c] = t
+        feed = torch.tensor(feed_tokens, dtype=torch.long, device=mask.device)[:, None]  # (S, 1)
+        mask = torch.cat([mask, torch.ones((n_cache, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+        logits = step(feed, mask, positions[:, None])  # (S, V)
         positions = positions + 1
     return [Decoded(t, e) for t, e in zip(tokens, ended)]
 

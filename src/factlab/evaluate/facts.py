@@ -99,10 +99,10 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     requests = [PromptRequest(prompt=c if p.kind == "qa" else c[:len(c) - trailing_space(c)], context=c,
                               continuations=conts, greedy_tokens=qa_tokens if p.kind == "qa" else greedy_tokens)
                 for p, c, conts in zip(probes, contexts, continuations)]
-    # Generation batches are wider than scoring ones: decoding is bound by memory traffic per
-    # step, not by compute.
+    # Generation batches are wider than scoring ones: a decoding step multiplies one token per
+    # row by every weight, which a CPU does well only with a few hundred rows.
     done = lm.complete(requests, samples=samples, temperature=temperature, sample_tokens=sample_tokens,
-                       seed=seed, gen_batch=max(80, batch_size))
+                       seed=seed, gen_batch=max(256, batch_size))
 
     rows = []
     for probe, out in zip(probes, done):

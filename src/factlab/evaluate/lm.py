@@ -26,7 +26,7 @@ from transformers.generation import LogitsProcessorList
 
 from factlab.errors import FactlabError
 from factlab.evaluate.decoding import Sampler, SamplerProcessor, Step, decode, greedy_pick, plan_batches, sample_uniforms
-from factlab.evaluate.kvcache import can_extend_rows, keep_rows, room, select_rows
+from factlab.evaluate.kvcache import can_extend_rows, keep_rows, make_room, room, select_rows
 from factlab.evaluate.tokens import TokenCache, encode, prefix_id
 
 if TYPE_CHECKING:
@@ -535,9 +535,9 @@ class LM:
         took. temperature 0 means greedy (then ``n`` must be 1). Sampling is seeded per
         prompt (``decoding.sample_uniforms``): the same seed and prompt give the same samples
         whatever else is in the call and whatever the batch size. ``batch_size`` (default:
-        the LM's, at least 80) is the most sequences (prompts x n) decoded together: decoding
-        a small model on a CPU is bound by memory traffic per step, so wide batches are much
-        faster. This is ``complete`` with prompts only (see there for the two paths).
+        the LM's, at least 256) is the most sequences (prompts x n) decoded together: a
+        decoding step of a small model multiplies a few rows by every weight, and a CPU does
+        that at a fraction of its speed unless there are a few hundred rows. This is ``complete`` with prompts only (see there for the two paths).
         """
         if max_new_tokens < 1:
             raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -582,7 +582,7 @@ class LM:
                                f"got temperature {temperature}, sample_tokens {sample_tokens}")
         if any(r.greedy_tokens < 0 for r in requests):
             raise FactlabError("greedy_tokens must be 0 (no greedy answer) or more")
-        gen_batch = max(80, self.batch_size) if gen_batch is None else self._check_batch_size(gen_batch)
+        gen_batch = max(256, self.batch_size) if gen_batch is None else self._check_batch_size(gen_batch)
         sampler = (Sampler(sample_uniforms(seed, [r.prompt for r in requests], samples, sample_tokens),
                            temperature, top_p) if samples else None)
         job = _Job(requests, samples, sample_tokens, sampler, gen_batch)
@@ -746,27 +746,29 @@ class LM:
         greedy_budget = max((requests[i].greedy_tokens for i in idx), default=0)
         width = mask.shape[1] + sum(max((len(state.conts[i][k][1]) for b, i in enumerate(idx) if k in places[b]),
                                         default=0) for k in range(blocks)) + greedy_budget
+        spare = max(width - mask.shape[1], job.sample_tokens if job.samples else 0)
         limit = room(cache)
-        if limit is not None and max(width, mask.shape[1] + (job.sample_tokens if job.samples else 0)) > limit:
+        if limit is not None and mask.shape[1] + spare > limit:
             return True  # a sliding window would drop keys these rows need: the reference path takes them
+        make_room(cache, spare)
 
-        # Samples first, from copies of the prompt cache (the scoring blocks below extend it).
+        # Samples first, from a copy of the prompt cache (the scoring blocks below extend it):
+        # the n samples of a prompt share its cache row until their tokens part.
         sampled: list[list[Generation]] = [[] for _ in idx]
         if job.samples:
             n = job.samples
             per = max(1, job.gen_batch // n)
             for s in range(0, B, per):
-                part = list(range(s, min(B, s + per)))
-                rep = torch.tensor(part, device=device).repeat_interleave(n)  # (P*n,)
-                sub = select_rows(cache, rep)
-                rows = [idx[b] * n + j for b in part for j in range(n)]  # sampler rows
+                part = torch.arange(s, min(B, s + per), device=device)  # (P,)
+                sub = select_rows(cache, part)
+                rows = [idx[b] * n + j for b in part.tolist() for j in range(n)]  # sampler rows
                 sampler = job.sampler
-                decoded = decode(self._step(sub), lambda sel, c=sub: keep_rows(c, sel), mask[rep], ctx_len[rep],
-                                 raw[rep], [job.sample_tokens] * len(rows),
-                                 lambda logits, rs, steps: sampler(logits, [rows[r] for r in rs], steps),
-                                 stops, self.pad_id)
+                decoded = decode(self._step(sub), lambda index, c=sub: keep_rows(c, index), mask[part], ctx_len[part],
+                                 raw[part], [job.sample_tokens] * len(rows),
+                                 lambda logits, states, rs, steps: sampler(logits, states, [rows[r] for r in rs], steps),
+                                 stops, self.pad_id, states=[j // n for j in range(len(rows))])
                 for j, d in enumerate(decoded):
-                    sampled[part[j // n]].append(self._generation(d.tokens, d.ended_with_eos))
+                    sampled[s + j // n].append(self._generation(d.tokens, d.ended_with_eos))
                 del sub
 
         # Candidates: block k feeds candidate k of every row after the prompt (all but its last
