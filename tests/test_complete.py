@@ -59,11 +59,12 @@ def requests_for(model, tok, context: str | None = None) -> list[PromptRequest]:
     ref = LM(model, tok, share_prefix=False).generate(prompts, max_new_tokens=3)
     out = []
     for p, (g,) in zip(prompts, ref):
-        out.append(PromptRequest(p, (" Paris", " Rome", " Marta Ilvane"), greedy_tokens=7))
+        out.append(PromptRequest(p, (" Paris", " Rome", " Marta Ilvane"), greedy_tokens=7, samples=3))
         out.append(PromptRequest(p, (g.text, " x"), greedy_tokens=7))  # the greedy answer's first 3 tokens
-        out.append(PromptRequest(p, (g.text,), greedy_tokens=2))  # ... which fill the whole budget
+        out.append(PromptRequest(p, (g.text,), greedy_tokens=2, samples=1))  # ... which fill the whole budget
     out.append(PromptRequest(prompts[0], (" Paris",), context=prompts[0] + " "))  # scored after a space
-    out += [PromptRequest(q, ("Jonas Perl", "Marta Ilvane"), greedy_tokens=9) for q in qa]
+    out += [PromptRequest(q, ("Jonas Perl", "Marta Ilvane"), greedy_tokens=9, samples=2) for q in qa]
+    out.append(PromptRequest(qa[0], greedy_tokens=12))  # an answer only (the style prompts)
     return out
 
 
@@ -72,12 +73,12 @@ def requests_for(model, tok, context: str | None = None) -> list[PromptRequest]:
 def test_complete_matches_the_reference_path(tok, model_type, context, monkeypatch):
     model = tiny_model(model_type, vocab_size=len(tok))
     requests = requests_for(model, tok, context)
-    kw = dict(samples=3, temperature=1.0, sample_tokens=4, seed=5)
+    kw = dict(temperature=1.0, sample_tokens=4, seed=5)
     ref = LM(model, tok, share_prefix=False).complete(requests, **kw)
     if model_type == "llama":  # its greedy text re-encodes to the same tokens
         assert any(r.scores[0].is_greedy for r in ref)  # some first candidates are the greedy answer
     calls = spy_reference(monkeypatch)
-    for batch_size, gen_batch in ((16, 80), (2, 3)):
+    for batch_size, gen_batch in ((16, 256), (2, 3)):
         got = LM(model, tok, batch_size=batch_size).complete(requests, gen_batch=gen_batch, **kw)
         assert_same(got, ref)
     assert calls == []  # all of it on the cached path
@@ -232,7 +233,7 @@ def test_sampled_tokens_follow_the_model_as_transformers_sampling_does(tok, llam
     with torch.no_grad():
         logits = llama(input_ids=torch.tensor([encode(tok, prompt)])).logits[0, -1]  # (V,)
     p = (logits / temperature).softmax(-1).double()
-    ours = sample(logits.expand(n, -1), sample_uniforms(3, [prompt], n, 1)[:, 0], temperature).tolist()
+    ours = sample(logits.expand(n, -1), sample_uniforms(3, [prompt], [n], 1)[:, 0], temperature).tolist()
     torch.manual_seed(3)
     theirs = torch.multinomial(p.float().expand(n, -1), 1).squeeze(1).tolist()
     keep = (p * n >= 5).nonzero().squeeze(1).tolist()  # bins with enough expected draws
@@ -338,9 +339,10 @@ def test_token_cache_prefetch_equals_one_by_one(tok):
 
 
 def test_sample_uniforms_are_per_prompt():
-    a = sample_uniforms(0, ["x", "y"], 2, 3)
-    assert a.shape == (4, 3) and torch.equal(sample_uniforms(0, ["y"], 2, 3), a[2:])
-    assert not torch.equal(sample_uniforms(1, ["x"], 2, 3), a[:2])
+    a = sample_uniforms(0, ["x", "z", "y"], [2, 0, 2], 3)
+    assert a.shape == (4, 3) and torch.equal(sample_uniforms(0, ["y"], [2], 3), a[2:])
+    assert torch.equal(sample_uniforms(0, ["y"], [1], 3), a[2:3])  # more samples extend, not change, the first
+    assert not torch.equal(sample_uniforms(1, ["x"], [2], 3), a[:2])
 
 
 def test_models_whose_cache_cannot_be_extended_use_the_reference_path(tok, monkeypatch):
@@ -354,15 +356,18 @@ def test_models_whose_cache_cannot_be_extended_use_the_reference_path(tok, monke
     lfm2 = AutoModelForCausalLM.from_config(config).float().eval()
     prompt_tuned = get_peft_model(tiny_model("llama", vocab_size=len(tok)),
                                   PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-    # GPT-2's tiny config has 128 positions: a prompt longer than that takes the reference path too.
+    # GPT-2's tiny config has 128 positions: a prompt whose answer would reach the last one
+    # takes the reference path too (transformers' generate still fits it).
     gpt2 = tiny_model("gpt2", vocab_size=len(tok))
-    for model, extra in ((lfm2, []), (prompt_tuned, []), (gpt2, [" ".join(["The capital of France is Paris."] * 20)])):
-        requests = [PromptRequest(p, (" Paris", " Rome"), greedy_tokens=4)
+    long = " ".join(["The capital of France is Paris."] * 10)
+    assert 100 < len(encode(tok, long)) < 125
+    for model, extra in ((lfm2, []), (prompt_tuned, []), (gpt2, [long])):
+        budget = 129 - len(encode(tok, long)) if extra else 4
+        requests = [PromptRequest(p, (" Paris", " Rome"), greedy_tokens=budget, samples=2)
                     for p in ["The capital of France is", "Marta", *extra]]
         calls = spy_reference(monkeypatch)
-        got = LM(model, tok).complete(requests, samples=2, temperature=1.0, sample_tokens=3)
+        got = LM(model, tok).complete(requests, temperature=1.0, sample_tokens=3)
         assert calls  # the reference path ran
-        assert_same(got, LM(model, tok, share_prefix=False).complete(requests, samples=2, temperature=1.0,
-                                                                     sample_tokens=3))
+        assert_same(got, LM(model, tok, share_prefix=False).complete(requests, temperature=1.0, sample_tokens=3))
         if extra:
             assert len(calls[0]) == 1  # only the long prompt

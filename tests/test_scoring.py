@@ -206,7 +206,7 @@ def test_score_probes_rows_and_single_batched_call(tok, llama, monkeypatch):
                                             qa_context]
     max_new = max(r["target_tokens"] for r in rows) + 4
     assert [r.greedy_tokens for r in requests] == [max_new, max_new, max_new, 48]
-    assert kw["samples"] == 0
+    assert [r.samples for r in requests] == [0] * 4
 
     assert [r["id"] for r in rows] == ["r1", "p1", "l1", "q1"]
     for row, probe in zip(rows, PROBES):

@@ -43,13 +43,17 @@ def prompt_seed(seed: int, prompt: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def sample_uniforms(seed: int, prompts: Sequence[str], n: int, max_new_tokens: int) -> torch.Tensor:
-    """(len(prompts) * n, max_new_tokens) float64 uniforms in [0, 1): rows p*n .. p*n + n - 1
-    are the n samples of prompt p, column t the draw for its token t."""
-    out = torch.empty((len(prompts) * n, max_new_tokens), dtype=torch.float64)
-    for p, prompt in enumerate(prompts):
-        gen = torch.Generator().manual_seed(prompt_seed(seed, prompt))
-        out[p * n:(p + 1) * n] = torch.rand((n, max_new_tokens), generator=gen, dtype=torch.float64)
+def sample_uniforms(seed: int, prompts: Sequence[str], counts: Sequence[int], max_new_tokens: int) -> torch.Tensor:
+    """(sum(counts), max_new_tokens) float64 uniforms in [0, 1): the ``counts[p]`` rows of
+    prompt p follow those of the prompts before it, column t is the draw for a sample's token
+    t; a prompt's rows come from a generator seeded by (seed, prompt) alone."""
+    out = torch.empty((sum(counts), max_new_tokens), dtype=torch.float64)
+    row = 0
+    for prompt, n in zip(prompts, counts):
+        if n:
+            gen = torch.Generator().manual_seed(prompt_seed(seed, prompt))
+            out[row:row + n] = torch.rand((n, max_new_tokens), generator=gen, dtype=torch.float64)
+            row += n
     return out
 
 
@@ -143,7 +147,8 @@ def decode(step: Step, keep: Callable[[torch.Tensor], None], mask: torch.Tensor,
     may have in all, counting ``started`` (tokens it already has, e.g. a target the scoring
     pass found to be the greedy continuation). ``keep(index)`` rebuilds the cache from its
     rows ``index`` (repeats allowed): when states part, and to drop the states no row needs
-    once a quarter of the cache is such, so later steps run only what is still going.
+    once an eighth of the cache is such (a copy of the cache costs far less than a forward of
+    rows that are done), so later steps run only what is still going.
     Returns, per row, its tokens (``started`` included) up to and including the first stop
     token, or ``budgets[r]`` tokens.
     """
@@ -167,7 +172,7 @@ def decode(step: Step, keep: Callable[[torch.Tensor], None], mask: torch.Tensor,
         for r in going:
             nexts.setdefault((state[r], tokens[r][-1]), len(nexts))
         parents = [c for c, _ in nexts]
-        if len(set(parents)) < len(parents) or len(parents) <= 3 * n_cache // 4:
+        if len(set(parents)) < len(parents) or len(parents) <= 7 * n_cache // 8:
             index = torch.tensor(parents, device=mask.device)
             keep(index)
             mask, positions = mask[index], positions[index]

@@ -59,17 +59,30 @@ class _GrowingLayer(DynamicLayer):
     cache (``DynamicLayer.update`` copies every key and value of the layer at every step, which
     for a decoding batch of a few hundred rows costs a fifth of the step)."""
 
-    def __init__(self, layer: DynamicLayer, spare: int):
+    def __init__(self, layer: DynamicLayer | None, spare: int, keys: list[torch.Tensor] | None = None,
+                 values: list[torch.Tensor] | None = None):
+        """Room for ``spare`` more positions after ``layer``'s, or after the rows of ``keys`` and
+        ``values`` (lists of (B_i, heads, W_i, head_dim)) stacked, each left-padded with zeros
+        to the widest."""
         super().__init__()
-        self.dtype, self.device, self.is_initialized = layer.dtype, layer.device, True
-        self._n = layer.keys.shape[-2]
-        self._keys = self._buffer(layer.keys, self._n + spare)
-        self._values = self._buffer(layer.values, self._n + spare)
+        keys, values = (keys, values) if layer is None else ([layer.keys], [layer.values])
+        self.dtype, self.device, self.is_initialized = keys[0].dtype, keys[0].device, True
+        self._n = max(k.shape[-2] for k in keys)
+        self._keys = self._buffer(keys, self._n + spare)
+        self._values = self._buffer(values, self._n + spare)
         self._views()
 
-    def _buffer(self, states: torch.Tensor, size: int) -> torch.Tensor:
-        buf = states.new_empty((*states.shape[:-2], size, states.shape[-1]))  # (B, heads, size, head_dim)
-        buf[..., :self._n, :] = states[..., :self._n, :]
+    def _buffer(self, parts: list[torch.Tensor], size: int) -> torch.Tensor:
+        """The parts' rows one after another, right-aligned at position ``_n``, in a buffer of ``size`` positions."""
+        first = parts[0]
+        buf = first.new_empty((sum(p.shape[0] for p in parts), *first.shape[1:-2], size, first.shape[-1]))
+        row = 0
+        for p in parts:
+            width = min(p.shape[-2], self._n)
+            if width < self._n:
+                buf[row:row + p.shape[0], ..., :self._n - width, :] = 0
+            buf[row:row + p.shape[0], ..., self._n - width:self._n, :] = p[..., :width, :]
+            row += p.shape[0]
         return buf
 
     def _views(self) -> None:
@@ -80,7 +93,7 @@ class _GrowingLayer(DynamicLayer):
         t = key_states.shape[-2]
         if self._n + t > self._keys.shape[-2]:  # out of room: twice the size (a copy, as a concatenation)
             size = max(self._n + t, 2 * self._keys.shape[-2])
-            self._keys, self._values = self._buffer(self._keys, size), self._buffer(self._values, size)
+            self._keys, self._values = self._buffer([self._keys], size), self._buffer([self._values], size)
         self._keys[..., self._n:self._n + t, :] = key_states
         self._values[..., self._n:self._n + t, :] = value_states
         self._n += t
@@ -109,3 +122,17 @@ def make_room(cache: Cache, spare: int) -> None:
     Rows copied from the cache (``select_rows``) and rows kept (``keep_rows``) keep the room."""
     cache.layers = [_GrowingLayer(layer, spare) if type(layer) is DynamicLayer and layer.keys is not None
                     and layer.keys.numel() else layer for layer in cache.layers]
+
+
+def stack_rows(caches: list[Cache], spare: int) -> Cache | None:
+    """One cache with the rows of ``caches`` one after another, each left-padded with zero
+    keys and values to the widest (the caller masks the padding), with room for ``spare``
+    more positions (``make_room``): the rows of several prompt batches then decode together.
+    None if a layer has a sliding window (padding would count against it)."""
+    if any(type(layer) not in (DynamicLayer, _GrowingLayer) for c in caches for layer in c.layers):
+        return None
+    out = copy.copy(caches[0])
+    out.layers = [_GrowingLayer(None, spare, keys=[c.layers[i].keys for c in caches],
+                                values=[c.layers[i].values for c in caches])
+                  for i in range(len(caches[0].layers))]
+    return out

@@ -26,7 +26,7 @@ from transformers.generation import LogitsProcessorList
 
 from factlab.errors import FactlabError
 from factlab.evaluate.decoding import Sampler, SamplerProcessor, Step, decode, greedy_pick, plan_batches, sample_uniforms
-from factlab.evaluate.kvcache import can_extend_rows, keep_rows, make_room, room, select_rows
+from factlab.evaluate.kvcache import can_extend_rows, keep_rows, make_room, room, select_rows, stack_rows
 from factlab.evaluate.tokens import TokenCache, encode, prefix_id
 
 if TYPE_CHECKING:
@@ -535,9 +535,10 @@ class LM:
         took. temperature 0 means greedy (then ``n`` must be 1). Sampling is seeded per
         prompt (``decoding.sample_uniforms``): the same seed and prompt give the same samples
         whatever else is in the call and whatever the batch size. ``batch_size`` (default:
-        the LM's, at least 256) is the most sequences (prompts x n) decoded together: a
+        the LM's, at least 512) is the most sequences (prompts x n) decoded together: a
         decoding step of a small model multiplies a few rows by every weight, and a CPU does
-        that at a fraction of its speed unless there are a few hundred rows. This is ``complete`` with prompts only (see there for the two paths).
+        that at a fraction of its speed unless there are a few hundred rows. This is
+        ``complete`` with prompts only (see there for the two paths).
         """
         if max_new_tokens < 1:
             raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -546,46 +547,47 @@ class LM:
             raise FactlabError("greedy decoding gives one answer per prompt; set temperature > 0 for n > 1 samples")
         if not greedy and n < 1:
             raise FactlabError(f"n must be at least 1, got {n}")
-        requests = [PromptRequest(p, greedy_tokens=max_new_tokens if greedy else 0) for p in prompts]
-        out = self.complete(requests, samples=0 if greedy else n, temperature=temperature if not greedy else 1.0,
-                            top_p=top_p, sample_tokens=max_new_tokens, seed=seed, gen_batch=batch_size)
+        requests = [PromptRequest(p, greedy_tokens=max_new_tokens if greedy else 0, samples=0 if greedy else n)
+                    for p in prompts]
+        out = self.complete(requests, temperature=temperature if not greedy else 1.0, top_p=top_p,
+                            sample_tokens=max_new_tokens, seed=seed, gen_batch=batch_size)
         return [[c.greedy] if greedy else c.samples for c in out]  # type: ignore[list-item]
 
     # -- complete: candidates, a greedy answer and samples per prompt, in one pass ---------
 
-    def complete(self, requests: Sequence[PromptRequest], *, samples: int = 0, temperature: float = 1.0,
-                 top_p: float = 1.0, sample_tokens: int = 24, seed: int = 0,
-                 gen_batch: int | None = None) -> list[Completion]:
+    def complete(self, requests: Sequence[PromptRequest], *, temperature: float = 1.0, top_p: float = 1.0,
+                 sample_tokens: int = 24, seed: int = 0, gen_batch: int | None = None) -> list[Completion]:
         """Per request: the log-likelihood of each continuation after its context, its greedy
-        answer (``greedy_tokens`` > 0) and ``samples`` sampled continuations of
+        answer (``greedy_tokens`` > 0) and its ``samples`` sampled continuations of
         ``sample_tokens`` tokens at ``temperature`` (top-p ``top_p``), in the order of
         ``requests``.
 
         With ``share_prefix`` (and a model whose cache can be reused, as for
         ``loglikelihood``) every prompt runs through the model once: prompts are batched
         (``decoding.plan_batches``; a prefix that many prompts share, such as the in-context
-        baseline's corpus, runs once per batch group), the samples are drawn from copies of
-        the prompt's key/value cache, each continuation is scored by one forward that extends
-        the cache in place (positions of the other candidates are masked), and the greedy
-        answer continues from there: the first continuation's tokens that are the model's
-        argmax are already the first tokens of the greedy answer, so decoding starts after
-        them (and is skipped when they fill the budget). Rows that end leave their batch.
-        Otherwise (``share_prefix=False``, the reference; other models; a request too long for
-        the model) continuations go through ``loglikelihood`` and answers through
+        baseline's corpus, runs once per batch group), each continuation is scored by one
+        forward that extends the batch's key/value cache in place (positions of the other
+        candidates are masked), and the greedy answer goes on from there: the first
+        continuation's tokens that are the model's argmax are already the first tokens of the
+        greedy answer, so decoding starts after them (and is skipped when they fill the
+        budget). Then the greedy answers and the samples of all batches (up to a memory
+        budget) decode together, at most ``gen_batch`` (default max(512, batch_size)) sequences
+        a step; the samples of a prompt share its cache row until they part, and rows that end
+        leave. Otherwise (``share_prefix=False``, the reference; other models; a request too
+        long for the model) continuations go through ``loglikelihood`` and answers through
         transformers' ``generate``. Both paths give the same scores up to float rounding
         (tested to 1e-5), the same greedy answers and the same samples (see ``decoding``).
         """
-        if samples < 0:
-            raise FactlabError(f"samples must be 0 or more, got {samples}")
-        if samples and (temperature <= 0 or sample_tokens < 1):
+        if any(r.samples < 0 or r.greedy_tokens < 0 for r in requests):
+            raise FactlabError("greedy_tokens and samples must be 0 (none) or more")
+        if any(r.samples for r in requests) and (temperature <= 0 or sample_tokens < 1):
             raise FactlabError("sampling needs temperature > 0 and sample_tokens >= 1; "
                                f"got temperature {temperature}, sample_tokens {sample_tokens}")
-        if any(r.greedy_tokens < 0 for r in requests):
-            raise FactlabError("greedy_tokens must be 0 (no greedy answer) or more")
-        gen_batch = max(256, self.batch_size) if gen_batch is None else self._check_batch_size(gen_batch)
-        sampler = (Sampler(sample_uniforms(seed, [r.prompt for r in requests], samples, sample_tokens),
-                           temperature, top_p) if samples else None)
-        job = _Job(requests, samples, sample_tokens, sampler, gen_batch)
+        gen_batch = max(512, self.batch_size) if gen_batch is None else self._check_batch_size(gen_batch)
+        counts = [r.samples for r in requests]
+        sampler = (Sampler(sample_uniforms(seed, [r.prompt for r in requests], counts, sample_tokens),
+                           temperature, top_p) if any(counts) else None)
+        job = _Job(requests, sample_tokens, sampler, gen_batch)
         with eval_mode(self.model):
             if self.share_prefix and self._shares_prefix():
                 self._complete_cached(job)
@@ -622,13 +624,16 @@ class LM:
             rows = [i for i in idx if requests[i].greedy_tokens == budget]
             for i, (g,) in zip(rows, self._generate_hf([requests[i].prompt for i in rows], budget, 1, job.gen_batch)):
                 greedy[i] = g
-        sampled: list[list[Generation]] = [[] for _ in idx]
-        if job.samples:
-            rows = [i * job.samples + j for i in idx for j in range(job.samples)]
-            sampled = self._generate_hf([requests[i].prompt for i in idx], job.sample_tokens, job.samples,
-                                        job.gen_batch, job.sampler, rows)
-        for i, samp in zip(idx, sampled):
-            job.results[i] = Completion([next(scores) for _ in requests[i].continuations], greedy.get(i), samp)
+        sampled: dict[int, list[Generation]] = {}
+        for n in sorted({requests[i].samples for i in idx} - {0}):
+            rows = [i for i in idx if requests[i].samples == n]
+            sampler_rows = [job.offsets[i] + j for i in rows for j in range(n)]
+            outs = self._generate_hf([requests[i].prompt for i in rows], job.sample_tokens, n, job.gen_batch,
+                                     job.sampler, sampler_rows)
+            sampled.update(zip(rows, outs))
+        for i in idx:
+            job.results[i] = Completion([next(scores) for _ in requests[i].continuations], greedy.get(i),
+                                        sampled.get(i, []))
 
     def _generate_hf(self, prompts: Sequence[str], max_new_tokens: int, n: int, batch_size: int,
                      sampler: Sampler | None = None, sampler_rows: Sequence[int] = ()) -> list[list[Generation]]:
@@ -675,7 +680,7 @@ class LM:
         max_len = self.max_length
         fast = []
         for i, r in enumerate(requests):
-            longest = max([r.greedy_tokens, job.sample_tokens if job.samples else 0]
+            longest = max([r.greedy_tokens, job.sample_tokens if r.samples else 0]
                           + [len(cont) for ctx, cont in conts[i] if ctx == prompts[i]])
             if max_len is None or len(prompts[i]) + longest <= max_len:
                 fast.append(i)
@@ -685,10 +690,23 @@ class LM:
         other_scores = dict(zip(other, self.loglikelihood([(requests[i].scored_context, requests[i].continuations[k])
                                                            for i, k in other]))) if other else {}
         state = _CachedState(job, prompts, conts, other_scores)
-        for batch in plan_batches([prompts[i] for i in fast], max_rows=job.gen_batch,
-                                  max_tokens=max(job.gen_batch * 64, self.batch_size * 1024)):
-            if not self._run_batch(state, [fast[b] for b in batch.rows], batch.shared):
-                return  # the model's cache cannot be extended this way: the reference path does all the rest
+        # Cache positions held at once (rows x width): a batch's prompts, and the decoding rows
+        # of the batches that wait to decode together. Not more: with long prompts (the
+        # in-context corpus) attention reads every row's cache at every step, and twice the
+        # positions took a third longer than two halves (a 30-layer model, one thread).
+        budget = max(16384, self.batch_size * 1024)
+        waiting: list[_Start] = []
+        for batch in plan_batches([prompts[i] for i in fast], max_rows=job.gen_batch, max_tokens=budget):
+            start = self._run_batch(state, [fast[b] for b in batch.rows], batch.shared)
+            if start is None:
+                break  # the model's cache cannot be extended this way: the reference path does the rest
+            if start.rows:
+                if waiting and sum(w.size for w in waiting) + start.size > budget:
+                    self._decode(state, waiting)
+                    waiting = []
+                waiting.append(start)
+        if waiting:
+            self._decode(state, waiting)
 
     def _step(self, cache: Cache) -> Step:
         """The decoding step on ``cache`` (see ``decoding.Step``)."""
@@ -727,14 +745,15 @@ class LM:
             return None
         return out.past_key_values, mask, out.logits[:, -1].float()
 
-    def _run_batch(self, state: _CachedState, idx: list[int], shared: int) -> bool:
-        """Everything of the requests ``idx`` from one prefill (see ``complete``); False if the
-        model's cache cannot be used this way (nothing is filled in then)."""
+    def _run_batch(self, state: _CachedState, idx: list[int], shared: int) -> _Start | None:
+        """Score the candidates of the requests ``idx`` from one prefill and set up the
+        decoding of their greedy answers and samples (see ``complete``); None if the model's
+        cache cannot be used this way (nothing is filled in then)."""
         job, requests, device = state.job, state.job.requests, self.device
         stops = eos_ids(self.model, self.tokenizer)
         ran = self._prefill(state, idx, shared)
         if ran is None:
-            return False
+            return None
         cache, mask, raw = ran  # cache over (B, W); mask (B, W); raw (B, V) fp32
         last = raw.log_softmax(-1)  # (B, V)
         first_pick = raw.argmax(-1).tolist()  # (B,) the greedy first token
@@ -743,33 +762,13 @@ class LM:
         # In place: the candidates scored right after the prompt, by candidate index.
         places = [[k for k, (ctx, _) in enumerate(state.conts[i]) if ctx == state.prompts[i]] for i in idx]
         blocks = max((len(requests[i].continuations) for i in idx), default=0)
-        greedy_budget = max((requests[i].greedy_tokens for i in idx), default=0)
-        width = mask.shape[1] + sum(max((len(state.conts[i][k][1]) for b, i in enumerate(idx) if k in places[b]),
-                                        default=0) for k in range(blocks)) + greedy_budget
-        spare = max(width - mask.shape[1], job.sample_tokens if job.samples else 0)
+        widths = [max((len(state.conts[i][k][1]) for b, i in enumerate(idx) if k in places[b]), default=0)
+                  for k in range(blocks)]
+        spare = sum(widths) + max([requests[i].greedy_tokens for i in idx] + [job.sample_tokens])
         limit = room(cache)
         if limit is not None and mask.shape[1] + spare > limit:
-            return True  # a sliding window would drop keys these rows need: the reference path takes them
+            return _Start(None, mask, ctx_len, raw, [])  # a sliding window would drop keys: the reference path
         make_room(cache, spare)
-
-        # Samples first, from a copy of the prompt cache (the scoring blocks below extend it):
-        # the n samples of a prompt share its cache row until their tokens part.
-        sampled: list[list[Generation]] = [[] for _ in idx]
-        if job.samples:
-            n = job.samples
-            per = max(1, job.gen_batch // n)
-            for s in range(0, B, per):
-                part = torch.arange(s, min(B, s + per), device=device)  # (P,)
-                sub = select_rows(cache, part)
-                rows = [idx[b] * n + j for b in part.tolist() for j in range(n)]  # sampler rows
-                sampler = job.sampler
-                decoded = decode(self._step(sub), lambda index, c=sub: keep_rows(c, index), mask[part], ctx_len[part],
-                                 raw[part], [job.sample_tokens] * len(rows),
-                                 lambda logits, states, rs, steps: sampler(logits, states, [rows[r] for r in rs], steps),
-                                 stops, self.pad_id, states=[j // n for j in range(len(rows))])
-                for j, d in enumerate(decoded):
-                    sampled[s + j // n].append(self._generation(d.tokens, d.ended_with_eos))
-                del sub
 
         # Candidates: block k feeds candidate k of every row after the prompt (all but its last
         # token; the whole first candidate where a greedy answer is wanted, so that the
@@ -823,10 +822,13 @@ class LM:
         for b, i in enumerate(idx):
             scores = [LogLik(logprob[b][k], len(state.conts[i][k][1]), missed[b][k] == 0) if k in places[b]
                       else state.other[(i, k)] for k in range(len(requests[i].continuations))]
-            state.job.results[i] = Completion(scores, None, sampled[b])
+            job.results[i] = Completion(scores, None, [])
 
-        # Greedy answers: the accepted tokens, then decoding from the cache after them.
-        started: dict[int, list[int]] = {}
+        # Greedy answers: the accepted tokens; decoding goes on after them unless they are
+        # the whole answer. Samples: from the prompt (every candidate block masked out).
+        greedy_mask = mask.clone()
+        rows: list[_Row] = []
+        sel: list[int] = []  # the batch row of each decoding cache row
         for b, i in enumerate(idx):
             budget = requests[i].greedy_tokens
             if not budget:
@@ -834,27 +836,95 @@ class LM:
             tokens = list(state.conts[i][0][1][:min(accepted[b], budget)]) if accepted[b] else []
             stop = next((j for j, t in enumerate(tokens) if t in stops), None)
             if stop is not None or len(tokens) == budget:
-                # Known without decoding: the first candidate is the greedy answer to the end.
                 done = tokens if stop is None else tokens[:stop + 1]
-                state.job.results[i] = state.job.results[i]._replace(greedy=self._generation(done, stop is not None))
-            else:
-                started[b] = tokens
-        if started:
-            rows = sorted(started)
+                job.results[i] = job.results[i]._replace(greedy=self._generation(done, stop is not None))
+                continue
             if block0 is not None:
-                for b in rows:
-                    mask[b, block0:block0 + accepted[b]] = 1
-            sel = torch.tensor(rows, device=device)
-            if len(rows) < B:
-                keep_rows(cache, sel)
-            positions = ctx_len[sel] + torch.tensor([len(started[b]) for b in rows], device=device)
-            decoded = decode(self._step(cache), lambda s: keep_rows(cache, s), mask[sel], positions,
-                             next_logits[sel], [requests[idx[b]].greedy_tokens for b in rows], greedy_pick,
-                             stops, self.pad_id, started=[started[b] for b in rows])
-            for b, d in zip(rows, decoded):
-                i = idx[b]
-                state.job.results[i] = state.job.results[i]._replace(greedy=self._generation(d.tokens, d.ended_with_eos))
-        return True
+                greedy_mask[b, block0:block0 + accepted[b]] = 1
+            rows.append(_Row(i, -1, len(sel), tokens, budget))
+            sel.append(b)
+        greedy_rows = len(sel)
+        for b, i in enumerate(idx):
+            if requests[i].samples:
+                rows += [_Row(i, j, len(sel), [], job.sample_tokens) for j in range(requests[i].samples)]
+                sel.append(b)
+        if not rows:
+            return _Start(None, mask, ctx_len, raw, [])
+        index = torch.tensor(sel, device=device)
+        keep_rows(cache, index)
+        ctx_mask = torch.cat([greedy_mask[index[:greedy_rows]], mask[index[greedy_rows:]]])  # (S, W)
+        starts = torch.tensor([len(r.started) for r in rows], device=device)  # (R,)
+        positions = ctx_len[index].clone()
+        logits = torch.cat([next_logits[index[:greedy_rows]], raw[index[greedy_rows:]]])  # (S, V)
+        for r, n_started in zip(rows, starts.tolist()):
+            if r.sample < 0:
+                positions[r.state] += n_started
+        return _Start(cache, ctx_mask, positions, logits, rows)
+
+    def _decode(self, state: _CachedState, starts: list[_Start]) -> None:
+        """Decode the greedy answers and samples of ``starts`` together: one cache (their rows
+        stacked, each left-padded to the widest), at most ``gen_batch`` sequences a step."""
+        job, device = state.job, self.device
+        if len(starts) > 1:
+            spare = max(r.budget for s in starts for r in s.rows)
+            stacked = stack_rows([s.cache for s in starts], spare)
+            if stacked is None:  # sliding windows: each batch alone
+                for s in starts:
+                    self._decode(state, [s])
+                return
+            width = max(s.mask.shape[1] for s in starts)
+            mask = torch.cat([torch.nn.functional.pad(s.mask, (width - s.mask.shape[1], 0)) for s in starts])
+            offsets = [0]
+            for s in starts:
+                offsets.append(offsets[-1] + s.mask.shape[0])
+            rows = [r._replace(state=r.state + off) for s, off in zip(starts, offsets) for r in s.rows]
+            start = _Start(stacked, mask, torch.cat([s.positions for s in starts]),
+                           torch.cat([s.logits for s in starts]), rows)
+        else:
+            start = starts[0]
+        sampler = job.sampler
+        rows = start.rows
+        sampled = [r for r, row in enumerate(rows) if row.sample >= 0]
+        sample_rows = {r: job.offsets[rows[r].request] + rows[r].sample for r in sampled}
+
+        def pick(logits: torch.Tensor, states: list[int], rs: list[int], steps: list[int]) -> torch.Tensor:
+            out = greedy_pick(logits, states, rs, steps)  # (A,)
+            at = [a for a, r in enumerate(rs) if r in sample_rows]
+            if at:
+                out[at] = sampler(logits, [states[a] for a in at], [sample_rows[rs[a]] for a in at],
+                                  [steps[a] for a in at])
+            return out
+
+        # Rows that decode together: at most gen_batch sequences (a prompt's samples together).
+        groups, current = [], []
+        for r, row in enumerate(rows):
+            if current and len(current) >= job.gen_batch and rows[current[-1]].state != row.state:
+                groups.append(current)
+                current = []
+            current.append(r)
+        groups.append(current)
+        for group in groups:
+            states = sorted({rows[r].state for r in group})
+            index = torch.tensor(states, device=device)
+            if len(groups) > 1:
+                cache = select_rows(start.cache, index)
+            else:
+                cache = start.cache
+                if len(states) < start.mask.shape[0]:
+                    keep_rows(cache, index)
+            local = {s: n for n, s in enumerate(states)}
+            decoded = decode(self._step(cache), lambda ix, c=cache: keep_rows(c, ix), start.mask[index],
+                             start.positions[index], start.logits[index], [rows[r].budget for r in group],
+                             lambda logits, st, rs, steps, g=group: pick(logits, st, [g[r] for r in rs], steps),
+                             eos_ids(self.model, self.tokenizer), self.pad_id,
+                             started=[rows[r].started for r in group], states=[local[rows[r].state] for r in group])
+            for r, d in zip(group, decoded):
+                row, gen = rows[r], self._generation(d.tokens, d.ended_with_eos)
+                if row.sample < 0:
+                    job.results[row.request] = job.results[row.request]._replace(greedy=gen)
+                else:
+                    job.results[row.request].samples.append(gen)
+            del cache
 
 
 @dataclass(frozen=True)
@@ -871,6 +941,8 @@ class PromptRequest:
     spaces is scored right after the prompt's tokens."""
     greedy_tokens: int = 0
     """Budget of the greedy answer in new tokens (0: no greedy answer)."""
+    samples: int = 0
+    """Sampled continuations (settings in ``LM.complete``)."""
 
     @property
     def scored_context(self) -> str:
@@ -892,14 +964,45 @@ class _Job:
     """One ``LM.complete`` call: its requests, sampling settings and results so far."""
 
     requests: Sequence[PromptRequest]
-    samples: int
     sample_tokens: int
     sampler: Sampler | None
     gen_batch: int
     results: list[Completion | None] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    """The sampler row of each request's first sample."""
 
     def __post_init__(self):
         self.results = [None] * len(self.requests)
+        self.offsets = [0]
+        for r in self.requests:
+            self.offsets.append(self.offsets[-1] + r.samples)
+
+
+class _Row(NamedTuple):
+    """A sequence to decode: a request's greedy answer (sample -1) or one of its samples."""
+
+    request: int
+    sample: int
+    state: int
+    """Its row in the decoding cache (a prompt's samples share one until they part)."""
+    started: list[int]
+    budget: int
+
+
+class _Start(NamedTuple):
+    """Where decoding starts for the rows of one prompt batch: its cache (None: nothing to
+    decode here), the (S, W) attention mask, the (S,) next positions and (S, V) logits."""
+
+    cache: Cache | None
+    mask: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+    rows: list[_Row]
+
+    @property
+    def size(self) -> int:
+        """Cache positions it holds (rows x width), as the samples will have parted."""
+        return len(self.rows) * self.mask.shape[1]
 
 
 @dataclass
