@@ -101,6 +101,7 @@ def test_forgetting_comes_from_saved_tables_without_a_model(tmp_path, tok, llama
 
     import factlab.evaluate.scoring as scoring
     monkeypatch.setattr(scoring.Scorer, "loglikelihood", lambda *a, **k: pytest.fail("model used"))
+    monkeypatch.setattr(scoring.Scorer, "complete", lambda *a, **k: pytest.fail("model used"))
     f = forgetting(saved["base"], saved["after"])
     p = f["perplexity"]["builtin-general"]
     assert p["perplexity_ratio"] == pytest.approx(after.perplexity["builtin-general"]["perplexity"] / before.perplexity["builtin-general"]["perplexity"])

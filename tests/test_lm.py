@@ -12,7 +12,7 @@ import torch
 
 import factlab.evaluate
 from factlab.errors import FactlabError
-from factlab.evaluate.kvcache import can_extend_rows, select_rows
+from factlab.evaluate.kvcache import can_extend_rows, keep_rows, make_room, select_rows
 from factlab.evaluate.lm import LM, RollingLogLik, eval_mode, max_positions, pad
 from factlab.evaluate.perplexity import perplexity
 from factlab.testing import tiny_model
@@ -127,3 +127,30 @@ def test_no_private_name_is_imported_across_evaluate_modules():
                 crossings += [f"{path.name}: {node.module}.{a.name}" for a in node.names
                               if a.name.startswith("_")]
     assert crossings == []
+
+
+def test_make_room_writes_new_positions_in_place_with_the_same_results(tok, llama):
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])  # (2, 4)
+    with torch.no_grad():
+        plain = llama(input_ids=ids, use_cache=True).past_key_values
+        roomy = llama(input_ids=ids, use_cache=True).past_key_values
+        make_room(roomy, 3)
+        assert can_extend_rows(roomy) and roomy.get_seq_length() == 4
+        buffer = roomy.layers[0]._keys
+        steps = [torch.tensor([[13], [14]]), torch.tensor([[15, 16], [17, 18]]), torch.tensor([[19], [20]])]
+        for step in steps:  # 1 + 2 fit the room; the third grows the buffer
+            a = llama(input_ids=step, past_key_values=plain, use_cache=True).logits
+            b = llama(input_ids=step, past_key_values=roomy, use_cache=True).logits
+            torch.testing.assert_close(a, b)
+            if step is steps[1]:
+                assert roomy.layers[0]._keys is buffer  # written in place, no copy
+        assert roomy.layers[0]._keys is not buffer and roomy.get_seq_length() == plain.get_seq_length() == 8
+        for lp, lr in zip(plain.layers, roomy.layers):
+            assert torch.equal(lp.keys, lr.keys) and torch.equal(lp.values, lr.values)
+        # copies of rows keep their own room; the original is untouched by them
+        sub = select_rows(roomy, torch.tensor([1, 1]))
+        before = roomy.layers[0].keys.clone()
+        llama(input_ids=torch.tensor([[1], [2]]), past_key_values=sub, use_cache=True)
+        assert torch.equal(roomy.layers[0].keys, before) and sub.get_seq_length() == 9
+        keep_rows(roomy, torch.tensor([0]))
+        assert roomy.layers[0].keys.shape[0] == 1 and torch.equal(roomy.layers[0].keys[0], before[0])

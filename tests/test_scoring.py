@@ -9,7 +9,7 @@ from tokenizers.processors import TemplateProcessing
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import score_probes
 from factlab.evaluate.generation import generate
-from factlab.evaluate.lm import LM
+from factlab.evaluate.lm import LM, Completion, Generation
 from factlab.evaluate.probes import Probe
 from factlab.evaluate.scoring import LogLik, Scorer, chat_prompt, split_pair
 from factlab.testing import TINY_ARCHITECTURES, tiny_model, tiny_tokenizer
@@ -177,25 +177,21 @@ ROW_FIELDS = {"id", "fact", "kind", "prompt", "target", "distractors", "target_l
 
 
 def test_score_probes_rows_and_single_batched_call(tok, llama, monkeypatch):
-    calls = {"loglikelihood": [], "generate": []}
-    real_ll, real_gen = LM.loglikelihood, LM.generate
+    calls = []
+    real = LM.complete
 
-    def spy_ll(self, pairs):
-        calls["loglikelihood"].append(list(pairs))
-        return real_ll(self, pairs)
+    def spy(self, requests, **kw):
+        calls.append((list(requests), kw))
+        return real(self, requests, **kw)
 
-    def spy_gen(self, prompts, *, max_new_tokens, **kw):
-        calls["generate"].append((list(prompts), max_new_tokens))
-        return real_gen(self, prompts, max_new_tokens=max_new_tokens, **kw)
-
-    monkeypatch.setattr(LM, "loglikelihood", spy_ll)
-    monkeypatch.setattr(LM, "generate", spy_gen)
+    monkeypatch.setattr(LM, "complete", spy)
     rows = score_probes(llama, tok, PROBES, batch_size=3)
 
-    # one loglikelihood call; one generate call for completions, one for qa (longer budget)
-    assert len(calls["loglikelihood"]) == 1 and len(calls["generate"]) == 2
-    pairs = calls["loglikelihood"][0]
-    assert len(pairs) == 3 + 2 + 1 + 3  # every candidate of every probe, in one call
+    # one complete call: every candidate of every probe, the greedy answers and the samples
+    assert len(calls) == 1
+    requests, kw = calls[0]
+    pairs = [(r.scored_context, c) for r in requests for c in r.continuations]
+    assert len(pairs) == 3 + 2 + 1 + 3
     qa_context = chat_prompt(tok, "Who leads the night shift?")
     assert pairs[:6] == [
         ("The capital of France is", " Paris"), ("The capital of France is", " Rome"),
@@ -205,10 +201,12 @@ def test_score_probes_rows_and_single_batched_call(tok, llama, monkeypatch):
     ]
     assert pairs[6:] == [(qa_context, "Jonas Perl"), (qa_context, "Marta Ilvane"),
                          (qa_context, "Edda Sorn")]  # the assistant's answer, no space
-    prompts, max_new = calls["generate"][0]
-    assert prompts == ["The capital of France is", "France's capital city is", "日本の首都は"]
-    assert max_new == max(r["target_tokens"] for r in rows) + 4
-    assert calls["generate"][1] == ([qa_context], 48)
+    # Answers continue the prompt without its trailing space; qa answers get the longer budget.
+    assert [r.prompt for r in requests] == ["The capital of France is", "France's capital city is", "日本の首都は",
+                                            qa_context]
+    max_new = max(r["target_tokens"] for r in rows) + 4
+    assert [r.greedy_tokens for r in requests] == [max_new, max_new, max_new, 48]
+    assert [r.samples for r in requests] == [0] * 4
 
     assert [r["id"] for r in rows] == ["r1", "p1", "l1", "q1"]
     for row, probe in zip(rows, PROBES):
@@ -243,7 +241,9 @@ def test_score_probes_correct_and_rank_from_known_logprobs(tok, llama, monkeypat
         (qa, "Marta Ilvane"): LogLik(-3.0, 3, False),
         (qa, "Edda Sorn"): LogLik(-2.0, 1, False),
     }
-    monkeypatch.setattr(LM, "loglikelihood", lambda self, pairs: [known[p] for p in pairs])
+    answer = Generation("", 1, False)
+    monkeypatch.setattr(LM, "complete", lambda self, requests, **kw: [
+        Completion([known[(r.scored_context, c)] for c in r.continuations], answer, []) for r in requests])
     rows = {r["id"]: r for r in score_probes(llama, tok, PROBES)}
     r1, p1, l1, q1 = rows["r1"], rows["p1"], rows["l1"], rows["q1"]
     assert (r1["target_logprob"], r1["target_mean_logprob"], r1["target_tokens"]) == (-4.0, -1.0, 4)
@@ -264,11 +264,11 @@ def test_score_probes_is_deterministic(tok, llama):
 
 def test_score_probes_greedy_tokens(tok, llama, monkeypatch):
     seen = []
-    real_gen = LM.generate
-    monkeypatch.setattr(LM, "generate",
-                        lambda self, p, *, max_new_tokens, **kw: seen.append(max_new_tokens) or real_gen(self, p, max_new_tokens=max_new_tokens, **kw))
-    score_probes(llama, tok, PROBES[:1], greedy_tokens=3)
-    assert seen == [3]
+    real = LM.complete
+    monkeypatch.setattr(LM, "complete",
+                        lambda self, requests, **kw: seen.extend(r.greedy_tokens for r in requests) or real(self, requests, **kw))
+    rows = score_probes(llama, tok, PROBES[:1], greedy_tokens=3)
+    assert seen == [3] and rows[0]["greedy_tokens"] == 3
 
 
 # -- the shared-prefix path: each distinct context runs once ---------------------------------

@@ -20,7 +20,7 @@ from factlab.evaluate.metrics import (
     rate_summary,
 )
 from factlab.evaluate.probes import Probe, order_kinds
-from factlab.evaluate.lm import LM, Generation
+from factlab.evaluate.lm import LM, Completion, PromptRequest
 from factlab.evaluate.tokens import chat_prompt, trailing_space
 from factlab.evaluate.textmetrics import bootstrap_mean_interval, eos_summary
 
@@ -75,54 +75,52 @@ def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Score every probe: candidate log-probs, rank, correctness, a greedy continuation and,
     with ``samples`` > 0, that many sampled continuations at ``temperature``.
 
-    One model interface (``LM``) does it all: every candidate of every probe goes through one
-    batched ``LM.loglikelihood`` call, and the continuations through ``LM.generate``.
+    One model interface (``LM``) does it all, in one ``LM.complete`` call: each probe's prompt
+    runs through the model once, for its candidates, its greedy continuation (which starts
+    after the target's tokens when they are the model's argmax) and its samples.
     Greedy continuations get ``greedy_tokens`` new tokens (default: the longest target's
     token count + 4); ``qa`` answers get ``qa_tokens``, enough to see whether the model ends
     its turn with EOS. ``context`` puts a source text before every prompt (the in-context
-    baseline: could the model use the fact at all?).
+    baseline: could the model use the fact at all?). ``probe_requests`` and ``probe_rows``
+    are the two halves, for a caller that adds requests of its own to the same call.
     """
     if not probes:
         return []
+    lm = LM(model, tokenizer, batch_size=batch_size)
+    requests = probe_requests(lm, probes, greedy_tokens=greedy_tokens, qa_tokens=qa_tokens, samples=samples,
+                              context=context)
+    # Generation batches are wider than scoring ones: a decoding step multiplies one token per
+    # row by every weight, which a CPU does well only with a few hundred rows.
+    done = lm.complete(requests, temperature=temperature, sample_tokens=sample_tokens, seed=seed,
+                       gen_batch=max(512, batch_size))
+    return probe_rows(probes, done)
+
+
+def probe_requests(lm: LM, probes: Sequence[Probe], *, greedy_tokens: int | None = None, qa_tokens: int = 48,
+                   samples: int = 0, context: str | None = None) -> list[PromptRequest]:
+    """The ``LM.complete`` request of each probe (see ``score_probes``)."""
     if greedy_tokens is not None and greedy_tokens < 1:
         raise FactlabError(f"greedy_tokens must be at least 1, got {greedy_tokens}; "
                            "leave it unset for the default")
-    lm = LM(model, tokenizer, batch_size=batch_size)
-    contexts = [probe_context(p, tokenizer, context) for p in probes]
-
-    pairs: list[tuple[str, str]] = []
-    starts: list[int] = []  # index in pairs of each probe's target; distractors follow it
-    for probe, ctx in zip(probes, contexts):
-        starts.append(len(pairs))
-        pairs += [(ctx, candidate_continuation(probe, c))
-                  for c in [probe.target, *probe.distractors]]
-    scores = lm.loglikelihood(pairs)
-
+    contexts = [probe_context(p, lm.tokenizer, context) for p in probes]
+    continuations = [tuple(candidate_continuation(p, c) for c in [p.target, *p.distractors]) for p in probes]
+    if greedy_tokens is None and probes:
+        targets = lm.tokenize_pairs([(ctx, conts[0]) for ctx, conts in zip(contexts, continuations)])
+        greedy_tokens = max(len(cont) for _, cont in targets) + 4
     # Generate from the prompt without its trailing spaces, as it was scored: the space
     # belongs to the next word's token.
-    gen_prompts = [c if p.kind == "qa" else c[:len(c) - trailing_space(c)]
-                   for p, c in zip(probes, contexts)]
-    max_new = greedy_tokens or max(scores[s].n_tokens for s in starts) + 4
-    greedy: list[Generation | None] = [None] * len(probes)
-    for is_qa, budget in ((False, max_new), (True, qa_tokens)):
-        idx = [i for i, p in enumerate(probes) if (p.kind == "qa") == is_qa]
-        if idx:
-            # Generation batches are wider than scoring ones: decoding is bound by memory
-            # traffic per step, not by compute.
-            outs = lm.generate([gen_prompts[i] for i in idx], max_new_tokens=budget,
-                               batch_size=max(64, batch_size))
-            for i, out in zip(idx, outs):
-                greedy[i] = out[0]
-    sampled: list[list[Generation]] = [[] for _ in probes]
-    if samples > 0:
-        sampled = lm.generate(gen_prompts, max_new_tokens=sample_tokens, n=samples,
-                              temperature=temperature, seed=seed, batch_size=max(80, batch_size))
+    return [PromptRequest(prompt=c if p.kind == "qa" else c[:len(c) - trailing_space(c)], context=c,
+                          continuations=conts, greedy_tokens=qa_tokens if p.kind == "qa" else greedy_tokens,
+                          samples=samples)
+            for p, c, conts in zip(probes, contexts, continuations)]
 
+
+def probe_rows(probes: Sequence[Probe], done: Sequence[Completion]) -> list[dict]:
+    """One row per probe from its ``LM.complete`` result (the rows of ``score_probes``)."""
     rows = []
-    for probe, start, g, samp in zip(probes, starts, greedy, sampled):
-        target = scores[start]
-        distractor_means = [s.mean_logprob
-                            for s in scores[start + 1:start + 1 + len(probe.distractors)]]
+    for probe, out in zip(probes, done, strict=True):
+        target, g, samp = out.scores[0], out.greedy, out.samples
+        distractor_means = [s.mean_logprob for s in out.scores[1:]]
         hits = [contains_target(x.text, probe.target) for x in samp]
         rows.append({
             "id": probe.id,

@@ -1,7 +1,9 @@
 """Batched generation for probes: greedy answers and seeded samples at a temperature.
 
-``generate`` is ``LM.generate`` (see ``lm.py``) as a function of (model, tokenizer). Each
-generation records whether it ended with EOS within the token budget and how many tokens it
+``generate`` is ``LM.generate`` (see ``lm.py``) as a function of (model, tokenizer): each
+prompt runs through the model once, its samples are drawn from copies of its key/value cache
+with a generator seeded by (seed, prompt) (``decoding.py``), and rows that end leave the
+batch. Each generation records whether it ended with EOS within the token budget and how many tokens it
 took, so chat-format metrics (does the model learn to stop?) come from the same pass as the
 answers.
 """

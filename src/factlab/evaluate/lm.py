@@ -1,12 +1,15 @@
-"""The one model interface: a causal LM and its tokenizer behind three requests.
+"""The one model interface: a causal LM and its tokenizer behind four requests.
 
 Modelled on lm-evaluation-harness's ``LM`` (``lm_eval/api/model.py``) and its Hugging Face
 implementation: ``loglikelihood`` scores (context, continuation) pairs, ``loglikelihood_rolling``
-scores whole texts in windows (perplexity), ``generate`` continues prompts (greedy or sampled).
-All three share one padding helper (``pad``), one context-length lookup (``max_positions``),
-one eval-mode guard (``eval_mode``) and one forward (``LM._forward``). Strings become tokens
-in ``tokens.py`` only; the key/value-cache reuse of the shared-prompt path is in
-``kvcache.py``. Works with any Hugging Face causal LM, PEFT-wrapped or not.
+scores whole texts in windows (perplexity), ``generate`` continues prompts (greedy or sampled),
+and ``complete`` does all a probe needs in one pass over its prompt: the candidates' scores,
+the greedy answer and the samples (``generate`` is ``complete`` without candidates). All share
+one padding helper (``pad``), one context-length lookup (``max_positions``), one eval-mode
+guard (``eval_mode``) and one forward (``LM._forward``). Strings become tokens in
+``tokens.py`` only; the key/value-cache code is in ``kvcache.py``, the token-by-token loop,
+the sampler and the batch plan in ``decoding.py``. Works with any Hugging Face causal LM,
+PEFT-wrapped or not.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation import LogitsProcessorList
 
 from factlab.errors import FactlabError
-from factlab.evaluate.kvcache import can_extend_rows, select_rows
-from factlab.evaluate.tokens import encode, prefix_id, split_pair
+from factlab.evaluate.decoding import Sampler, SamplerProcessor, Step, decode, greedy_pick, plan_batches, sample_uniforms
+from factlab.evaluate.kvcache import can_extend_rows, keep_rows, make_room, room, select_rows, stack_rows
+from factlab.evaluate.tokens import TokenCache, encode, prefix_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -193,6 +198,7 @@ class LM:
         self.tokenizer = tokenizer
         self.batch_size = self._check_batch_size(batch_size)
         self.share_prefix = share_prefix
+        self._tokens = TokenCache(tokenizer)  # each distinct text encoded once per LM
 
     @staticmethod
     def _check_batch_size(batch_size: int) -> int:
@@ -275,6 +281,7 @@ class LM:
         dropped if it is too long. Both give the same numbers up to float rounding (tested to
         1e-5).
         """
+        self._tokens.prefetch_pairs(list(pairs))
         requests = [self._request(context, continuation) for context, continuation in pairs]
         results: list[LogLik | None] = [None] * len(requests)
         with eval_mode(self.model):
@@ -292,7 +299,7 @@ class LM:
         return results  # type: ignore[return-value]
 
     def _request(self, context: str, continuation: str) -> _Request:
-        ctx, cont = split_pair(self.tokenizer, context, continuation)
+        ctx, cont = self._tokens.split_pair(context, continuation)
         return _Request(tuple(ctx) or (self.prefix_id,), tuple(cont))
 
     # The plain path: every pair runs whole (the reference, and the fallback)
@@ -523,48 +530,488 @@ class LM:
         """``n`` generations per prompt, in the order of ``prompts``.
 
         Prompts are tokenized by ``tokens.encode`` (special tokens added once; an empty
-        prompt becomes ``prefix_id``) and left-padded, so every row's next token is predicted
-        at the last position. Generation stops at any of ``eos_ids``; each result records
-        whether it ended with EOS within ``max_new_tokens`` and how many tokens it took.
-        temperature 0 means greedy (then ``n`` must be 1). Sampling is seeded: the generator
-        is reset to ``seed`` before every batch, and batches are formed in a fixed order
-        (longest prompt first), so the same call gives the same samples on CPU.
-        ``batch_size`` (default: the LM's) counts sequences (prompts x n): decoding a small
-        model on a CPU is bound by memory traffic per step, so wide batches are much faster.
+        prompt becomes ``prefix_id``). Generation stops at any of ``eos_ids``; each result
+        records whether it ended with EOS within ``max_new_tokens`` and how many tokens it
+        took. temperature 0 means greedy (then ``n`` must be 1). Sampling is seeded per
+        prompt (``decoding.sample_uniforms``): the same seed and prompt give the same samples
+        whatever else is in the call and whatever the batch size. ``batch_size`` (default:
+        the LM's, at least 512) is the most sequences (prompts x n) decoded together: a
+        decoding step of a small model multiplies a few rows by every weight, and a CPU does
+        that at a fraction of its speed unless there are a few hundred rows. This is
+        ``complete`` with prompts only (see there for the two paths).
         """
         if max_new_tokens < 1:
             raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         greedy = temperature <= 0
         if greedy and n != 1:
             raise FactlabError("greedy decoding gives one answer per prompt; set temperature > 0 for n > 1 samples")
-        batch_size = self.batch_size if batch_size is None else self._check_batch_size(batch_size)
-        tokenizer = self.tokenizer
-        encoded = [encode(tokenizer, p) or [self.prefix_id] for p in prompts]
-        stops = eos_ids(self.model, tokenizer)
+        if not greedy and n < 1:
+            raise FactlabError(f"n must be at least 1, got {n}")
+        requests = [PromptRequest(p, greedy_tokens=max_new_tokens if greedy else 0, samples=0 if greedy else n)
+                    for p in prompts]
+        out = self.complete(requests, temperature=temperature if not greedy else 1.0, top_p=top_p,
+                            sample_tokens=max_new_tokens, seed=seed, gen_batch=batch_size)
+        return [[c.greedy] if greedy else c.samples for c in out]  # type: ignore[list-item]
+
+    # -- complete: candidates, a greedy answer and samples per prompt, in one pass ---------
+
+    def complete(self, requests: Sequence[PromptRequest], *, temperature: float = 1.0, top_p: float = 1.0,
+                 sample_tokens: int = 24, seed: int = 0, gen_batch: int | None = None) -> list[Completion]:
+        """Per request: the log-likelihood of each continuation after its context, its greedy
+        answer (``greedy_tokens`` > 0) and its ``samples`` sampled continuations of
+        ``sample_tokens`` tokens at ``temperature`` (top-p ``top_p``), in the order of
+        ``requests``.
+
+        With ``share_prefix`` (and a model whose cache can be reused, as for
+        ``loglikelihood``) every prompt runs through the model once: prompts are batched
+        (``decoding.plan_batches``; a prefix that many prompts share, such as the in-context
+        baseline's corpus, runs once per batch group), each continuation is scored by one
+        forward that extends the batch's key/value cache in place (positions of the other
+        candidates are masked), and the greedy answer goes on from there: the first
+        continuation's tokens that are the model's argmax are already the first tokens of the
+        greedy answer, so decoding starts after them (and is skipped when they fill the
+        budget). Then the greedy answers and the samples of all batches (up to a memory
+        budget) decode together, at most ``gen_batch`` (default max(512, batch_size)) sequences
+        a step; the samples of a prompt share its cache row until they part, and rows that end
+        leave. Otherwise (``share_prefix=False``, the reference; other models; a request too
+        long for the model) continuations go through ``loglikelihood`` and answers through
+        transformers' ``generate``. Both paths give the same scores up to float rounding
+        (tested to 1e-5), the same greedy answers and the same samples (see ``decoding``).
+        """
+        if any(r.samples < 0 or r.greedy_tokens < 0 for r in requests):
+            raise FactlabError("greedy_tokens and samples must be 0 (none) or more")
+        if any(r.samples for r in requests) and (temperature <= 0 or sample_tokens < 1):
+            raise FactlabError("sampling needs temperature > 0 and sample_tokens >= 1; "
+                               f"got temperature {temperature}, sample_tokens {sample_tokens}")
+        gen_batch = max(512, self.batch_size) if gen_batch is None else self._check_batch_size(gen_batch)
+        counts = [r.samples for r in requests]
+        sampler = (Sampler(sample_uniforms(seed, [r.prompt for r in requests], counts, sample_tokens),
+                           temperature, top_p) if any(counts) else None)
+        job = _Job(requests, sample_tokens, sampler, gen_batch)
+        with eval_mode(self.model):
+            if self.share_prefix and self._shares_prefix():
+                self._complete_cached(job)
+            rest = [i for i, c in enumerate(job.results) if c is None]
+            if rest:
+                self._complete_reference(job, rest)
+        return job.results  # type: ignore[return-value]
+
+    def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(context ids, continuation ids) of each pair, as ``loglikelihood`` scores it (an
+        empty context becomes ``prefix_id``); tokenized once per LM (``complete`` reuses it)."""
+        self._tokens.prefetch_pairs(list(pairs))
+        return [tuple(self._request(c, x)) for c, x in pairs]  # type: ignore[misc]
+
+    def _prompt_ids(self, prompts: Sequence[str]) -> list[tuple[int, ...]]:
+        """``tokens.encode`` of each prompt, ``prefix_id`` for an empty one."""
+        self._tokens.prefetch(list(prompts))
+        return [tuple(self._tokens.encode(p)) or (self.prefix_id,) for p in prompts]
+
+    def _generation(self, tokens: Sequence[int], ended: bool) -> Generation:
+        """A Generation from its new tokens (a last stop token when ``ended``)."""
+        text_ids = list(tokens[:-1]) if ended else list(tokens)
+        return Generation(text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                          n_tokens=len(tokens), ended_with_eos=ended)
+
+    # The reference path: loglikelihood, and transformers' generate
+
+    def _complete_reference(self, job: _Job, idx: list[int]) -> None:
+        requests = job.requests
+        pairs = [(r.scored_context, c) for i in idx for r in [requests[i]] for c in r.continuations]
+        scores = iter(self.loglikelihood(pairs))
+        greedy: dict[int, Generation] = {}
+        for budget in sorted({requests[i].greedy_tokens for i in idx} - {0}):
+            rows = [i for i in idx if requests[i].greedy_tokens == budget]
+            for i, (g,) in zip(rows, self._generate_hf([requests[i].prompt for i in rows], budget, 1, job.gen_batch)):
+                greedy[i] = g
+        sampled: dict[int, list[Generation]] = {}
+        for n in sorted({requests[i].samples for i in idx} - {0}):
+            rows = [i for i in idx if requests[i].samples == n]
+            sampler_rows = [job.offsets[i] + j for i in rows for j in range(n)]
+            outs = self._generate_hf([requests[i].prompt for i in rows], job.sample_tokens, n, job.gen_batch,
+                                     job.sampler, sampler_rows)
+            sampled.update(zip(rows, outs))
+        for i in idx:
+            job.results[i] = Completion([next(scores) for _ in requests[i].continuations], greedy.get(i),
+                                        sampled.get(i, []))
+
+    def _generate_hf(self, prompts: Sequence[str], max_new_tokens: int, n: int, batch_size: int,
+                     sampler: Sampler | None = None, sampler_rows: Sequence[int] = ()) -> list[list[Generation]]:
+        """``n`` continuations per prompt by transformers' greedy ``generate``, left-padded
+        batches of up to ``batch_size`` sequences, longest prompt first. With ``sampler`` the
+        n rows of each prompt are sampled (``SamplerProcessor``; ``sampler_rows`` gives the
+        sampler row of each (prompt, sample), prompt-major)."""
+        encoded = self._prompt_ids(prompts)
+        stops = eos_ids(self.model, self.tokenizer)
         # A fresh config, so sampling defaults shipped with the model neither apply nor warn.
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1, num_return_sequences=n,
-            temperature=temperature if not greedy else None, top_p=top_p if not greedy else None,
-            top_k=None if not greedy else None, eos_token_id=stops or None, pad_token_id=self.pad_id,
-        )
+        config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                  temperature=None, top_p=None, top_k=None,
+                                  eos_token_id=stops or None, pad_token_id=self.pad_id)
+        processor = SamplerProcessor(sampler) if sampler is not None else None
         order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         per_batch = max(1, batch_size // n)
         results: list[list[Generation]] = [[] for _ in encoded]
-        with eval_mode(self.model):
-            for start in range(0, len(order), per_batch):
-                idx = order[start:start + per_batch]
-                ids, mask = pad([encoded[i] for i in idx], self.pad_id, "left", self.device)  # (B, T)
-                if not greedy:
-                    torch.manual_seed(seed + start)
-                out = self.model.generate(input_ids=ids, attention_mask=mask,
-                                          generation_config=config)  # (B*n, T + new)
-                new = out[:, ids.shape[1]:].tolist()
-                for j, row in enumerate(new):
-                    cut = next((k for k, t in enumerate(row) if t in stops), None)
-                    text_ids = row if cut is None else row[:cut]
-                    results[idx[j // n]].append(Generation(
-                        text=tokenizer.decode(text_ids, skip_special_tokens=True),
-                        n_tokens=len(row) if cut is None else cut + 1,
-                        ended_with_eos=cut is not None,
-                    ))
+        for start in range(0, len(order), per_batch):
+            idx = order[start:start + per_batch]
+            ids, mask = pad([encoded[i] for i in idx], self.pad_id, "left", self.device)  # (B, T)
+            rows = torch.arange(len(idx), device=self.device).repeat_interleave(n)  # (B*n,)
+            extra = {}
+            if processor is not None:
+                processor.rows = [sampler_rows[i * n + j] for i in idx for j in range(n)]
+                processor.width = ids.shape[1]
+                extra["logits_processor"] = LogitsProcessorList([processor])
+            out = self.model.generate(input_ids=ids[rows], attention_mask=mask[rows],
+                                      generation_config=config, **extra)  # (B*n, T + new)
+            for j, row in enumerate(out[:, ids.shape[1]:].tolist()):
+                cut = next((k for k, t in enumerate(row) if t in stops), None)
+                results[idx[j // n]].append(self._generation(row if cut is None else row[:cut + 1], cut is not None))
         return results
+
+    # The cached path: each prompt runs once
+
+    def _complete_cached(self, job: _Job) -> None:
+        """Fill ``job.results`` for the requests the cached path can take (see ``complete``);
+        leaves the others None."""
+        requests = job.requests
+        prompts = self._prompt_ids([r.prompt for r in requests])
+        pairs = [(r.scored_context, c) for r in requests for c in r.continuations]
+        split = iter(self.tokenize_pairs(pairs))
+        conts = [[next(split) for _ in r.continuations] for r in requests]  # (ctx, cont) per candidate
+        max_len = self.max_length
+        fast = []
+        for i, r in enumerate(requests):
+            longest = max([r.greedy_tokens, job.sample_tokens if r.samples else 0]
+                          + [len(cont) for ctx, cont in conts[i] if ctx == prompts[i]])
+            if max_len is None or len(prompts[i]) + longest <= max_len:
+                fast.append(i)
+        # Continuations scored after another context than the prompt (a BPE merge across the
+        # boundary cut the context back): the ordinary loglikelihood, in one call.
+        other = [(i, k) for i in fast for k, (ctx, _) in enumerate(conts[i]) if ctx != prompts[i]]
+        other_scores = dict(zip(other, self.loglikelihood([(requests[i].scored_context, requests[i].continuations[k])
+                                                           for i, k in other]))) if other else {}
+        state = _CachedState(job, prompts, conts, other_scores)
+        # Cache positions held at once (rows x width): a batch's prompts, and the decoding rows
+        # of the batches that wait to decode together. Not more: with long prompts (the
+        # in-context corpus) attention reads every row's cache at every step, and twice the
+        # positions took a third longer than two halves (a 30-layer model, one thread).
+        budget = max(16384, self.batch_size * 1024)
+        waiting: list[_Start] = []
+        for batch in plan_batches([prompts[i] for i in fast], max_rows=job.gen_batch, max_tokens=budget):
+            start = self._run_batch(state, [fast[b] for b in batch.rows], batch.shared)
+            if start is None:
+                break  # the model's cache cannot be extended this way: the reference path does the rest
+            if start.rows:
+                if waiting and sum(w.size for w in waiting) + start.size > budget:
+                    self._decode(state, waiting)
+                    waiting = []
+                waiting.append(start)
+        if waiting:
+            self._decode(state, waiting)
+
+    def _step(self, cache: Cache) -> Step:
+        """The decoding step on ``cache`` (see ``decoding.Step``)."""
+        def step(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            return self._forward(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                 past_key_values=cache, use_cache=True)[:, -1]  # (R, V)
+        return step
+
+    def _prefill(self, state: _CachedState, idx: list[int], shared: int
+                 ) -> tuple[Cache, torch.Tensor, torch.Tensor] | None:
+        """One forward over the prompts ``idx``, left-padded so that all end at the last
+        position; the first ``shared`` tokens (the same in all) come from a one-row forward
+        run once per prefix and copied to every row, the padding sitting between them and
+        each prompt's own tokens. Returns the cache, its (B, W) attention mask and the (B, V)
+        fp32 logits at the last position; None if the cache cannot be extended."""
+        device = self.device
+        prompts = [state.prompts[i] for i in idx]
+        cache = None
+        if shared:
+            prefix = prompts[0][:shared]
+            if prefix not in state.prefixes:
+                ids = torch.tensor([prefix], device=device)  # (1, S)
+                out = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                    position_ids=torch.arange(shared, device=device)[None], use_cache=True,
+                                    logits_to_keep=1, return_output=True)
+                if not can_extend_rows(out.past_key_values):
+                    return None
+                state.prefixes = {prefix: out.past_key_values}  # groups come one after another
+            cache = select_rows(state.prefixes[prefix], torch.zeros(len(idx), dtype=torch.long, device=device))
+        ids, own = pad([p[shared:] for p in prompts], self.pad_id, "left", device)  # (B, T)
+        positions = shared + (own.cumsum(-1) - 1).clamp(min=0)  # (B, T): counted from each row's first real token
+        mask = torch.cat([torch.ones((len(idx), shared), dtype=own.dtype, device=device), own], dim=1)  # (B, S + T)
+        out = self._forward(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True, logits_to_keep=1, return_output=True)
+        if not can_extend_rows(out.past_key_values):
+            return None
+        return out.past_key_values, mask, out.logits[:, -1].float()
+
+    def _run_batch(self, state: _CachedState, idx: list[int], shared: int) -> _Start | None:
+        """Score the candidates of the requests ``idx`` from one prefill and set up the
+        decoding of their greedy answers and samples (see ``complete``); None if the model's
+        cache cannot be used this way (nothing is filled in then)."""
+        job, requests, device = state.job, state.job.requests, self.device
+        stops = eos_ids(self.model, self.tokenizer)
+        ran = self._prefill(state, idx, shared)
+        if ran is None:
+            return None
+        cache, mask, raw = ran  # cache over (B, W); mask (B, W); raw (B, V) fp32
+        last = raw.log_softmax(-1)  # (B, V)
+        first_pick = raw.argmax(-1).tolist()  # (B,) the greedy first token
+        ctx_len = mask.sum(-1)  # (B,) real tokens per row
+        B = len(idx)
+        # In place: the candidates scored right after the prompt, by candidate index.
+        places = [[k for k, (ctx, _) in enumerate(state.conts[i]) if ctx == state.prompts[i]] for i in idx]
+        blocks = max((len(requests[i].continuations) for i in idx), default=0)
+        widths = [max((len(state.conts[i][k][1]) for b, i in enumerate(idx) if k in places[b]), default=0)
+                  for k in range(blocks)]
+        spare = sum(widths) + max([requests[i].greedy_tokens for i in idx] + [job.sample_tokens])
+        limit = room(cache)
+        if limit is not None and mask.shape[1] + spare > limit:
+            return _Start(None, mask, ctx_len, raw, [])  # a sliding window would drop keys: the reference path
+        make_room(cache, spare)
+
+        # Candidates: block k feeds candidate k of every row after the prompt (all but its last
+        # token; the whole first candidate where a greedy answer is wanted, so that the
+        # answer can go on from it). Earlier blocks are masked out of later ones.
+        logprob = [[0.0] * len(requests[i].continuations) for i in idx]
+        missed = [[0] * len(requests[i].continuations) for i in idx]
+        accepted = [0] * B  # tokens of the first candidate that are the greedy answer's first tokens
+        next_logits = raw.clone()  # (B, V) the logits after the accepted tokens
+        block0 = None  # where the first candidate's block starts in the cache
+        for k in range(blocks):
+            rows = [b for b in range(B) if k in places[b]]
+            if not rows:
+                continue
+            conts = {b: state.conts[idx[b]][k][1] for b in rows}
+            for b in rows:
+                logprob[b][k] = float(last[b, conts[b][0]])
+                missed[b][k] = int(last[b].argmax()) != conts[b][0]
+            full = {b for b in rows if k == 0 and requests[idx[b]].greedy_tokens > 0}
+            feed = [conts[b] if b in full else conts[b][:-1] for b in rows]
+            if not any(feed):
+                continue
+            by_row = dict(zip(rows, feed))
+            ids, block = pad([by_row.get(b, ()) for b in range(B)], self.pad_id, "right", device)  # (B, K)
+            positions = ctx_len[:, None] + torch.arange(ids.shape[1], device=device)  # (B, K)
+            logits = self._forward(input_ids=ids, attention_mask=torch.cat([mask, block], dim=1),
+                                   position_ids=positions, past_key_values=cache, use_cache=True)  # (B, K, V)
+            if k == 0:
+                block0 = mask.shape[1]
+            mask = torch.cat([mask, torch.zeros_like(block)], dim=1)
+            # Row b's block position j predicts its candidate token j + 1.
+            r_idx, cols, targets = [], [], []
+            for b in rows:
+                r_idx += [b] * (len(conts[b]) - 1)
+                cols += range(len(conts[b]) - 1)
+                targets += conts[b][1:]
+            if targets:
+                sums, misses = _token_scores(logits, r_idx, cols, targets, B)
+                for b in rows:
+                    logprob[b][k] += sums[b]
+                    missed[b][k] += misses[b]
+            if full:
+                picks = logits.argmax(-1).tolist()  # (B, K) raw argmax, as greedy decoding takes it
+                for b in full:
+                    cont, a = conts[b], 0
+                    while a < len(cont) and cont[a] == (first_pick[b] if a == 0 else picks[b][a - 1]):
+                        a += 1
+                    accepted[b] = a
+                    if a:
+                        next_logits[b] = logits[b, a - 1].float()
+            del logits
+        for b, i in enumerate(idx):
+            scores = [LogLik(logprob[b][k], len(state.conts[i][k][1]), missed[b][k] == 0) if k in places[b]
+                      else state.other[(i, k)] for k in range(len(requests[i].continuations))]
+            job.results[i] = Completion(scores, None, [])
+
+        # Greedy answers: the accepted tokens; decoding goes on after them unless they are
+        # the whole answer. Samples: from the prompt (every candidate block masked out).
+        greedy_mask = mask.clone()
+        rows: list[_Row] = []
+        sel: list[int] = []  # the batch row of each decoding cache row
+        for b, i in enumerate(idx):
+            budget = requests[i].greedy_tokens
+            if not budget:
+                continue
+            tokens = list(state.conts[i][0][1][:min(accepted[b], budget)]) if accepted[b] else []
+            stop = next((j for j, t in enumerate(tokens) if t in stops), None)
+            if stop is not None or len(tokens) == budget:
+                done = tokens if stop is None else tokens[:stop + 1]
+                job.results[i] = job.results[i]._replace(greedy=self._generation(done, stop is not None))
+                continue
+            if block0 is not None:
+                greedy_mask[b, block0:block0 + accepted[b]] = 1
+            rows.append(_Row(i, -1, len(sel), tokens, budget))
+            sel.append(b)
+        greedy_rows = len(sel)
+        for b, i in enumerate(idx):
+            if requests[i].samples:
+                rows += [_Row(i, j, len(sel), [], job.sample_tokens) for j in range(requests[i].samples)]
+                sel.append(b)
+        if not rows:
+            return _Start(None, mask, ctx_len, raw, [])
+        index = torch.tensor(sel, device=device)
+        keep_rows(cache, index)
+        ctx_mask = torch.cat([greedy_mask[index[:greedy_rows]], mask[index[greedy_rows:]]])  # (S, W)
+        starts = torch.tensor([len(r.started) for r in rows], device=device)  # (R,)
+        positions = ctx_len[index].clone()
+        logits = torch.cat([next_logits[index[:greedy_rows]], raw[index[greedy_rows:]]])  # (S, V)
+        for r, n_started in zip(rows, starts.tolist()):
+            if r.sample < 0:
+                positions[r.state] += n_started
+        return _Start(cache, ctx_mask, positions, logits, rows)
+
+    def _decode(self, state: _CachedState, starts: list[_Start]) -> None:
+        """Decode the greedy answers and samples of ``starts`` together: one cache (their rows
+        stacked, each left-padded to the widest), at most ``gen_batch`` sequences a step."""
+        job, device = state.job, self.device
+        if len(starts) > 1:
+            spare = max(r.budget for s in starts for r in s.rows)
+            stacked = stack_rows([s.cache for s in starts], spare)
+            if stacked is None:  # sliding windows: each batch alone
+                for s in starts:
+                    self._decode(state, [s])
+                return
+            width = max(s.mask.shape[1] for s in starts)
+            mask = torch.cat([torch.nn.functional.pad(s.mask, (width - s.mask.shape[1], 0)) for s in starts])
+            offsets = [0]
+            for s in starts:
+                offsets.append(offsets[-1] + s.mask.shape[0])
+            rows = [r._replace(state=r.state + off) for s, off in zip(starts, offsets) for r in s.rows]
+            start = _Start(stacked, mask, torch.cat([s.positions for s in starts]),
+                           torch.cat([s.logits for s in starts]), rows)
+        else:
+            start = starts[0]
+        sampler = job.sampler
+        rows = start.rows
+        sampled = [r for r, row in enumerate(rows) if row.sample >= 0]
+        sample_rows = {r: job.offsets[rows[r].request] + rows[r].sample for r in sampled}
+
+        def pick(logits: torch.Tensor, states: list[int], rs: list[int], steps: list[int]) -> torch.Tensor:
+            out = greedy_pick(logits, states, rs, steps)  # (A,)
+            at = [a for a, r in enumerate(rs) if r in sample_rows]
+            if at:
+                out[at] = sampler(logits, [states[a] for a in at], [sample_rows[rs[a]] for a in at],
+                                  [steps[a] for a in at])
+            return out
+
+        # Rows that decode together: at most gen_batch sequences (a prompt's samples together).
+        groups, current = [], []
+        for r, row in enumerate(rows):
+            if current and len(current) >= job.gen_batch and rows[current[-1]].state != row.state:
+                groups.append(current)
+                current = []
+            current.append(r)
+        groups.append(current)
+        for group in groups:
+            states = sorted({rows[r].state for r in group})
+            index = torch.tensor(states, device=device)
+            if len(groups) > 1:
+                cache = select_rows(start.cache, index)
+            else:
+                cache = start.cache
+                if len(states) < start.mask.shape[0]:
+                    keep_rows(cache, index)
+            local = {s: n for n, s in enumerate(states)}
+            decoded = decode(self._step(cache), lambda ix, c=cache: keep_rows(c, ix), start.mask[index],
+                             start.positions[index], start.logits[index], [rows[r].budget for r in group],
+                             lambda logits, st, rs, steps, g=group: pick(logits, st, [g[r] for r in rs], steps),
+                             eos_ids(self.model, self.tokenizer), self.pad_id,
+                             started=[rows[r].started for r in group], states=[local[rows[r].state] for r in group])
+            for r, d in zip(group, decoded):
+                row, gen = rows[r], self._generation(d.tokens, d.ended_with_eos)
+                if row.sample < 0:
+                    job.results[row.request] = job.results[row.request]._replace(greedy=gen)
+                else:
+                    job.results[row.request].samples.append(gen)
+            del cache
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One prompt of ``LM.complete``: candidates to score after it, a greedy answer, samples."""
+
+    prompt: str
+    """The text the greedy answer and the samples continue."""
+    continuations: tuple[str, ...] = ()
+    """Scored after ``context``; the greedy answer may start with the first one's tokens."""
+    context: str | None = None
+    """What the continuations are scored after (default: ``prompt``); ``split_pair`` moves its
+    trailing spaces into the continuation, so a context that is the prompt plus trailing
+    spaces is scored right after the prompt's tokens."""
+    greedy_tokens: int = 0
+    """Budget of the greedy answer in new tokens (0: no greedy answer)."""
+    samples: int = 0
+    """Sampled continuations (settings in ``LM.complete``)."""
+
+    @property
+    def scored_context(self) -> str:
+        return self.prompt if self.context is None else self.context
+
+
+class Completion(NamedTuple):
+    """What ``LM.complete`` gives for one request."""
+
+    scores: list[LogLik]
+    """One per continuation, in order."""
+    greedy: Generation | None
+    """The greedy answer (None when ``greedy_tokens`` was 0)."""
+    samples: list[Generation]
+
+
+@dataclass
+class _Job:
+    """One ``LM.complete`` call: its requests, sampling settings and results so far."""
+
+    requests: Sequence[PromptRequest]
+    sample_tokens: int
+    sampler: Sampler | None
+    gen_batch: int
+    results: list[Completion | None] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    """The sampler row of each request's first sample."""
+
+    def __post_init__(self):
+        self.results = [None] * len(self.requests)
+        self.offsets = [0]
+        for r in self.requests:
+            self.offsets.append(self.offsets[-1] + r.samples)
+
+
+class _Row(NamedTuple):
+    """A sequence to decode: a request's greedy answer (sample -1) or one of its samples."""
+
+    request: int
+    sample: int
+    state: int
+    """Its row in the decoding cache (a prompt's samples share one until they part)."""
+    started: list[int]
+    budget: int
+
+
+class _Start(NamedTuple):
+    """Where decoding starts for the rows of one prompt batch: its cache (None: nothing to
+    decode here), the (S, W) attention mask, the (S,) next positions and (S, V) logits."""
+
+    cache: Cache | None
+    mask: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+    rows: list[_Row]
+
+    @property
+    def size(self) -> int:
+        """Cache positions it holds (rows x width), as the samples will have parted."""
+        return len(self.rows) * self.mask.shape[1]
+
+
+@dataclass
+class _CachedState:
+    """What the batches of the cached path share: tokens, scores from other contexts, the
+    last shared-prefix cache."""
+
+    job: _Job
+    prompts: list[tuple[int, ...]]
+    conts: list[list[tuple[tuple[int, ...], tuple[int, ...]]]]
+    other: dict[tuple[int, int], LogLik]
+    prefixes: dict = field(default_factory=dict)

@@ -63,23 +63,74 @@ def split_pair(tokenizer: PreTrainedTokenizerBase, context: str,
     the tokenizer's default special tokens (BOS), added once (see ``encode``). Raises
     ``FactlabError`` for an empty continuation.
     """
+    return TokenCache(tokenizer).split_pair(context, continuation)
+
+
+class TokenCache:
+    """``encode`` and ``split_pair`` for one batch of requests, each distinct text encoded
+    once: the candidates of a probe share its context, and the in-context baseline puts one
+    long corpus before every prompt, so the same texts come back many times. ``prefetch``
+    encodes many texts in one batched tokenizer call. Results equal the functions'."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self._ids: dict[tuple[str, bool], list[int]] = {}  # (text, add special tokens) -> ids
+
+    def _encode(self, text: str, add: bool) -> list[int]:
+        key = (text, add)
+        if key not in self._ids:
+            self._ids[key] = list(self.tokenizer.encode(text, add_special_tokens=add))
+        return self._ids[key]
+
+    def encode(self, text: str) -> list[int]:
+        """``encode(tokenizer, text)``."""
+        return list(self._encode(text, _add_special(self.tokenizer, text)))
+
+    def prefetch(self, texts: list[str]) -> None:
+        """What ``encode`` will need for every text, in one batched tokenizer call."""
+        self._prefetch(texts, [_add_special(self.tokenizer, t) for t in texts])
+
+    def _prefetch(self, texts: list[str], add: list[bool]) -> None:
+        """Encode every (text, add-special-tokens) not yet known, in one batched call per flag."""
+        for flag in (True, False):
+            todo = list(dict.fromkeys(t for t, a in zip(texts, add) if a == flag and (t, flag) not in self._ids))
+            if todo:
+                batch = self.tokenizer(todo, add_special_tokens=flag)["input_ids"]
+                self._ids.update({(t, flag): list(ids) for t, ids in zip(todo, batch)})
+
+    def prefetch_pairs(self, pairs: list[tuple[str, str]]) -> None:
+        """Encode what ``split_pair`` will need for every pair, batched (see ``prefetch``)."""
+        texts, add = [], []
+        for context, continuation in pairs:
+            context, continuation = _move_space(context, continuation)
+            flag = _add_special(self.tokenizer, context)
+            texts += [context, context + continuation]
+            add += [flag, flag]
+        self._prefetch(texts, add)
+
+    def split_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """``split_pair(tokenizer, context, continuation)``."""
+        context, continuation = _move_space(context, continuation)
+        if not continuation:
+            raise FactlabError(f"empty continuation after context {context[-40:]!r}; "
+                               "give a non-empty answer text to score")
+        add = _add_special(self.tokenizer, context)
+        whole = self._encode(context + continuation, add)
+        ctx = self._encode(context, add)
+        k = 0  # longest common prefix of ctx and whole
+        while k < min(len(ctx), len(whole)) and ctx[k] == whole[k]:
+            k += 1
+        ctx, cont = whole[:k], whole[k:]
+        if not cont:
+            raise FactlabError(f"continuation {continuation!r} encodes to no tokens; "
+                               "give answer text the tokenizer can represent")
+        return ctx, cont
+
+
+def _move_space(context: str, continuation: str) -> tuple[str, str]:
+    """The context's trailing horizontal spaces moved to the front of the continuation."""
     n = trailing_space(context)
-    if n:
-        context, continuation = context[:-n], context[-n:] + continuation
-    if not continuation:
-        raise FactlabError(f"empty continuation after context {context[-40:]!r}; "
-                           "give a non-empty answer text to score")
-    add = _add_special(tokenizer, context)
-    whole = list(tokenizer.encode(context + continuation, add_special_tokens=add))
-    ctx = list(tokenizer.encode(context, add_special_tokens=add))
-    k = 0  # longest common prefix of ctx and whole
-    while k < min(len(ctx), len(whole)) and ctx[k] == whole[k]:
-        k += 1
-    ctx, cont = whole[:k], whole[k:]
-    if not cont:
-        raise FactlabError(f"continuation {continuation!r} encodes to no tokens; "
-                           "give answer text the tokenizer can represent")
-    return ctx, cont
+    return (context[:-n], context[-n:] + continuation) if n else (context, continuation)
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str:

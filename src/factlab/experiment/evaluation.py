@@ -16,8 +16,8 @@ from rich.console import Console
 from factlab.config import EvalSpec
 from factlab.data.io import read_text
 from factlab.errors import FactlabError
-from factlab.evaluate.facts import score_probes, summarize
-from factlab.evaluate.generation import generate
+from factlab.evaluate.facts import probe_requests, probe_rows, summarize
+from factlab.evaluate.lm import LM, Generation, PromptRequest
 from factlab.evaluate.textmetrics import eos_summary, style_summary
 from factlab.evaluate.perplexity import builtin_general_text, forgetting_summary, perplexity
 from factlab.evaluate.probes import Probe, load_probes
@@ -61,47 +61,52 @@ class Evaluator:
         self.texts = general_texts(spec)
         self.folder = folder
         self.console = console or Console(stderr=True)
+        # The style prompts in the chat template, rendered once for every evaluation.
+        self.style_prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
+                              for c in self.conversations]
 
     def evaluate(self, label: str, model, context: str | None = None, with_perplexity: bool = True) -> EvalRecord:
         """The model's EvalRecord: summarize(rows) per probe kind, perplexity per held-out text,
         and style (answers to the SFT training prompts) when there are conversations.
 
-        With `context` (the in-context baseline) no samples are drawn: sampling after a prompt
-        of a whole corpus is the slowest part and adds little to that reference.
+        The probes and the training prompts go through the model in one ``LM.complete`` call,
+        so their answers decode together. With `context` (the in-context baseline) no samples
+        are drawn and no training prompts answered: sampling after a prompt of a whole corpus
+        adds little to that reference.
         """
         t0 = time.perf_counter()
         out = EvalRecord(label)
-        if self.probes:
-            s = self.spec.sampling
-            with self.console.status(f"scoring {len(self.probes)} probes on {label} ..."):
-                rows = score_probes(
-                    model, self.tokenizer, self.probes, batch_size=self.spec.batch_size,
-                    greedy_tokens=self.spec.greedy_tokens, qa_tokens=self.spec.qa_tokens,
-                    samples=0 if context else s.n, temperature=s.temperature, sample_tokens=s.max_new_tokens,
-                    seed=self.seed, context=context,
-                )
-            if self.folder is not None:
-                self.folder.write_scores(label, rows)
-            out.summaries = summarize(rows)
+        spec, s = self.spec, self.spec.sampling
+        lm = LM(model, self.tokenizer, batch_size=spec.batch_size)
+        requests = probe_requests(lm, self.probes, greedy_tokens=spec.greedy_tokens, qa_tokens=spec.qa_tokens,
+                                  samples=0 if context else s.n, context=context)
+        prompts = self.style_prompts if context is None else []
+        requests += [PromptRequest(p, greedy_tokens=spec.style_tokens) for p in prompts]
+        if requests:
+            what = " and ".join(x for x in (f"{len(self.probes)} probes" if self.probes else "",
+                                            f"{len(prompts)} training prompts" if prompts else "") if x)
+            with self.console.status(f"scoring {what} on {label} ..."):
+                done = lm.complete(requests, temperature=s.temperature, sample_tokens=s.max_new_tokens, seed=self.seed,
+                                   gen_batch=max(512, spec.batch_size))
+            if self.probes:
+                rows = probe_rows(self.probes, done[:len(self.probes)])
+                if self.folder is not None:
+                    self.folder.write_scores(label, rows)
+                out.summaries = summarize(rows)
+            if prompts:
+                out.style = self.style(label, [d.greedy for d in done[len(self.probes):]])
         if with_perplexity:
             with self.console.status(f"perplexity of held-out text on {label} ..."):
                 for name, text in self.texts.items():
-                    out.perplexity[name] = perplexity(model, self.tokenizer, text, seq_len=self.spec.perplexity_seq_len,
-                                                         batch_size=self.spec.batch_size)
-        if self.conversations and context is None:
-            with self.console.status(f"answering {len(self.conversations)} training prompts on {label} ..."):
-                out.style = self.style(model, label)
+                    out.perplexity[name] = perplexity(model, self.tokenizer, text, seq_len=spec.perplexity_seq_len,
+                                                      batch_size=spec.batch_size)
         self.console.print(f"[dim]evaluated {label} in {time.perf_counter() - t0:.1f} s[/dim]")
         return out
 
-
-    def style(self, model, label: str) -> dict:
-        """Greedy answers to the SFT training prompts: style against the training answers
-        (ROUGE-L, BLEU, repetition, diversity on a fixed-length prefix) and chat format."""
-        prompts = [self.tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
-                   for c in self.conversations]
+    def style(self, label: str, gens: list[Generation]) -> dict:
+        """Style of the greedy answers ``gens`` to the SFT training prompts against the training
+        answers (ROUGE-L, BLEU, repetition, diversity on a fixed-length prefix) and chat format."""
         refs = [[c[-1]["content"]] for c in self.conversations]
-        gens = [g[0] for g in generate(model, self.tokenizer, prompts, max_new_tokens=self.spec.style_tokens)]
         if self.folder is not None:
             self.folder.write_style(label,
                        [{"prompt": c[-2]["content"], "reference": r[0], "answer": g.text, "tokens": g.n_tokens,
