@@ -1,8 +1,9 @@
 """Wall time of one sweep run with `factlab sweep --workers 1` and `--workers N`.
 
-The sweep is the demo (examples/demo.yaml: CPT then SFT on the Korrin documents, SmolLM2-135M,
-probes scored on the base model and after each stage) without the in-context baseline, over
-``--points`` LoRA ranks of the CPT stage, so that no trained stage is shared between points
+The sweep is an example experiment (``--experiment``, default examples/demo-overfit.yaml: CPT
+then SFT on the three Korrin documents, SmolLM2-135M, probes scored on the base model and after
+each stage; ``--set`` overrides keys, e.g. to shorten its stages) without the in-context
+baseline, over ``--points`` LoRA ranks of the CPT stage, so that no trained stage is shared between points
 (each worker evaluates the base model once; see factlab.experiment.sweep). Each worker count
 runs as its own `factlab sweep` process from a fresh output folder and is timed end to end
 (worker start-up, model loading, training, evaluation, writing). Worker counts run one after
@@ -12,7 +13,8 @@ probe accuracies are compared across worker counts: one worker runs with all CPU
 N workers with cpus // N each, so the numbers may differ in the last bits (thread count
 changes the order of float sums), not more.
 
-    .venv/bin/python bench/bench_sweep_workers.py                 # demo sweep, 4 points, --workers 1 and 2
+    .venv/bin/python bench/bench_sweep_workers.py                 # demo-overfit, 4 points, --workers 1 and 2
+    .venv/bin/python bench/bench_sweep_workers.py --set stages.0.train.epochs=3   # shorter points
     .venv/bin/python bench/bench_sweep_workers.py --workers 1 2 4 --points 8
     .venv/bin/python bench/bench_sweep_workers.py --quick         # tiny random model, seconds per point
 """
@@ -34,11 +36,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def demo_sweep(points: int) -> dict:
-    exp = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
-    data = ROOT / "examples"
-    exp["data"]["corpus"] = str(data / exp["data"]["corpus"])
-    exp["data"]["qa"] = str(data / exp["data"]["qa"])
+def demo_sweep(experiment: Path, points: int) -> dict:
+    exp = yaml.safe_load(experiment.read_text())
+    data = experiment.resolve().parent  # the example's relative paths, made absolute
+    for key in ("corpus", "qa", "general"):
+        if exp["data"].get(key):
+            exp["data"][key] = str(data / exp["data"][key])
     exp["eval"]["probes"] = [str(data / p) for p in exp["eval"]["probes"]]
     exp["eval"]["in_context"] = False
     exp["name"] = "bench-workers"
@@ -66,13 +69,13 @@ def quick_sweep(folder: Path, points: int) -> dict:
             "sweep": {"stages.0.peft.r": [2 * (i + 1) for i in range(points)]}}
 
 
-def run(exp_path: Path, out: Path, workers: int) -> tuple[float, list[dict]]:
+def run(exp_path: Path, out: Path, workers: int, overrides: list[str]) -> tuple[float, list[dict]]:
     """Wall seconds of `factlab sweep --workers N` and each point's results.json, in point order."""
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)  # the sweep decides the threads (cpus // processes)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "factlab", "sweep", str(exp_path), "--workers", str(workers),
-                           "-o", str(out)], env=env, capture_output=True, text=True)
+                           "-o", str(out), *[a for kv in overrides for a in ("--set", kv)]], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"factlab sweep --workers {workers} failed:\n{proc.stderr[-3000:]}")
@@ -85,6 +88,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (default: 1 2)")
     ap.add_argument("--points", type=int, default=4, help="sweep points (default: 4)")
     ap.add_argument("--quick", action="store_true", help="a tiny random model instead of SmolLM2-135M")
+    ap.add_argument("--experiment", type=Path, default=ROOT / "examples" / "demo-overfit.yaml",
+                    help="the experiment swept (default: examples/demo-overfit.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to factlab sweep --set (repeatable)")
     args = ap.parse_args()
 
     from factlab.experiment.sweep import available_cpus, worker_plan
@@ -92,12 +99,12 @@ def main() -> None:
     cpus = available_cpus()
     with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
         tmp = Path(tmp)
-        exp = quick_sweep(tmp, args.points) if args.quick else demo_sweep(args.points)
+        exp = quick_sweep(tmp, args.points) if args.quick else demo_sweep(args.experiment, args.points)
         exp_path = tmp / "sweep.yaml"
         exp_path.write_text(yaml.safe_dump(exp, sort_keys=False))
         rows, reference = [], None
         for w in args.workers:
-            seconds, results = run(exp_path, tmp / f"out-{w}", w)
+            seconds, results = run(exp_path, tmp / f"out-{w}", w, args.overrides)
             n, threads = worker_plan(w, cpus)
             rows.append((w, n, threads, seconds))
             losses = [[s.get("final_loss") for s in r["stages"]] for r in results]
@@ -110,7 +117,7 @@ def main() -> None:
                       f"probe accuracy {'the same' if acc == reference[1] else f'{acc} vs {reference[1]}'}")
             print(f"--workers {w}: {seconds:.1f} s", flush=True)
 
-    print(f"\n{'quick (tiny random model)' if args.quick else 'demo sweep (SmolLM2-135M)'}, {args.points} points, "
+    print(f"\n{'quick (tiny random model)' if args.quick else f'{args.experiment.name} sweep (SmolLM2-135M) {args.overrides}'}, {args.points} points, "
           f"{cpus} CPUs, {platform.processor() or platform.machine()}, Python {platform.python_version()}\n")
     print("| --workers | processes x threads | wall (s) | points / hour | speed-up | efficiency |")
     print("|---:|---:|---:|---:|---:|---:|")
