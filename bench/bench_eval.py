@@ -7,7 +7,7 @@ with this checkout, into a temporary folder). Its base model and merged stage mo
 evaluated by ``Evaluator.evaluate`` exactly as ``factlab run`` does it (the experiment's
 ``eval:`` settings: probes with greedy answers and samples, perplexity of the held-out text,
 answers to the SFT prompts; the in-context baseline on the base model), once by the code of
-``--old`` (default 0b970a8, the commit before the one-pass evaluation; its ``src`` is taken
+``--old`` (default d97314b, main before issue 14: the current code path; its ``src`` is taken
 with ``git archive`` into a temporary folder) and once by this checkout's ``src``, each in a
 subprocess of its own, ``--repeats`` times, alternating old and new. A worker loads each model
 (not timed), runs one warm-up forward, then times the evaluation (wall and CPU seconds).
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OLD = "0b970a8"
+DEFAULT_OLD = "d97314b"
 
 WORKER = r'''
 import json, sys, time
@@ -55,7 +55,20 @@ from factlab.experiment.run_folder import RunFolder
 from factlab.models.loading import load_model, resolve_model
 
 run, out = RunFolder(Path(sys.argv[1])), Path(sys.argv[2])
-exp = load_experiment(run.config_path)
+try:
+    exp = load_experiment(run.config_path)
+except Exception:
+    # A run folder written by newer code read by the old code: drop the keys added since
+    # (issue 14's device and training keys; none of them changes an evaluation).
+    import yaml
+    raw = yaml.safe_load(run.config_path.read_text())
+    raw.pop("device", None)
+    for st in raw.get("stages", []):
+        for key in ("micro_batch_size", "fused_loss", "bf16_weights", "compile"):
+            st.get("train", {}).pop(key, None)
+    older = out.parent / f"{out.name}-config.yaml"
+    older.write_text(yaml.safe_dump(raw, sort_keys=False))
+    exp = load_experiment(older)
 probes = load_probe_files(exp.eval.probes)
 context = "\n\n".join(load_documents(exp.data.corpus)) if exp.eval.in_context else None
 convs = load_conversations(exp.data.qa) if exp.data.qa else None
@@ -132,6 +145,7 @@ def train_demo(experiment: Path, out: Path) -> Path:
 def old_source(rev: str, tmp: Path) -> Path:
     """The ``src`` folder of commit ``rev``, extracted into ``tmp``."""
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "src"], check=True, capture_output=True).stdout
+    tmp.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
     return tmp / "src"
 

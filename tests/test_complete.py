@@ -291,8 +291,8 @@ def test_decode_drops_rows_that_ended():
 
 def test_rows_of_one_state_share_a_forward_until_they_part():
     """Four samples of one prompt (one cache row): two take token 1 and two token 2, then the
-    first two part again; the cache is copied only where they part, and a step runs one row
-    per distinct history."""
+    first two part again; where they part the cache keeps its rows in order and appends a
+    copy of the parent for each new history, and a step runs one row per distinct history."""
     plan = {0: [1, 3, 5], 1: [1, 4, 5], 2: [2, 6, 6], 3: [2, 6, 6]}
     steps, kept = [], []
 
@@ -307,8 +307,8 @@ def test_rows_of_one_state_share_a_forward_until_they_part():
     out = decode(step, lambda index: kept.append(index.tolist()), torch.ones((1, 2), dtype=torch.long),
                  torch.tensor([2]), torch.zeros((1, 8)), [3] * 4, pick, [7], pad_id=0, states=[0, 0, 0, 0])
     assert [d.tokens for d in out] == [plan[r] for r in range(4)]
-    assert kept == [[0, 0], [0, 0, 1]]
-    assert steps == [[1, 2], [3, 4, 6]]  # the shared state fed once: 2 rows, then 3, not 4 and 4
+    assert kept == [[0, 0], [0, 1, 0]]  # rows 0 and 1 stay, row 0's second token gets row 2
+    assert steps == [[1, 2], [3, 6, 4]]  # the shared state fed once: 2 rows, then 3, not 4 and 4
 
 
 def test_plan_batches_groups_shared_prefixes():

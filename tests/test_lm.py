@@ -154,3 +154,29 @@ def test_make_room_writes_new_positions_in_place_with_the_same_results(tok, llam
         assert torch.equal(roomy.layers[0].keys, before) and sub.get_seq_length() == 9
         keep_rows(roomy, torch.tensor([0]))
         assert roomy.layers[0].keys.shape[0] == 1 and torch.equal(roomy.layers[0].keys[0], before[0])
+
+
+def test_kept_rows_that_repeat_others_are_appended_in_place(tok, llama):
+    """keep_rows with every row in order plus copies of some (samples that part): the copies go
+    into spare rows of the buffers (no new buffer until those run out), and the cache equals a
+    gathered one row for row, before and after the next forward."""
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])  # (2, 4)
+    with torch.no_grad():
+        grown = llama(input_ids=ids, use_cache=True).past_key_values
+        make_room(grown, 4)
+        index = torch.tensor([0, 1, 1, 0])
+        gathered = select_rows(grown, index)
+        keep_rows(grown, index[:3])  # row capacity 2 -> 4: one copy of the rows in use
+        buffer = grown.layers[0]._keys
+        keep_rows(grown, torch.tensor([0, 1, 2, 0]))  # a copy of row 0 fits: written in place
+        assert grown.layers[0]._keys is buffer and buffer.shape[0] == 4
+        for lg, lr in zip(grown.layers, gathered.layers):
+            assert torch.equal(lg.keys, lr.keys) and torch.equal(lg.values, lr.values)
+        step = torch.tensor([[13], [14], [15], [16]])
+        a = llama(input_ids=step, past_key_values=grown, use_cache=True).logits
+        b = llama(input_ids=step, past_key_values=gathered, use_cache=True).logits
+        torch.testing.assert_close(a, b)
+        for lg, lr in zip(grown.layers, gathered.layers):
+            assert torch.equal(lg.keys, lr.keys) and lg.keys.shape[0] == 4
+        keep_rows(grown, torch.tensor([3, 0]))  # anything else gathers
+        assert torch.equal(grown.layers[0].keys, gathered.layers[0].keys[[3, 0]])

@@ -146,9 +146,10 @@ def decode(step: Step, keep: Callable[[torch.Tensor], None], mask: torch.Tensor,
     part (exact: the same tokens give the same logits). ``budgets`` is the new tokens each row
     may have in all, counting ``started`` (tokens it already has, e.g. a target the scoring
     pass found to be the greedy continuation). ``keep(index)`` rebuilds the cache from its
-    rows ``index`` (repeats allowed): when states part, and to drop the states no row needs
-    once an eighth of the cache is such (a copy of the cache costs far less than a forward of
-    rows that are done), so later steps run only what is still going.
+    rows ``index`` (repeats allowed): to drop the states no row needs once an eighth of the
+    cache is such, so later steps run only what is still going; and when states part, with
+    ``index`` every row in order followed by the parents of the new states, so a cache that
+    can append rows (factlab.evaluate.kvcache) copies only those.
     Returns, per row, its tokens (``started`` included) up to and including the first stop
     token, or ``budgets[r]`` tokens.
     """
@@ -172,7 +173,7 @@ def decode(step: Step, keep: Callable[[torch.Tensor], None], mask: torch.Tensor,
         for r in going:
             nexts.setdefault((state[r], tokens[r][-1]), len(nexts))
         parents = [c for c, _ in nexts]
-        if len(set(parents)) < len(parents) or len(parents) <= 7 * n_cache // 8:
+        if len(parents) <= 7 * n_cache // 8:  # many states done: the cache keeps only the rest
             index = torch.tensor(parents, device=mask.device)
             keep(index)
             mask, positions = mask[index], positions[index]
@@ -182,8 +183,25 @@ def decode(step: Step, keep: Callable[[torch.Tensor], None], mask: torch.Tensor,
             feed_tokens = [t for _, t in nexts]
         else:  # each state goes on in its own row; rows of ended states get padding
             feed_tokens = [pad_id] * n_cache
+            moved: dict[tuple[int, int], int] = {}
+            extra: list[int] = []
+            seen: set[int] = set()
             for c, t in nexts:
-                feed_tokens[c] = t
+                if c not in seen:  # the first token drawn from a state continues in its row
+                    seen.add(c)
+                    feed_tokens[c] = t
+                else:  # a state parts: its other tokens get rows appended to the cache
+                    moved[(c, t)] = n_cache + len(extra)
+                    extra.append(c)
+                    feed_tokens.append(t)
+            if extra:
+                index = torch.arange(n_cache + len(extra), device=mask.device)
+                index[n_cache:] = torch.tensor(extra, device=mask.device)
+                keep(index)
+                mask, positions = mask[index], positions[index]
+                n_cache += len(extra)
+                for r in going:
+                    state[r] = moved.get((state[r], tokens[r][-1]), state[r])
         feed = torch.tensor(feed_tokens, dtype=torch.long, device=mask.device)[:, None]  # (S, 1)
         mask = torch.cat([mask, torch.ones((n_cache, 1), dtype=mask.dtype, device=mask.device)], dim=1)
         logits = step(feed, mask, positions[:, None])  # (S, V)
