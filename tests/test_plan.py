@@ -160,3 +160,22 @@ def test_flattening_check_fails_for_a_model_that_attends_across_documents():
 
     assert flattening_keeps_documents_apart(model)
     assert not flattening_keeps_documents_apart(NoPositions(model))
+
+
+def test_documents_that_fill_the_rows_pad_instead_of_one_long_row():
+    """The flattening collator pads a batch when one row of all its tokens would cost more
+    attention than the padding saves (long documents), and flattens short mixed ones."""
+    from factlab.methods import method_info
+    from factlab.train.stage import FlattenDocuments, stage_collator
+
+    tok = tiny_tokenizer()
+    model = tiny_model().eval()
+    collate = stage_collator(model, tok, _stage(), method_info("lora"))
+    assert isinstance(collate, FlattenDocuments) and collate.padded is not None
+    long_docs = [{"input_ids": list(range(5, 5 + 256)), "labels": list(range(5, 5 + 256))} for _ in range(8)]
+    short = [{"input_ids": list(range(5, 5 + n)), "labels": list(range(5, 5 + n))} for n in (256, 12, 9, 20)]
+    assert not collate.flattens([256] * 8) and collate.flattens([256, 12, 9, 20])
+    padded = collate(long_docs)
+    assert padded["input_ids"].shape == (8, 256) and "position_ids" not in padded
+    flat = collate(short)
+    assert flat["input_ids"].shape == (1, 256 + 12 + 9 + 20) and flat["use_cache"] is False

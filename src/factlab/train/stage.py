@@ -415,6 +415,8 @@ def stage_collator(model, tokenizer, stage: StageSpec, method: MethodInfo):
     from the position ids). The step plan and the loss stay those of one padded example per
     document; the compute on padding goes: a batch of short fact documents mixed with full
     replay blocks was mostly padding (measured in the README's step-aware training section).
+    A batch whose documents are long enough that one row's attention would cost more than the
+    padding pads instead (FlattenDocuments.flattens).
 
     Everything else pads (DataCollatorForSeq2Seq): SFT, `packing: blocks`, the prompt methods
     (their virtual tokens shift every position), NEFTune (its noise scale depends on the padded
@@ -426,15 +428,47 @@ def stage_collator(model, tokenizer, stage: StageSpec, method: MethodInfo):
         return padded
     if not flattening_keeps_documents_apart(model):
         return padded
-    return FlattenDocuments()
+    config = getattr(model, "config", None)
+    hidden, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
+    if not (hidden and layers):
+        return FlattenDocuments()
+    return FlattenDocuments(padded=padded, token_flops=2 * sum(p.numel() for p in model.parameters()),
+                            pair_flops=4 * hidden * layers)
 
 
 class FlattenDocuments(DataCollatorWithFlattening):
     """transformers' flattening collator, plus `use_cache=False` in every batch: with a KV cache
     (which the models create in training mode too unless told not to) transformers skips the
-    packed-sequence mask, and the documents of a row would attend to each other."""
+    packed-sequence mask, and the documents of a row would attend to each other.
+
+    With `padded` (a padding collator) and the model's cost per token and per attended pair of
+    positions, each batch goes the cheaper way. Flattening saves the padding but makes one row
+    of all the batch's tokens, and the attention of a row is computed (and, for the backward,
+    kept) over every pair of its positions, documents apart or not: 8 full blocks of 256
+    tokens flattened cost 8x the attention of the padded batch and, on SmolLM2 in fp32, trained
+    1.7x as long as the same batches padded (177 vs 106 s for 6 steps in bench/bench_training.py,
+    before this choice). Short
+    documents of mixed lengths (facts, the recommended recipe) stay flattened; a batch of
+    documents that fill seq_len pads. Both give the same loss (tests/test_train.py)."""
+
+    def __init__(self, *args, padded=None, token_flops: float = 0.0, pair_flops: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.padded, self.token_flops, self.pair_flops = padded, token_flops, pair_flops
+
+    def flattens(self, lengths: list[int]) -> bool:
+        """Whether a batch of documents of these lengths is cheaper as one flattened row than
+        padded: forward FLOPs of the matmuls (per token) plus attention (per pair of positions
+        in a row: scores and weighted values)."""
+        if self.padded is None:
+            return True
+        total, longest = sum(lengths), max(lengths)
+        flat = total * self.token_flops + total * total * self.pair_flops
+        pad = len(lengths) * longest * (self.token_flops + longest * self.pair_flops)
+        return flat < pad
 
     def __call__(self, features, return_tensors=None, separator_id=None):
+        if not self.flattens([len(f["input_ids"]) for f in features]):
+            return self.padded(features, return_tensors)
         batch = super().__call__(features, return_tensors, separator_id)
         batch["use_cache"] = False
         return batch
