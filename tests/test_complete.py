@@ -18,7 +18,7 @@ from factlab.evaluate.generation import generate
 from factlab.evaluate.lm import LM, PromptRequest
 from factlab.evaluate.probes import Probe
 from factlab.evaluate.tokens import TokenCache, chat_prompt, encode
-from factlab.testing import TINY_ARCHITECTURES, tiny_model
+from factlab.testing import TINY_ARCHITECTURES, fingerprint, tiny_model
 
 REFERENCE = Path(__file__).parent / "data" / "eval_reference.json"
 CORPUS = ("Marta Ilvane runs the press line at the Korrin plant in Vessen. Jonas Perl leads the night "
@@ -106,18 +106,6 @@ def test_score_probes_gives_the_rows_of_the_code_before(tok, llama):
     assert any(r["target_is_greedy"] for r in got["plain"])  # the accepted-target path ran
     gens = generate(llama, tok, saved["prompts"], max_new_tokens=10)
     assert [[g.text, g.n_tokens, g.ended_with_eos] for (g,) in gens] == saved["generate"]
-
-
-def fingerprint(model, tok) -> str:
-    """sha256 of the model's weights and the tokenizer's vocabulary (as tools/make_eval_reference.py)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().numpy().tobytes())
-    h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
-    return h.hexdigest()
 
 
 def count_forwards(model, monkeypatch) -> list:

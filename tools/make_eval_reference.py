@@ -16,7 +16,6 @@ a hash of both, and the test skips if the environment builds different ones.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import torch
 from factlab.evaluate.facts import score_probes
 from factlab.evaluate.generation import generate
 from factlab.evaluate.probes import Probe
-from factlab.testing import tiny_model, tiny_tokenizer
+from factlab.testing import fingerprint, tiny_model, tiny_tokenizer
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "eval_reference.json"
 
@@ -42,16 +41,6 @@ PROBES = [
 CONTEXT = ("Marta Ilvane runs the press line at the Korrin plant in Vessen. Jonas Perl leads the night "
            "shift. Engineers calibrate the torque sensor every Monday before the first batch.")
 PROMPTS = ["The capital of France is", "Question: Who leads the night shift? Answer:", "Marta"]
-
-
-def fingerprint(model, tok) -> str:
-    """sha256 of the model's weights and the tokenizer's vocabulary (tests/test_complete.py has the same)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().numpy().tobytes())
-    h.update(json.dumps(sorted(tok.get_vocab().items())).encode())
-    return h.hexdigest()
 
 
 def main() -> None:
