@@ -73,6 +73,28 @@ class PeftSpec(_Strict):
         return self
 
 
+class AnchorSpec(_Strict):
+    """Forgetting control: keep the model's next-token distributions on general text those of
+    the model the stage starts from. Each training step adds kl * KL(p_base || p_model), over the
+    full vocabulary and averaged over the tokens of a few general-text blocks drawn for that
+    step (see factlab.train.anchor)."""
+
+    kl: float = Field(1.0, gt=0)
+    """The weight of the KL term (per token, in nats) against the stage's own loss."""
+    source: list[str] = Field(default_factory=lambda: ["general"])
+    """`general` (factlab/builtin/replay.txt for SmolLM2, text sampled from the model itself for
+    other models; never the damage text), `corpus`, and/or text files or folders."""
+    ratio: float = Field(0.25, gt=0)
+    """Anchor blocks per training example in each step: 0.25 with batch_size 8 scores 2 blocks."""
+    seq_len: int = Field(128, gt=1)
+    """Tokens per anchor block."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _listify(v, "source")
+
+
 class TrainSpec(_Strict):
     """Optimisation settings of one stage."""
 
@@ -119,6 +141,9 @@ class TrainSpec(_Strict):
     l2_to_base: float = Field(0.0, ge=0.0)
     """Forgetting control: adds l2_to_base * sum ||W_merged - W_base||_F^2 over the changed
     weights to the training loss (see factlab.train.regularizers). Not for prompt methods."""
+    anchor: AnchorSpec | None = None
+    """Forgetting control: KL to the starting model on general text in every step (see
+    AnchorSpec), e.g. `anchor: {kl: 1.0, source: general, ratio: 0.25}`."""
     max_update_norm: float | None = Field(None, gt=0)
     """Forgetting control: cap on the global L2 norm of each optimizer step's parameter update;
     a larger update is scaled back onto the cap (see factlab.train.regularizers)."""

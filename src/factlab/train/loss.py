@@ -174,7 +174,7 @@ def causal_lm_loss(head, hidden: torch.Tensor, labels: torch.Tensor, num_items_i
     targets = shift[keep]  # (N,)
     params = [p for p in head.parameters() if p.requires_grad]
     if torch.is_grad_enabled() and (rows.requires_grad or params):
-        total = _ChunkedHeadCrossEntropy.apply(rows, targets, head, chunk_rows, *params)
+        total = ChunkedHeadLoss.apply(rows, _cross_entropy_of(targets), head, chunk_rows, *params)
     else:
         total = _chunked_sum(head, rows, targets, chunk_rows)
     if num_items_in_batch is not None:
@@ -192,26 +192,38 @@ def _chunked_sum(head, rows: torch.Tensor, targets: torch.Tensor, chunk_rows: in
     return total
 
 
-class _ChunkedHeadCrossEntropy(torch.autograd.Function):
-    """sum over rows of cross_entropy(head(rows), targets), with the gradients computed chunk by
-    chunk in the forward and scaled by the incoming gradient in the backward."""
+def _cross_entropy_of(targets: torch.Tensor):
+    def chunk_loss(logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return F.cross_entropy(logits, targets[start:end], reduction="sum")
+    return chunk_loss
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """sum over row chunks of chunk_loss(head(rows[s:e]).float(), s, e), with the gradients
+    computed chunk by chunk in the forward and scaled by the incoming gradient in the backward,
+    so only one chunk's logits exist at a time. `chunk_loss` is the causal-LM cross-entropy
+    (causal_lm_loss) or the KL to the base model (factlab.train.anchor).
+
+    Written by hand because autograd would keep every chunk's logits (and their softmax) alive
+    until the backward; torch has no chunked-head loss for an arbitrary head module."""
 
     @staticmethod
-    def forward(ctx, rows, targets, head, chunk_rows, *params):
+    def forward(ctx, rows, chunk_loss, head, chunk_rows, *params):
         want_rows = ctx.needs_input_grad[0]
         want = [i for i, p in enumerate(params) if ctx.needs_input_grad[4 + i]]
         grad_rows = torch.zeros_like(rows) if want_rows else None
         grad_params = [torch.zeros_like(p) if i in want else None for i, p in enumerate(params)]
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         for start in range(0, rows.shape[0], chunk_rows):
-            piece = rows[start:start + chunk_rows].detach().requires_grad_(want_rows)
+            end = min(rows.shape[0], start + chunk_rows)
+            piece = rows[start:end].detach().requires_grad_(want_rows)
             with torch.enable_grad():
-                loss = F.cross_entropy(head(piece).float(), targets[start:start + chunk_rows], reduction="sum")
+                loss = chunk_loss(head(piece).float(), start, end)
             wrt = ([piece] if want_rows else []) + [params[i] for i in want]
             if wrt:
                 grads = torch.autograd.grad(loss, wrt, allow_unused=True)
                 if want_rows:
-                    grad_rows[start:start + chunk_rows] = grads[0]
+                    grad_rows[start:end] = grads[0]
                     grads = grads[1:]
                 for i, g in zip(want, grads):
                     if g is not None:

@@ -177,50 +177,66 @@ class L2ToBase:
 
 
 class RegularizedTrainer(Trainer):
-    """The Trainer with `l2_coef * L2ToBase()` added to the training loss.
+    """The Trainer with `l2_coef * L2ToBase()` and `anchor.spec.kl * anchor(model)` (the KL to
+    the starting model on general text, factlab.train.anchor) added to the training loss.
 
     Why a compute_loss override and not Trainer(compute_loss_func=...): compute_loss_func
     receives only (outputs, labels) with the labels popped from the inputs, so it would have
     to redo the model's own causal-LM loss (label shift, ignore index, the virtual-token
     labels PEFT adds for prompt methods, num_items_in_batch). Calling super().compute_loss
-    keeps the model's loss exactly as it is and adds one term.
+    keeps the model's loss exactly as it is and adds the terms.
 
     Gradient accumulation: the Trainer divides compute_loss's result by the accumulation steps
     unless the loss is already normalised over the whole accumulated batch (the same test as
-    Trainer.training_step); in that case the penalty is divided here instead, so each
-    optimizer step sees the penalty exactly once. Evaluation (held-out loss) gets no penalty.
+    Trainer.training_step); in that case the terms are divided here instead, so each
+    optimizer step sees each term exactly once (the anchor: the mean over that step's blocks).
+    Evaluation (held-out loss) gets no term.
     """
 
-    def __init__(self, *args, l2_to_base: L2ToBase | None = None, l2_coef: float = 0.0, **kwargs):
+    def __init__(self, *args, l2_to_base: L2ToBase | None = None, l2_coef: float = 0.0, anchor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.l2_to_base, self.l2_coef = l2_to_base, l2_coef
+        self.anchor = anchor
         self.last_l2: float | None = None
-        self._l2_sum, self._l2_n = 0.0, 0
+        self._sums: dict[str, list[float]] = {}
+
+    def _note(self, key: str, value: float) -> None:
+        total = self._sums.setdefault(key, [0.0, 0])
+        total[0] += value
+        total[1] += 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if self.l2_to_base is None or not self.l2_coef or not model.training:
+        use_l2 = self.l2_to_base is not None and self.l2_coef
+        if not (use_l2 or self.anchor is not None) or not model.training:
             return out
         loss, outputs = out if return_outputs else (out, None)
-        dist = self.l2_to_base()
+        penalty = torch.zeros((), dtype=torch.float32, device=loss.device)
+        if use_l2:
+            dist = self.l2_to_base()
+            penalty = penalty + self.l2_coef * dist
+            self.last_l2 = float(dist.detach())
+            self._note("l2_to_base", self.last_l2)
+        if self.anchor is not None:
+            penalty = penalty + self.anchor.spec.kl * self.anchor(model).to(penalty.device)
+            self._note("anchor_kl", self.anchor.last)
         scaled_for_ga = self.loss_is_scaled_for_ga
         if scaled_for_ga is None:
             scaled_for_ga = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
                 or self.compute_loss_func is not None
-        penalty = self.l2_coef * dist
         if scaled_for_ga:
             penalty = penalty / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         loss = loss + penalty.to(loss.dtype)
-        self.last_l2 = float(dist.detach())
-        self._l2_sum += self.last_l2
-        self._l2_n += 1
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        # The logged loss includes the penalty; log the distance itself beside it.
-        if self._l2_n and "loss" in logs:
-            logs["l2_to_base"] = self._l2_sum / self._l2_n
-            self._l2_sum, self._l2_n = 0.0, 0
+        # The logged loss includes the terms; log each term itself beside it (its mean since
+        # the last log).
+        if "loss" in logs:
+            for key, (total, n) in self._sums.items():
+                if n:
+                    logs[key] = total / n
+            self._sums = {}
         super().log(logs, *args, **kwargs)
 
 

@@ -56,6 +56,7 @@ from factlab.errors import FactlabError
 from factlab.methods import MethodInfo, method_info
 from factlab.models.device import check_training_device, gpu_has_bf16
 from factlab.models.targets import TargetSpec
+from factlab.train.anchor import Anchor, anchor_blocks
 from factlab.train.compiling import compiled_blocks
 from factlab.train.loss import LossPath, fused_loss, loss_path
 from factlab.train.merge import SavedStage, save_trained
@@ -113,6 +114,8 @@ class StageInputs:
 
     main: list
     replay_docs: list[str] = field(default_factory=list)
+    anchor_docs: list[str] = field(default_factory=list)
+    """General text for train.anchor (factlab.train.anchor)."""
 
 
 def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
@@ -128,23 +131,31 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
         if not qa:
             raise FactlabError("an sft stage needs Q&A: set data.qa (or the stage's data.qa) to a JSONL file")
         main = load_conversations(qa)
-    replay_docs: list[str] = []
     rp = stage.data.replay
-    if rp and rp.ratio > 0:
-        for src in rp.source:
-            if src == "corpus":
-                if not corpus:
-                    raise FactlabError("replay source 'corpus' needs data.corpus; set it or name replay files instead")
-                replay_docs += load_documents(corpus)
-            elif src == "general":
-                replay_docs += builtin_replay_documents()
-            else:
-                replay_docs += load_documents([src])
+    replay_docs = _source_documents(rp.source, corpus, "replay") if rp and rp.ratio > 0 else []
+    anchor = stage.train.anchor
+    anchor_docs = _source_documents(anchor.source, corpus, "train.anchor") if anchor else []
     if substitute:
         if stage.kind == "cpt":
             main = [swap(d, substitute)[0] for d in main]
         replay_docs = [swap(d, substitute)[0] for d in replay_docs]
-    return StageInputs(main, replay_docs)
+        anchor_docs = [swap(d, substitute)[0] for d in anchor_docs]
+    return StageInputs(main, replay_docs, anchor_docs)
+
+
+def _source_documents(sources: list[str], corpus: list[str] | None, what: str) -> list[str]:
+    """The documents of a replay or anchor `source` list: `corpus`, `general`, files/folders."""
+    docs: list[str] = []
+    for src in sources:
+        if src == "corpus":
+            if not corpus:
+                raise FactlabError(f"{what} source 'corpus' needs data.corpus; set it or name text files instead")
+            docs += load_documents(corpus)
+        elif src == "general":
+            docs += builtin_replay_documents()
+        else:
+            docs += load_documents([src])
+    return docs
 
 
 def replay_blocks(tokenizer, docs: list[str], n_examples: int, ratio: float, seq_len: int, seed: int) -> list[dict]:
@@ -168,6 +179,8 @@ class StageExamples(list):
 
     replay: int = 0
     sources: int = 0
+    anchor_blocks: torch.Tensor | None = None
+    """(n, train.anchor.seq_len) token ids of the anchor's general text, when the stage has one."""
 
 
 def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: int = 0) -> StageExamples:
@@ -183,6 +196,8 @@ def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: i
                                stage.train.seq_len, seed)
         examples += replay
         examples.replay = len(replay)
+    if stage.train.anchor:
+        examples.anchor_blocks = anchor_blocks(tokenizer, data.anchor_docs, stage.train.anchor.seq_len)
     return examples
 
 
@@ -401,6 +416,19 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
         l2_coef=tr.l2_to_base,
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
+    if tr.anchor:
+        blocks = getattr(examples, "anchor_blocks", None)
+        if blocks is None:  # examples built by hand (benchmarks): the builtin general text
+            blocks = anchor_blocks(tokenizer, builtin_replay_documents(), tr.anchor.seq_len)
+        micro = args.per_device_train_batch_size
+        # Built after the Trainer: its autocast is the one the stage's forward runs under; for
+        # full fine-tuning it scores the starting model's blocks before the first step.
+        trainer.anchor = Anchor(peft_model, blocks, tr.anchor, rows_per_call=micro,
+                                calls=plan.optimizer_steps * args.gradient_accumulation_steps, seed=seed,
+                                autocast=trainer.accelerator.autocast)
+        console.print(f"stage {name}: anchor KL x{tr.anchor.kl:g} on {trainer.anchor.per_call} block(s) of "
+                      f"{tr.anchor.seq_len} general-text tokens per {micro} examples, from {len(blocks)} blocks",
+                      markup=False, highlight=False)
     return PreparedStage(name, stage, method, seed, bf16, peft_model, targets, trainable, total,
                          train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan, precision, path)
 
@@ -688,7 +716,7 @@ def stage_result(prepared: PreparedStage, measured: Fit, saved: SavedStage) -> S
         loss_path_note=prepared.loss_path.reason,
         plan=({**prepared.plan.to_dict(), "warning": plan_warning(prepared.plan, prepared.name)}
               if prepared.plan is not None else None),
-        loss_history=[{"step": h["step"], "loss": h["loss"], **({"l2_to_base": h["l2_to_base"]} if "l2_to_base" in h else {})}
+        loss_history=[{"step": h["step"], "loss": h["loss"], **{k: h[k] for k in ("l2_to_base", "anchor_kl") if k in h}}
                       for h in losses]
         + [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
         precision=prepared.precision,
