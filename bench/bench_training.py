@@ -15,6 +15,11 @@ Rows (one change at a time, top to bottom):
   factlab     factlab's defaults: fused loss, and on bf16 CPUs frozen weights in bf16
   compile     + train.compile: true (regional torch.compile, compile time included)
   micro       + train.micro_batch_size (--micro): the same batches as micro-batches
+  anchor      + train.anchor (kl 1, ratio 0.25, 128-token blocks): the KL to the base model on
+              general text; its cost is the time it adds (the tokens are the fact tokens)
+  demo        the first stage of examples/demo.yaml on its own data (short documents flattened
+              into rows, general replay, its LoRA and batch size), --steps steps: tokens/s of
+              the workload `make demo` trains, to set against the block row's
 
 Before the rows, the machine's matmul throughput is measured at the model's shapes (the
 rows of one forward pass, M = batch x seq_len, times the layer's Linear shapes and lm_head), in
@@ -55,7 +60,11 @@ LABELS = {
     "factlab": "factlab defaults (fused loss{w})",
     "compile": "factlab defaults + compile",
     "micro": "factlab defaults + micro_batch_size {m}",
+    "anchor": "factlab defaults + train.anchor (KL, ratio 0.25)",
+    "demo": "the demo's CPT stage (examples/demo.yaml)",
 }
+ANCHOR = {"kl": 1.0, "ratio": 0.25, "seq_len": 128}
+"""The `anchor` row's train.anchor: 2 blocks of 128 general-text tokens per batch of 8."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,6 +146,23 @@ def worker(mode: str, a: argparse.Namespace) -> dict:
         out.update(seconds=seconds, tokens=a.steps * a.batch * a.seq_len, bf16=mode == "plain-bf16",
                    train_peak_rss_mb=peak_rss_mb() if own else None, loss_path="model's own", final_loss=None)
         trained = pm
+    elif mode == "demo":
+        # The demo's own first stage (documents flattened into rows, replay, its LoRA and batch),
+        # on the demo's data, for --steps optimizer steps: the workload `make demo` trains.
+        from pathlib import Path as P
+
+        from factlab.config import load_experiment
+        from factlab.experiment.runner import _stage_inputs
+        from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
+
+        exp = load_experiment(ROOT / "examples/demo.yaml")
+        st = exp.stages[0]
+        st = st.model_copy(update={"merge": False, "train": st.train.model_copy(update={"max_steps": a.steps})})
+        raw = load_stage_data(st, *_stage_inputs(exp, 0), substitute=st.data.substitute or exp.data.substitute)
+        examples = build_stage_examples(st, tok, raw, seed=exp.seed)
+        trained, res = train_stage(model, tok, st, "cpt", P(tempfile.mkdtemp()) / "s", examples, seed=exp.seed)
+        out.update(seconds=res.seconds, tokens=res.train_tokens, bf16=res.bf16, train_peak_rss_mb=res.train_peak_rss_mb,
+                   loss_path=res.loss_path, final_loss=None)
     else:
         from pathlib import Path as P
 
@@ -147,7 +173,8 @@ def worker(mode: str, a: argparse.Namespace) -> dict:
         # would lay the 8 blocks end to end in one row: the same loss, 8x the attention).
         train = {"lr": 1e-4, "max_steps": a.steps, "batch_size": a.batch, "seq_len": a.seq_len, "packing": "blocks"}
         train.update({"old": {"fused_loss": False, "bf16_weights": False}, "fused": {"bf16_weights": False},
-                      "compile": {"compile": True}, "micro": {"micro_batch_size": a.micro}}.get(mode, {}))
+                      "compile": {"compile": True}, "micro": {"micro_batch_size": a.micro},
+                      "anchor": {"anchor": ANCHOR}}.get(mode, {}))
         stage = StageSpec.model_validate({"kind": "cpt", "merge": False, "train": train,
                                           "peft": {"targets": ["attention", "mlp"], "r": 16, "alpha": 32}})
         trained, res = train_stage(model, tok, stage, "cpt", P(tempfile.mkdtemp()) / "s", blocks, seed=0)
@@ -232,7 +259,7 @@ def main() -> None:
     if a.modes:
         modes = a.modes.split(",")
     else:
-        modes = ["plain", "plain-bf16", "old", "fused", "factlab", "compile", "micro"]
+        modes = ["plain", "plain-bf16", "old", "fused", "factlab", "compile", "micro", "anchor", "demo"]
         if not native:  # bf16 is emulated (slow) there, and bf16_weights does nothing without bf16
             modes = [m for m in modes if m not in ("plain-bf16", "fused")]
         if q:
@@ -298,13 +325,21 @@ def main() -> None:
     print("\nwhat each change contributed (each row against the one it adds to: compile and micro-batches"
           " against factlab's defaults, the others against the row above):")
     for prev, mode in zip(modes, modes[1:]):
-        if mode in ("compile", "micro") and "factlab" in best:
+        if mode in ("compile", "micro", "anchor", "demo") and "factlab" in best:
             prev = "factlab"
         print(f"  {labels[mode]:<46} speed x{best[prev] / best[mode]:.2f}, peak RSS {rss[mode] - rss[prev]:+.0f} MB")
     if "factlab" in best:
         for ref in ("plain", "plain-bf16"):
             if ref in best:
                 print(f"speed ratio factlab defaults / {labels[ref]} (best / best): {best[ref] / best['factlab']:.2f}x")
+        if "anchor" in best:
+            # The anchor adds work (its blocks' forward and backward, and a base forward), so its
+            # cost is the time it adds to the same fact training, not a tokens/s figure.
+            print(f"anchor overhead: +{100 * (best['anchor'] / best['factlab'] - 1):.0f}% of the stage's time "
+                  "(goal: at most 35%)")
+        if "demo" in tok_s:
+            print(f"demo-shaped stage: {tok_s['demo']:.0f} tokens/s, {tok_s['demo'] / tok_s['factlab']:.2f}x the "
+                  "block row's (goal: within 1.5x, i.e. at least 0.67x)")
         f = runs["factlab"][0]
         print(f"where the factlab stage's RSS goes: interpreter {f['rss_start_mb']:.0f} MB, imports "
               f"+{f['rss_import_mb'] - f['rss_start_mb']:.0f} MB, model load +{f['rss_loaded_mb'] - f['rss_import_mb']:.0f} MB "
