@@ -116,9 +116,11 @@ class StageInputs:
 
 
 def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
-                    substitute: dict[str, str] | None = None) -> StageInputs:
+                    substitute: dict[str, str] | None = None, general: list[str] | None = None) -> StageInputs:
     """Read a stage's raw data; needs no model, so bad files are reported before anything is
-    loaded or written. `corpus` is also what a replay source named "corpus" means.
+    loaded or written. `corpus` is also what a replay source named "corpus" means, `general`
+    what the source "general" means (default: the builtin replay text; the runner passes
+    factlab.data.replay.replay_documents_for's text once the model is loaded).
     `substitute` rewrites every document (CPT text and replay) as it is read."""
     if stage.kind == "cpt":
         if not corpus:
@@ -137,7 +139,7 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
                     raise FactlabError("replay source 'corpus' needs data.corpus; set it or name replay files instead")
                 replay_docs += load_documents(corpus)
             elif src == "general":
-                replay_docs += builtin_replay_documents()
+                replay_docs += builtin_replay_documents() if general is None else general
             else:
                 replay_docs += load_documents([src])
     if substitute:
