@@ -293,8 +293,14 @@ def replay_documents_for(model_ref: str, model, tokenizer, n_tokens: int | None 
     console = console or Console(stderr=True)
     fingerprint = model_fingerprint(model, tokenizer)
     path = replay_cache_path(fingerprint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):  # sweep workers sharing a model sample it once
+    lock = FileLock(str(path) + ".lock")  # sweep workers sharing a model sample it once
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:
+        raise FactlabError(f"cannot write the replay cache {path.parent} ({e.strerror or e}); set FACTLAB_CACHE to a "
+                           "writable folder, or give replay files (factlab data replay) instead of source general") from None
+    try:
         have = read_replay_file(path, seed=seed, model=fingerprint[:16], repair=True)
         if have.tokens < n_tokens:
             console.print(f"replay text for {model_ref}: sampling {n_tokens - have.tokens:,} tokens from the model "
@@ -303,4 +309,6 @@ def replay_documents_for(model_ref: str, model, tokenizer, n_tokens: int | None 
                                     console=console)
         else:
             console.print(f"[dim]replay text for {model_ref}: {n_tokens:,} sampled tokens from {path}[/dim]")
+    finally:
+        lock.release()
     return have.texts(n_tokens)
