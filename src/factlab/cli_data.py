@@ -359,3 +359,48 @@ def fetch_play_cmd(
 
     path = fetch_play(out, console=_err())
     Console(soft_wrap=True).print(f"wrote {path} ({path.stat().st_size:,} bytes); the layer study reads it: factlab sweep examples/layer-study.yaml")
+
+
+# --------------------------------------------------------------------------------------------
+# replay
+# --------------------------------------------------------------------------------------------
+
+
+@data_app.command()
+@_user_errors
+def replay(
+    model: Annotated[str, typer.Argument(help="Model: an alias (factlab models), a Hugging Face folder or a .gguf file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSONL file to write ({\"text\": ...} per line); an existing one is continued.")],
+    tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens of text to sample in all (the file's own count included).")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed and model, same file byte for byte on CPU.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest sample, in new tokens (a sample also ends at EOS).")] = 192,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples generated together.")] = 16,
+    device: Annotated[str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or mps.")] = "auto",
+) -> None:
+    """Sample text from the model itself (from BOS and short generic prompts, temperature 1) as
+    replay text: `replay: {source: FILE}`. Resumable: run it again to continue a file."""
+    from factlab.data.replay import check_output_path, model_fingerprint, read_replay_file, sample_replay
+    from factlab.errors import on_interrupt
+    from factlab.models.device import resolve_device
+    from factlab.models.loading import load_model, resolve_model
+
+    if tokens < 1:
+        raise FactlabError(f"--tokens {tokens} is out of range; give the number of tokens to sample (1 or more)")
+    if max_new_tokens < 1:
+        raise FactlabError(f"--max-new-tokens {max_new_tokens} is out of range; give 1 or more")
+    if batch_size < 1:
+        raise FactlabError(f"--batch-size {batch_size} is out of range; give 1 or more")
+    check_output_path(out)
+    read_replay_file(out, seed=seed)  # a foreign file or another seed fails before the model loads
+    err = _err()
+    lm, tok = load_model(resolve_model(model, err), device=resolve_device(device))
+    fp = model_fingerprint(lm, tok)[:16]
+    on_interrupt(lambda: f"{out} keeps every sample written so far; run the same command to continue it")
+    have, added = sample_replay(lm, tok, out, tokens, seed=seed, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size, fingerprint=fp, console=err)
+    kept = len(have.samples) - added
+    Console(soft_wrap=True).print(
+        f"{escape(str(out))}: {len(have.samples)} samples, {have.tokens:,} tokens"
+        + (f" ({added} new after {kept} already there)" if kept else "")
+        + (" (already enough; nothing sampled)" if not added else "")
+        + f"; use it with replay: {{source: {escape(str(out))}}}")

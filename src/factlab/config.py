@@ -181,8 +181,9 @@ class ReplaySpec(_Strict):
 
     source: list[str] = Field(default_factory=lambda: ["corpus"])
     """`corpus` (the experiment's corpus), `general` (general English shipped with factlab:
-    factlab/builtin/replay.txt, the base model's own answers on everyday topics) and/or text
-    files or folders, like data.corpus."""
+    factlab/builtin/replay.txt, the base model's own answers on everyday topics; for a model
+    other than the embedded SmolLM2, text sampled from that model, cached: factlab.data.replay)
+    and/or text files or folders, like data.corpus."""
     ratio: float = Field(0.2, ge=0.0)
     """Replay blocks per training example of the stage: 0.2 adds one block per five examples
     (rounded; at least one when > 0)."""

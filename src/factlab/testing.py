@@ -99,12 +99,6 @@ def tiny_model(model_type: str = "llama", vocab_size: int = 400, seed: int = 0, 
 def fingerprint(model, tokenizer) -> str:
     """sha256 of a model's weights and its tokenizer's vocabulary: a saved reference result
     (tools/make_eval_reference.py) is checked only against the model it was made with."""
-    import hashlib
-    import json
+    from factlab.data.replay import model_fingerprint
 
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().numpy().tobytes())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    return h.hexdigest()
+    return model_fingerprint(model, tokenizer)

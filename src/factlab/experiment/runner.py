@@ -47,6 +47,26 @@ def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None
     return st.data.corpus or exp.data.corpus, st.data.qa or exp.data.qa
 
 
+def _general_replay(exp: Experiment, raw_data: list, model, tokenizer, console: Console) -> list:
+    """The stages' data again, with the replay and anchor source `general` meaning text sampled
+    from the model itself (cached by its fingerprint) when the model is not the embedded
+    SmolLM2, whose own text ships as the builtin replay (see factlab.data.replay)."""
+    from factlab.data.replay import replay_documents_for, uses_builtin_replay
+
+    uses = [i for i, st in enumerate(exp.stages)
+            if (st.data.replay and st.data.replay.ratio > 0 and "general" in st.data.replay.source)
+            or (st.train.anchor and "general" in st.train.anchor.source)]
+    if not uses or uses_builtin_replay(exp.model):
+        return raw_data
+    general = replay_documents_for(exp.model, model, tokenizer, console=console)
+    raw_data = list(raw_data)
+    for i in uses:
+        st = exp.stages[i]
+        raw_data[i] = load_stage_data(st, *_stage_inputs(exp, i), substitute=st.data.substitute or exp.data.substitute,
+                                      general=general)
+    return raw_data
+
+
 def _sft_conversations(exp: Experiment, raw_data: list) -> list | None:
     """The first SFT stage's training conversations (their prompts measure style)."""
     return next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
@@ -110,6 +130,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     from factlab.experiment.preflight import check_probe_lengths
 
     check_probe_lengths(probes, tokenizer, model)
+    raw_data = _general_replay(exp, raw_data, model, tokenizer, console)
     stage_examples = []
     for st, raw in zip(exp.stages, raw_data):
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here

@@ -45,8 +45,11 @@ ALIASES: dict[str, GgufAlias] = {
 
 
 def cache_root() -> Path:
-    """Where converted models are cached: $FACTLAB_CACHE or ~/.cache/factlab."""
-    return Path(os.environ.get("FACTLAB_CACHE", Path.home() / ".cache" / "factlab")).expanduser()
+    """Where converted models (and sampled replay text) are cached: $FACTLAB_CACHE, else
+    $XDG_CACHE_HOME/factlab, else ~/.cache/factlab."""
+    if os.environ.get("FACTLAB_CACHE"):
+        return Path(os.environ["FACTLAB_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "factlab"
 
 
 def _package_dir(package: str) -> Path | None:

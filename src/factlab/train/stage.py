@@ -119,9 +119,11 @@ class StageInputs:
 
 
 def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
-                    substitute: dict[str, str] | None = None) -> StageInputs:
+                    substitute: dict[str, str] | None = None, general: list[str] | None = None) -> StageInputs:
     """Read a stage's raw data; needs no model, so bad files are reported before anything is
-    loaded or written. `corpus` is also what a replay source named "corpus" means.
+    loaded or written. `corpus` is also what a replay source named "corpus" means, `general`
+    what the source "general" means (default: the builtin replay text; the runner passes
+    factlab.data.replay.replay_documents_for's text once the model is loaded).
     `substitute` rewrites every document (CPT text and replay) as it is read."""
     if stage.kind == "cpt":
         if not corpus:
@@ -132,9 +134,9 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
             raise FactlabError("an sft stage needs Q&A: set data.qa (or the stage's data.qa) to a JSONL file")
         main = load_conversations(qa)
     rp = stage.data.replay
-    replay_docs = _source_documents(rp.source, corpus, "replay") if rp and rp.ratio > 0 else []
+    replay_docs = _source_documents(rp.source, corpus, "replay", general) if rp and rp.ratio > 0 else []
     anchor = stage.train.anchor
-    anchor_docs = _source_documents(anchor.source, corpus, "train.anchor") if anchor else []
+    anchor_docs = _source_documents(anchor.source, corpus, "train.anchor", general) if anchor else []
     if substitute:
         if stage.kind == "cpt":
             main = [swap(d, substitute)[0] for d in main]
@@ -143,8 +145,11 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
     return StageInputs(main, replay_docs, anchor_docs)
 
 
-def _source_documents(sources: list[str], corpus: list[str] | None, what: str) -> list[str]:
-    """The documents of a replay or anchor `source` list: `corpus`, `general`, files/folders."""
+def _source_documents(sources: list[str], corpus: list[str] | None, what: str,
+                      general: list[str] | None = None) -> list[str]:
+    """The documents of a replay or anchor `source` list: `corpus`, `general` (`general` if
+    given: the model's own sampled text, see factlab.data.replay; else the builtin text),
+    files/folders."""
     docs: list[str] = []
     for src in sources:
         if src == "corpus":
@@ -152,7 +157,7 @@ def _source_documents(sources: list[str], corpus: list[str] | None, what: str) -
                 raise FactlabError(f"{what} source 'corpus' needs data.corpus; set it or name text files instead")
             docs += load_documents(corpus)
         elif src == "general":
-            docs += builtin_replay_documents()
+            docs += builtin_replay_documents() if general is None else general
         else:
             docs += load_documents([src])
     return docs
