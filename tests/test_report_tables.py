@@ -155,3 +155,38 @@ def test_sample_hit_table_pools_the_samples_per_kind_with_counts(tmp_path):
     assert rows[1][:2] == ["mlp", "cpt"] and rows[1][2].startswith("0.09 [") and rows[1][2].endswith("(12/140)")
     # no samples anywhere: no table
     assert sample_hit_rows([load_run(fake_run(tmp_path / "plain", [stage("cpt")]), "x")]) == ([], [])
+
+
+def test_targets_table_checks_the_last_evaluation_against_each_goal():
+    from rich.console import Console
+
+    from factlab.report.console import targets_table
+
+    results = RunResults(name="r", model="tiny", seed=0)
+    results.add(EvalRecord("base", summaries={"recall": {"accuracy": rate(1, 4)}}))
+    results.stages.append(StageRecord("cpt", RunFolder.stage_folder_name(0, "cpt"), {}))
+    results.add(EvalRecord("cpt", summaries={"recall": {"accuracy": rate(3, 4)}, "qa": {"eos": rate(4, 4)}},
+                           forgetting={"damage": 0.2, "locality_greedy": {"before": rate(4, 5), "after": rate(3, 5)}}))
+    goals = {"recall.accuracy": ">= 0.7", "qa.eos": ">= 0.9", "damage": "<= 0.15",
+             "locality.greedy_drop": "<= 0.05", "reverse.accuracy": ">= 0.6"}
+    table = targets_table(results, goals)
+    console = Console(width=160, record=True)
+    console.print(table)
+    lines = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") >= 4}
+    assert lines["recall.accuracy"].rstrip(" │").endswith("yes") and "0.75" in lines["recall.accuracy"]
+    assert lines["qa.eos"].rstrip(" │").endswith("yes")
+    assert lines["damage"].rstrip(" │").endswith("no") and "+20.0%" in lines["damage"]
+    assert lines["locality.greedy_drop"].rstrip(" │").endswith("no") and "+0.20" in lines["locality.greedy_drop"]
+    assert lines["reverse.accuracy"].rstrip(" │").endswith("?")  # not measured: no reverse probes
+
+
+def test_targets_are_checked_when_the_experiment_is_read():
+    import pytest
+
+    from factlab.config import EvalSpec
+
+    assert EvalSpec(targets={"damage": "<= 0.15", "qa.eos": ">=0.9"}).targets["qa.eos"] == ">=0.9"
+    with pytest.raises(ValueError, match="not a goal"):
+        EvalSpec(targets={"damage": "less than 0.15"})
+    with pytest.raises(ValueError, match="unknown metric"):
+        EvalSpec(targets={"recall.acc": ">= 0.9"})

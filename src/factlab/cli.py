@@ -181,7 +181,7 @@ def _presenters():
     from factlab.report.plots import plot_stage_loss
 
     def on_done(folder, results, mlflow_run=None) -> None:
-        print_run(err, results)
+        print_run(err, results, targets=(folder.read_config().get("eval") or {}).get("targets"))
         if mlflow_run is not None:
             import tempfile
 

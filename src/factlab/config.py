@@ -9,10 +9,9 @@ experiment and its data can be moved together.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
-
-import re
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -259,6 +258,24 @@ class EvalSpec(_Strict):
     builtin_general_text: bool = True
     """Track perplexity on factlab's built-in general-English sample."""
     perplexity_seq_len: int = Field(256, gt=1)
+    targets: dict[str, str] = Field(default_factory=dict)
+    """Goals the run is checked against after its last stage, printed as a table beside the
+    results: metric -> ">= 0.95" or "<= 0.15". Metrics: `<kind>.<stat>` (stat accuracy,
+    greedy_match, sample_hit or eos; kind a probe kind or all), `damage` (a fraction: 0.15 is
+    +15%), `locality.greedy_drop` (base minus after), `priming` (when measured)."""
+
+    @field_validator("targets")
+    @classmethod
+    def _goals(cls, v: dict[str, str]) -> dict[str, str]:
+        for metric, goal in v.items():
+            kind, dot, stat = metric.partition(".")
+            if metric not in ("damage", "priming", "locality.greedy_drop") and not (
+                    dot and stat in ("accuracy", "greedy_match", "sample_hit", "eos")):
+                raise ValueError(f"eval.targets: unknown metric {metric!r}; use damage, priming, "
+                                 "locality.greedy_drop or <kind>.<accuracy|greedy_match|sample_hit|eos>")
+            if not re.fullmatch(r"\s*(>=|<=)\s*-?\d+(\.\d*)?\s*", str(goal)):
+                raise ValueError(f"eval.targets.{metric}: {goal!r} is not a goal; write '>= 0.95' or '<= 0.15'")
+        return v
 
     @model_validator(mode="before")
     @classmethod

@@ -91,11 +91,55 @@ def style_table(style: Mapping[str, Mapping]) -> Table:
     return table
 
 
-def print_run(console: Console, results: RunResults) -> None:
-    """The tables `factlab run` prints at the end of a run: probes by kind, forgetting, style."""
+def target_value(metric: str, results: RunResults, label: str) -> tuple[float | None, str]:
+    """(value, how it is shown) of an eval.targets metric for the evaluation `label`."""
+    forgetting = results.forgetting.get(label) or {}
+    if metric == "damage":
+        v = forgetting.get("damage")
+        return (None, "-") if v is None else (float(v), f"{100 * v:+.1f}%")
+    if metric == "priming":
+        v = (forgetting.get("priming") or {}).get("rate") if isinstance(forgetting.get("priming"), dict) \
+            else forgetting.get("priming")
+        return (None, "not measured") if v is None else (float(v), f"{v:.2f}")
+    if metric == "locality.greedy_drop":
+        greedy = forgetting.get("locality_greedy") or {}
+        before, after = (greedy.get("before") or {}).get("rate"), (greedy.get("after") or {}).get("rate")
+        if before is None or after is None:
+            return None, "-"
+        return before - after, f"{before - after:+.2f} ({before:.2f} -> {after:.2f})"
+    kind, _, stat = metric.partition(".")
+    cell = (results.summaries.get(label) or {}).get(kind, {}).get(stat)
+    if not isinstance(cell, dict) or cell.get("rate") is None:
+        return None, "-"
+    return float(cell["rate"]), f"{cell['rate']:.2f} [{cell['ci_low']:.2f},{cell['ci_high']:.2f}] (n={cell['n']})"
+
+
+def targets_table(results: RunResults, targets: Mapping[str, str]) -> Table | None:
+    """The run's eval.targets against what its last evaluation measured."""
+    label = (results.trained_labels or list(results.evaluations))[-1:]
+    if not targets or not label:
+        return None
+    label = label[0]
+    table = Table(title=f"targets, after {label}")
+    for col in ("metric", "target", "measured", "met"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for metric, goal in targets.items():
+        op, bound = goal.strip()[:2], float(goal.strip()[2:])
+        value, shown = target_value(metric, results, label)
+        met = "?" if value is None else ("yes" if (value >= bound if op == ">=" else value <= bound) else "no")
+        shown_goal = f"{op} {100 * bound:+.0f}%" if metric == "damage" else f"{op} {bound:g}"
+        table.add_row(metric, shown_goal, shown, met, style=None if met != "no" else "yellow")
+    return table
+
+
+def print_run(console: Console, results: RunResults, targets: Mapping[str, str] | None = None) -> None:
+    """The tables `factlab run` prints at the end of a run: probes by kind, forgetting, style,
+    and the experiment's eval.targets against the last evaluation."""
     if any(results.summaries.values()):
         console.print(summary_table(results.summaries, title=f"{results.name}: probes by kind (rate [95% CI] change vs base)"))
     if results.forgetting:
         console.print(forgetting_table(results.perplexity, results.forgetting))
     if results.style:
         console.print(style_table(results.style))
+    if targets and (table := targets_table(results, targets)) is not None:
+        console.print(table)
