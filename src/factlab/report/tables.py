@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.table import Table
 
 from factlab.evaluate.metrics import wilson_interval
-from factlab.evaluate.textmetrics import bootstrap_mean_interval
 from factlab.evaluate.priming import leaked_text
+from factlab.evaluate.textmetrics import bootstrap_mean_interval
 from factlab.experiment.run_folder import BASE, RunFolder, RunResults
 from factlab.report.console import STYLE_COLUMNS, priming_cell
 from factlab.report.format import interval, number, order_kinds
@@ -172,7 +172,8 @@ def priming_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             rows.append([r.label, st, f"{interval(pr['after'])} ({pr['after']['k']}/{pr['after']['n']})",
                          priming_cell(pr.get("locality")), priming_cell(pr.get("general")),
                          leaked_text(pr.get("leaked"), top=10) or "-",
-                         f"{ex['prompt']} → {ex['answer'].strip()}" if ex else "-"])
+                         # one line, no table bars: the answer goes into a Markdown table cell too
+                         f"{ex['prompt']} → {' '.join(ex['answer'].split())}".replace("|", "/") if ex else "-"])
     return header, rows
 
 
