@@ -51,6 +51,9 @@ def test_end_to_end_run_folder(project, monkeypatch, capsys):
         assert (run / "stages" / folder / "adapter" / "adapter_config.json").is_file()
         assert (run / "stages" / folder / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert "probes by kind" in err and "forgetting" in err  # the tables, printed by the CLI
+    # priming: measured on every evaluation, compared with base after each stage, shown beside damage
+    assert list(results["priming"]) == ["base", "cpt", "sft"] and results["forgetting"]["sft"]["priming"]["after"]["n"] > 20
+    assert (run / "scores" / "sft.priming.jsonl").is_file() and "priming" in err
 
 
 def test_set_override_reaches_the_run(project, monkeypatch, capsys):

@@ -175,7 +175,7 @@ def test_forgetting_summary_exact():
     no_loc = forgetting_summary({"perplexity": before["perplexity"], "locality": None}, after)
     assert no_loc["locality"] is None
     assert forgetting_summary({"perplexity": {}}, {"perplexity": {}}) == {
-        "perplexity": {}, "damage": None, "locality": None, "locality_greedy": None}
+        "perplexity": {}, "damage": None, "locality": None, "locality_greedy": None, "priming": None}
     empty_loc = forgetting_summary({"perplexity": before["perplexity"], "locality": rate_summary([])}, after)
     assert empty_loc["locality"]["delta"] is None
 

@@ -166,8 +166,9 @@ def test_targets_table_checks_the_last_evaluation_against_each_goal():
     results.add(EvalRecord("base", summaries={"recall": {"accuracy": rate(1, 4)}}))
     results.stages.append(StageRecord("cpt", RunFolder.stage_folder_name(0, "cpt"), {}))
     results.add(EvalRecord("cpt", summaries={"recall": {"accuracy": rate(3, 4)}, "qa": {"eos": rate(4, 4)}},
-                           forgetting={"damage": 0.2, "locality_greedy": {"before": rate(4, 5), "after": rate(3, 5)}}))
-    goals = {"recall.accuracy": ">= 0.7", "qa.eos": ">= 0.9", "damage": "<= 0.15",
+                           forgetting={"damage": 0.2, "locality_greedy": {"before": rate(4, 5), "after": rate(3, 5)},
+                                       "priming": {"before": rate(0, 8), "after": rate(1, 8), "leaked": {"Buku": 1}}}))
+    goals = {"recall.accuracy": ">= 0.7", "qa.eos": ">= 0.9", "damage": "<= 0.15", "priming": "<= 0",
              "locality.greedy_drop": "<= 0.05", "reverse.accuracy": ">= 0.6"}
     table = targets_table(results, goals)
     console = Console(width=160, record=True)
@@ -178,6 +179,7 @@ def test_targets_table_checks_the_last_evaluation_against_each_goal():
     assert lines["damage"].rstrip(" │").endswith("no") and "+20.0%" in lines["damage"]
     assert lines["locality.greedy_drop"].rstrip(" │").endswith("no") and "+0.20" in lines["locality.greedy_drop"]
     assert lines["reverse.accuracy"].rstrip(" │").endswith("?")  # not measured: no reverse probes
+    assert lines["priming"].rstrip(" │").endswith("no") and "Buku" in lines["priming"]
 
 
 def test_targets_are_checked_when_the_experiment_is_read():

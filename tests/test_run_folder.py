@@ -97,20 +97,20 @@ def test_an_old_run_folder_reads_and_reports_as_before(tmp_path):
 
     new, old = tables(out.read_text(encoding="utf-8")), tables((DATA / "old-run-report.md").read_text(encoding="utf-8"))
     # Since the old version, the Variants table shows the damage figure (relative perplexity
-    # increase = ratio - 1, derived from the old folder's ratios) in place of the ratio, and
-    # the greedy locality change (not measured by the old version: "-"). Every other line is
-    # the same.
+    # increase = ratio - 1, derived from the old folder's ratios) in place of the ratio, the
+    # priming figure and the greedy locality change (neither measured by the old version:
+    # "-"). Every other line is the same.
     def cells(line):
         return [c.strip() for c in line.strip("|").split("|")]
 
     variants = [i for i, line in enumerate(old) if line.startswith("| variant")][0]
     assert new[:variants] == old[:variants]
     assert cells(new[variants]) == [c for c in cells(old[variants]) if c != "ppl ratio"][:5] + [
-        "damage", "locality Δ", "locality greedy Δ", "qa EOS"]
+        "damage", "priming", "locality Δ", "locality greedy Δ", "qa EOS"]
     for o, n in zip(old[variants + 2:variants + 5], new[variants + 2:variants + 5]):
         o, n = cells(o), cells(n)
-        assert n[:5] == o[:5] and n[6] == o[6] and n[8] == o[7]
-        assert n[5] == ("-" if o[5] == "-" else f"{float(o[5][1:]) - 1:+.1%}") and n[7] == "-"
+        assert n[:5] == o[:5] and n[7] == o[6] and n[9] == o[7]
+        assert n[5] == ("-" if o[5] == "-" else f"{float(o[5][1:]) - 1:+.1%}") and n[6] == n[8] == "-"
     assert new[variants + 5:] == old[variants + 5:]
 
 

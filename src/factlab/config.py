@@ -258,6 +258,10 @@ class EvalSpec(_Strict):
     builtin_general_text: bool = True
     """Track perplexity on factlab's built-in general-English sample."""
     perplexity_seq_len: int = Field(256, gt=1)
+    priming: bool = True
+    """Measure priming: how often a trained name (a target of the fact probes) turns up in the
+    greedy answers to the locality probes and to ~25 built-in general prompts (see
+    evaluate.priming; the general prompts cost a few seconds per evaluation)."""
     targets: dict[str, str] = Field(default_factory=dict)
     """Goals the run is checked against after its last stage, printed as a table beside the
     results: metric -> ">= 0.95" or "<= 0.15". Metrics: `<kind>.<stat>` (stat accuracy,
@@ -312,7 +316,8 @@ class TuneParam(_Strict):
 
 class TuneObjective(_Strict):
     metric: str
-    """`damage` (relative perplexity increase on general text, see evaluate.metrics.damage) or
+    """`damage` (relative perplexity increase on general text, see evaluate.metrics.damage),
+    `priming` (share of answers with a leaked trained name, see evaluate.priming; minimize) or
     `<probe kind>.<accuracy|greedy_match|sample_hit>` (e.g. paraphrase.accuracy), measured on
     the selection probes after the last stage."""
     direction: Literal["maximize", "minimize"] = "maximize"

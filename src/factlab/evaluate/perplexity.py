@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from factlab.errors import FactlabError
 from factlab.evaluate.metrics import damage
 from factlab.evaluate.lm import LM
+from factlab.evaluate.priming import priming_summary
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -104,10 +105,11 @@ def forgetting_summary(before: dict, after: dict) -> dict:
     Input structure (each of ``before`` and ``after``)::
 
         {"perplexity": {name: {"nll_per_token": float, "perplexity": float, "n_tokens": int, ...}},
-         "locality": rate_summary dict ({n, k, rate, ci_low, ci_high}) or None}
+         "locality": rate_summary dict ({n, k, rate, ci_low, ci_high}) or None,
+         "priming": evaluate.priming.priming_record or None}
 
     ``perplexity`` maps a general-text source name (as from ``perplexity_of_files``) to a
-    ``perplexity`` result; ``locality`` is optional.
+    ``perplexity`` result; ``locality`` and ``priming`` are optional.
 
     Output::
 
@@ -115,7 +117,8 @@ def forgetting_summary(before: dict, after: dict) -> dict:
                                "nll_before", "nll_after", "nll_delta", "n_tokens"}},
          "damage": float or None,
          "locality": {"before": rate_summary, "after": rate_summary, "delta": float} or None,
-         "locality_greedy": {"before", "after", "delta"} or None}
+         "locality_greedy": {"before", "after", "delta"} or None,
+         "priming": evaluate.priming.priming_summary or None}
 
     ``damage`` = the mean over the general texts of evaluate.metrics.damage (relative
     perplexity increase; 0.15 = 15% higher), the one number per stage that reports and
@@ -123,7 +126,10 @@ def forgetting_summary(before: dict, after: dict) -> dict:
     answers on the facts the model knew (does the greedy continuation still contain them?),
     which falls where candidate accuracy may not: a model can still rank the right answer
     first among four and no longer say it. Both locality views come from ``locality`` /
-    ``locality_greedy`` in each side (rate summaries), when given.
+    ``locality_greedy`` in each side (rate summaries), when given. ``priming`` is the share
+    of answers (locality probes, general prompts) that contain a trained name the base model
+    did not say there, and the names that leaked (see evaluate.priming), when both sides
+    have a priming record.
 
     ``perplexity_ratio`` = after / before (> 1: the model got worse at general text);
     ``nll_delta`` = after - before, in nats per token (so ratio = exp(nll_delta)).
@@ -167,4 +173,5 @@ def forgetting_summary(before: dict, after: dict) -> dict:
     figures = [damage(v["perplexity_before"], v["perplexity_after"]) for v in out.values()
                if math.isfinite(v["perplexity_before"]) and v["perplexity_after"] > 0]
     return {"perplexity": out, "damage": sum(figures) / len(figures) if figures else None,
-            "locality": compare("locality"), "locality_greedy": compare("locality_greedy")}
+            "locality": compare("locality"), "locality_greedy": compare("locality_greedy"),
+            "priming": priming_summary(before.get("priming"), after.get("priming"))}

@@ -1,8 +1,8 @@
 """The evaluation step run on the base model and after every stage (and by `factlab eval`).
 
-One call scores the probes (log-probs, greedy answers, samples) and the perplexity of the
-held-out general text, writes the per-probe rows into the run folder, and returns an
-EvalRecord. Forgetting is then computed from two saved records (base, stage) without touching
+One call scores the probes (log-probs, greedy answers, samples), answers the general priming
+prompts, and measures the perplexity of the held-out general text, writes the per-probe rows
+into the run folder, and returns an EvalRecord. Forgetting is then computed from two saved records (base, stage) without touching
 a model.
 """
 
@@ -20,6 +20,7 @@ from factlab.evaluate.facts import probe_requests, probe_rows, summarize
 from factlab.evaluate.lm import LM, Generation, PromptRequest
 from factlab.evaluate.textmetrics import eos_summary, style_summary
 from factlab.evaluate.perplexity import builtin_general_text, forgetting_summary, perplexity
+from factlab.evaluate.priming import PRIMING_TOKENS, builtin_priming_prompts, find_objects, priming_record, watched_objects
 from factlab.evaluate.probes import Probe, load_probes
 from factlab.experiment.run_folder import BASE, CONTEXT, EvalRecord, RunFolder
 
@@ -48,7 +49,7 @@ def general_texts(spec: EvalSpec) -> dict[str, str]:
 
 class Evaluator:
     """Scores one model at a time with fixed probes and texts; writes the rows into `folder`
-    (scores/<label>.jsonl, scores/<label>.style.jsonl) when given."""
+    (scores/<label>.jsonl, scores/<label>.style.jsonl, scores/<label>.priming.jsonl) when given."""
 
     def __init__(self, spec: EvalSpec, probes: list[Probe], tokenizer, *, seed: int = 0,
                  folder: RunFolder | None = None, console: Console | None = None,
@@ -64,15 +65,20 @@ class Evaluator:
         # The style prompts in the chat template, rendered once for every evaluation.
         self.style_prompts = [tokenizer.apply_chat_template(c[:-1], add_generation_prompt=True, tokenize=False)
                               for c in self.conversations]
+        # Priming: the trained names to look for, and the general prompts answered to find them
+        # (none when there are no fact probes to take names from, or eval.priming is off).
+        self.priming_objects, self.priming_skipped = watched_objects(probes) if spec.priming else ([], [])
+        self.priming_prompts = builtin_priming_prompts() if self.priming_objects else []
 
     def evaluate(self, label: str, model, context: str | None = None, with_perplexity: bool = True) -> EvalRecord:
         """The model's EvalRecord: summarize(rows) per probe kind, perplexity per held-out text,
-        and style (answers to the SFT training prompts) when there are conversations.
+        style (answers to the SFT training prompts) when there are conversations, and the
+        priming record (evaluate.priming) when there are fact probes.
 
-        The probes and the training prompts go through the model in one ``LM.complete`` call,
-        so their answers decode together. With `context` (the in-context baseline) no samples
-        are drawn and no training prompts answered: sampling after a prompt of a whole corpus
-        adds little to that reference.
+        The probes, the training prompts and the general priming prompts go through the model
+        in one ``LM.complete`` call, so their answers decode together. With `context` (the
+        in-context baseline) no samples are drawn and no training or priming prompts
+        answered: sampling after a prompt of a whole corpus adds little to that reference.
         """
         t0 = time.perf_counter()
         out = EvalRecord(label)
@@ -82,19 +88,25 @@ class Evaluator:
                                   samples=0 if context else s.n, context=context)
         prompts = self.style_prompts if context is None else []
         requests += [PromptRequest(p, greedy_tokens=spec.style_tokens) for p in prompts]
+        general = self.priming_prompts if context is None else []
+        requests += [PromptRequest(p, greedy_tokens=PRIMING_TOKENS) for p in general]
         if requests:
-            what = " and ".join(x for x in (f"{len(self.probes)} probes" if self.probes else "",
-                                            f"{len(prompts)} training prompts" if prompts else "") if x)
+            what = ", ".join(x for x in (f"{len(self.probes)} probes" if self.probes else "",
+                                         f"{len(prompts)} training prompts" if prompts else "",
+                                         f"{len(general)} priming prompts" if general else "") if x)
             with self.console.status(f"scoring {what} on {label} ..."):
                 done = lm.complete(requests, temperature=s.temperature, sample_tokens=s.max_new_tokens, seed=self.seed,
                                    gen_batch=max(512, spec.batch_size))
+            rows: list[dict] = []
             if self.probes:
                 rows = probe_rows(self.probes, done[:len(self.probes)])
                 if self.folder is not None:
                     self.folder.write_scores(label, rows)
                 out.summaries = summarize(rows)
             if prompts:
-                out.style = self.style(label, [d.greedy for d in done[len(self.probes):]])
+                out.style = self.style(label, [d.greedy for d in done[len(self.probes):len(self.probes) + len(prompts)]])
+            if general:
+                out.priming = self.priming(label, rows, [d.greedy for d in done[len(self.probes) + len(prompts):]])
         if with_perplexity:
             with self.console.status(f"perplexity of held-out text on {label} ..."):
                 for name, text in self.texts.items():
@@ -102,6 +114,16 @@ class Evaluator:
                                                       batch_size=spec.batch_size)
         self.console.print(f"[dim]evaluated {label} in {time.perf_counter() - t0:.1f} s[/dim]")
         return out
+
+    def priming(self, label: str, rows: list[dict], gens: list[Generation]) -> dict:
+        """The priming record (evaluate.priming.priming_record) of the greedy answers to the
+        locality probes (from the probe ``rows``) and ``gens``, those to the general prompts;
+        every answer is written to scores/<label>.priming.jsonl."""
+        answers = [{"set": "locality", "prompt": r["prompt"], "answer": r["greedy"]} for r in rows if r["kind"] == "locality"]
+        answers += [{"set": "general", "prompt": p, "answer": g.text} for p, g in zip(self.priming_prompts, gens, strict=True)]
+        if self.folder is not None:
+            self.folder.write_priming(label, [{**a, "objects": find_objects(a["answer"], self.priming_objects)} for a in answers])
+        return priming_record(answers, self.priming_objects, self.priming_skipped)
 
     def style(self, label: str, gens: list[Generation]) -> dict:
         """Style of the greedy answers ``gens`` to the SFT training prompts against the training
@@ -120,7 +142,8 @@ def forgetting(base: EvalRecord, after: EvalRecord) -> dict:
 
     def view(ev: EvalRecord) -> dict:
         loc = ev.summaries.get("locality", {})
-        return {"perplexity": ev.perplexity, "locality": loc.get("accuracy"), "locality_greedy": loc.get("greedy_match")}
+        return {"perplexity": ev.perplexity, "locality": loc.get("accuracy"), "locality_greedy": loc.get("greedy_match"),
+                "priming": ev.priming}
 
     return forgetting_summary(view(base), view(after))
 

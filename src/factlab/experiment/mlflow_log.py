@@ -8,6 +8,7 @@ environment variable (e.g. sqlite:///mlflow.db), else MLflow's default.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from factlab.errors import FactlabError
@@ -53,7 +54,9 @@ def log_run(run_dir: Path, config: dict, results: RunResults | dict, experiment:
         metrics = {}
         for stage, kind, metric, value, *_ in flatten_metrics(results):
             if value is not None:
-                name = f"{stage}/{kind}/{metric}".replace("+", "_plus_").replace(":", "_")
+                # MLflow takes letters, digits, _ - . / and space in a name; a leaked name
+                # (priming_leaked/<name>) can hold anything else.
+                name = re.sub(r"[^\w./ -]", "_", f"{stage}/{kind}/{metric}".replace("+", "_plus_"))
                 metrics[name] = float(value)
         mlflow.log_metrics(metrics)
         for path in (folder.results_path, folder.config_path):

@@ -10,6 +10,8 @@
       scores/<label>.jsonl         one row per probe for each evaluation (label: base,
                                    base+context, or a stage name)
       scores/<label>.style.jsonl   the answers to the SFT training prompts
+      scores/<label>.priming.jsonl the answers looked at for priming (locality probes, general
+                                   prompts) and the trained names each contains
       stages/<i>-<name>/           adapter/ (PEFT), merged/ (plain transformers), train.json, loss.png
 
 The runner writes through `RunFolder`; the run store, the report, `factlab compare` and
@@ -93,6 +95,9 @@ class EvalRecord:
     """Answers to the SFT training prompts (style and chat format), when there were any."""
     forgetting: dict | None = None
     """Against the untrained model's evaluation; None for the untrained model itself."""
+    priming: dict | None = None
+    """Trained names in the answers to locality probes and general prompts
+    (evaluate.priming.priming_record); None when not measured."""
 
 
 @dataclass
@@ -173,6 +178,10 @@ class RunResults:
     def style(self) -> dict[str, dict]:
         return {label: ev.style for label, ev in self.evaluations.items() if ev.style}
 
+    @property
+    def priming(self) -> dict[str, dict]:
+        return {label: ev.priming for label, ev in self.evaluations.items() if ev.priming}
+
     def stage(self, name: str) -> StageRecord | None:
         return next((s for s in self.stages if s.name == name), None)
 
@@ -180,7 +189,8 @@ class RunResults:
         """results.json's content (the layout every version has written, plus `format`)."""
         return {"format": FORMAT, "name": self.name, "model": self.model, "seed": self.seed,
                 "stages": [s.to_json() for s in self.stages], "summaries": self.summaries,
-                "perplexity": self.perplexity, "forgetting": self.forgetting, "style": self.style}
+                "perplexity": self.perplexity, "forgetting": self.forgetting, "style": self.style,
+                "priming": self.priming}
 
     @classmethod
     def coerce(cls, results: RunResults | dict, source: str = "results") -> RunResults:
@@ -193,7 +203,8 @@ class RunResults:
         has the wrong shape.
 
         Format 1 (before `format` was written) differs only in what may be missing: the
-        per-evaluation sections of early runs (`forgetting`, `style`), and a stage's
+        per-evaluation sections of early runs (`forgetting`, `style`; `priming` is missing
+        from runs of either format made before it was measured), and a stage's
         `folder`; an evaluation section once called `probes` is read as `summaries`."""
 
         def bad(what: str) -> FactlabError:
@@ -210,7 +221,7 @@ class RunResults:
         if "summaries" not in data and isinstance(data.get("probes"), dict):
             data = {**data, "summaries": data["probes"]}  # migrate: the old in-memory name
         sections = {}
-        for key in ("summaries", "perplexity", "forgetting", "style"):
+        for key in ("summaries", "perplexity", "forgetting", "style", "priming"):
             sec = data.get(key) or {}
             if not isinstance(sec, dict) or not all(isinstance(v, dict) or v is None for v in sec.values()):
                 raise bad(f"'{key}' must map evaluation labels to objects")
@@ -225,12 +236,13 @@ class RunResults:
             stages.append(StageRecord(name=s["name"], folder=s.get("folder") or RunFolder.stage_folder_name(i, s["name"]),
                                       metrics=metrics, reused_from=s.get("reused_from")))
         labels: list[str] = []
-        for key in ("summaries", "perplexity", "forgetting", "style"):
+        for key in ("summaries", "perplexity", "forgetting", "style", "priming"):
             labels += [label for label in sections[key] if label not in labels]
         evaluations = {label: EvalRecord(label, summaries=sections["summaries"].get(label) or {},
                                          perplexity=sections["perplexity"].get(label) or {},
                                          style=sections["style"].get(label) or None,
-                                         forgetting=sections["forgetting"].get(label))
+                                         forgetting=sections["forgetting"].get(label),
+                                         priming=sections["priming"].get(label) or None)
                        for label in labels}
         seed = data.get("seed", 0)
         return cls(name=str(data.get("name", "")), model=str(data.get("model", "")),
@@ -288,6 +300,9 @@ class RunFolder:
 
     def style_path(self, label: str) -> Path:
         return self.path / self.SCORES / f"{label}.style.jsonl"
+
+    def priming_path(self, label: str) -> Path:
+        return self.path / self.SCORES / f"{label}.priming.jsonl"
 
     @staticmethod
     def stage_folder_name(index: int, name: str) -> str:
@@ -361,10 +376,19 @@ class RunFolder:
         path = self.style_path(label)
         return read_jsonl(path) if path.is_file() else []
 
+    def write_priming(self, label: str, rows: list[dict]) -> None:
+        self.priming_path(label).parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(self.priming_path(label), rows)
+
+    def read_priming(self, label: str) -> list[dict]:
+        path = self.priming_path(label)
+        return read_jsonl(path) if path.is_file() else []
+
     def copy_scores(self, source: RunFolder, label: str) -> None:
-        """Copy one evaluation's score files (rows and style answers) from another run."""
+        """Copy one evaluation's score files (rows, style and priming answers) from another run."""
         for src, dst in ((source.scores_path(label), self.scores_path(label)),
-                         (source.style_path(label), self.style_path(label))):
+                         (source.style_path(label), self.style_path(label)),
+                         (source.priming_path(label), self.priming_path(label))):
             if src.is_file():
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)

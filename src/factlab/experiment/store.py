@@ -42,7 +42,7 @@ CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep, config_hash);
 CREATE TABLE IF NOT EXISTS metrics (
     run_dir  TEXT NOT NULL REFERENCES runs (run_dir) ON DELETE CASCADE,
     stage    TEXT NOT NULL,     -- base, base+context, or a stage name
-    kind     TEXT NOT NULL,     -- probe kind, "all", or "forgetting" / "style"
+    kind     TEXT NOT NULL,     -- probe kind, "all", or "forgetting" / "style" / "priming" / "priming_leaked"
     metric   TEXT NOT NULL,
     value    REAL,
     ci_low   REAL,
@@ -85,7 +85,12 @@ def _input_paths(x) -> set[str]:
 
 def flatten_metrics(results: RunResults | dict) -> list[tuple]:
     """(stage, kind, metric, value, ci_low, ci_high, n) rows from a run's results (records, or
-    results.json's content)."""
+    results.json's content).
+
+    Priming (evaluate.priming): per evaluation `priming/rate` (share of answers with a trained
+    name, raw: the base model's is the figure's `before`); per stage `forgetting/priming` (the
+    figure: answers with a name the base answer did not have), `forgetting/priming_locality`
+    and `forgetting/priming_general`, and `priming_leaked/<name>` = how many answers leaked it."""
     results = RunResults.coerce(results)
     rows: list[tuple] = []
 
@@ -110,6 +115,14 @@ def flatten_metrics(results: RunResults | dict) -> list[tuple]:
         add(stage, "forgetting", "locality_delta", loc.get("delta"))
         add(stage, "forgetting", "locality_greedy_delta", (f.get("locality_greedy") or {}).get("delta"))
         add(stage, "forgetting", "damage", f.get("damage"))
+        pr = f.get("priming") or {}
+        add(stage, "forgetting", "priming", pr.get("after"))
+        for where in ("locality", "general"):
+            add(stage, "forgetting", f"priming_{where}", pr.get(where))
+        for name, count in (pr.get("leaked") or {}).items():
+            add(stage, "priming_leaked", name, count)
+    for stage, pr in results.priming.items():
+        add(stage, "priming", "rate", pr.get("rate"))
     for stage, st in results.style.items():
         for metric, x in st.items():
             add(stage, "style", metric, x)

@@ -46,6 +46,8 @@ from factlab.experiment.store import RunStore
 from factlab.experiment.sweep import SweepCache
 
 RATE_STATS = ("accuracy", "greedy_match", "sample_hit", "eos")
+STAGE_METRICS = ("damage", "priming")
+"""Objectives that results.json records per stage (forgetting.<stage>), not per probe; both are minimized."""
 
 
 def storage_path(store: RunStore, study: str) -> Path:
@@ -63,9 +65,15 @@ def _storage_url(path: Path) -> str:
 
 def metric_value(metric: str, rows: list[dict], results: dict, stage: str) -> float | None:
     """An objective's value after `stage`: `damage` as results.json recorded it for the stage
-    (forgetting.<stage>.damage: the mean over the general texts of evaluate.metrics.damage), or `<kind>.<stat>` from the
-    per-probe score rows (the rate of that kind's summary). None when it cannot be computed
-    (no such probes; a model that produced no finite perplexity)."""
+    (forgetting.<stage>.damage: the mean over the general texts of evaluate.metrics.damage),
+    `priming` likewise (forgetting.<stage>.priming.after.rate: the share of answers to locality
+    probes and general prompts with a trained name the base model did not say there, see
+    evaluate.priming), or `<kind>.<stat>` from the per-probe score rows (the rate of that
+    kind's summary). None when it cannot be computed (no such probes; a model that produced
+    no finite perplexity; priming not measured)."""
+    if metric == "priming":
+        after = ((((results.get("forgetting") or {}).get(stage) or {}).get("priming")) or {}).get("after") or {}
+        return None if after.get("rate") is None else float(after["rate"])
     if metric == "damage":
         # the figure the run recorded for the stage (evaluate.perplexity.forgetting_summary)
         value = ((results.get("forgetting") or {}).get(stage) or {}).get("damage")
@@ -79,14 +87,18 @@ def metric_value(metric: str, rows: list[dict], results: dict, stage: str) -> fl
     return None if v is None else float(v)
 
 
-def _check_metric(metric: str, kinds: set[str], has_general_text: bool, where: str) -> None:
+def _check_metric(metric: str, kinds: set[str], has_general_text: bool, where: str, priming: bool = True) -> None:
+    if metric == "priming":
+        if not priming:
+            raise FactlabError(f"{where}: priming is not measured with eval.priming: false; turn it on or choose another metric")
+        return
     if metric == "damage":
         if not has_general_text:
             raise FactlabError(f"{where}: damage needs general text; keep eval.builtin_general_text on or give eval.general_text")
         return
     kind, dot, stat = metric.partition(".")
     if not dot or stat not in RATE_STATS or kind not in (*PROBE_KINDS, "all"):
-        raise FactlabError(f"{where}: unknown metric {metric!r}; use damage or <kind>.<stat> with kind one of "
+        raise FactlabError(f"{where}: unknown metric {metric!r}; use damage, priming or <kind>.<stat> with kind one of "
                            f"{', '.join(PROBE_KINDS)}, all and stat one of {', '.join(RATE_STATS)} (e.g. paraphrase.accuracy)")
     if kind != "all" and kind not in kinds:
         raise FactlabError(f"{where}: {metric} needs {kind} probes, but the selection probes have only "
@@ -171,9 +183,9 @@ def check_tune(exp: Experiment) -> tuple[set[str], set[str]]:
     has_text = exp.eval.builtin_general_text or bool(exp.eval.general_text)
     kinds = {p.kind for p in select}
     for i, o in enumerate(t.objectives):
-        _check_metric(o.metric, kinds, has_text, f"tune.objectives.{i}")
+        _check_metric(o.metric, kinds, has_text, f"tune.objectives.{i}", exp.eval.priming)
     if t.prune:
-        _check_metric(t.prune_metric or t.objectives[0].metric, kinds, has_text, "tune.prune_metric")
+        _check_metric(t.prune_metric or t.objectives[0].metric, kinds, has_text, "tune.prune_metric", exp.eval.priming)
     # every dimension at its ends / every choice must make a valid experiment
     for key, dim in t.space.items():
         for v in ([dim.low, dim.high] if dim.type != "categorical" else dim.choices):
@@ -266,7 +278,7 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
     study.sampler = _samplers(t.sampler, seed + len(study.trials))
     prune_metric = t.prune_metric or t.objectives[0].metric
     prune_dir = next((o.direction for o in t.objectives if o.metric == prune_metric),
-                     "minimize" if prune_metric == "damage" else "maximize")
+                     "minimize" if prune_metric in STAGE_METRICS else "maximize")
     pstudy = (optuna.create_study(storage=url, study_name=f"{name}:prune", direction=prune_dir, load_if_exists=True,
                                   pruner=_pruner(exp, prune_dir)) if t.prune else None)
     _recover(study, pstudy, store, console)

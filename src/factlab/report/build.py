@@ -13,7 +13,7 @@ from factlab.experiment.run_folder import BASE, RunFolder
 from factlab.experiment.store import RunStore
 from factlab.report.plots import plot_losses, plot_stage_bars, plot_tradeoff, png
 from factlab.report.tables import (
-    Run, difference_rows, load_run, sample_hit_rows, stage_rows, style_rows, training_rows, variant_rows,
+    Run, difference_rows, load_run, priming_rows, sample_hit_rows, stage_rows, style_rows, training_rows, variant_rows,
 )
 
 
@@ -93,8 +93,16 @@ def build_report(run_sources: list[tuple[Path, str]], output: Path, fmt: str = "
     sections: list[tuple] = [
         ("table", "Variants", "Candidate accuracy [95% Wilson interval] (n) per probe kind after each stage of each "
          "run; damage = relative increase of held-out general-text perplexity (+15% = 1.15 times the base model's); "
+         "priming = share of greedy answers to locality probes and general prompts that contain a trained name "
+         "the base model did not say there (k/n; the untrained row: its own share); "
          "locality Δ = change of candidate accuracy on facts the base model knew, locality greedy Δ = change of the "
          "share whose greedy answer still contains the fact; qa EOS = share of chat answers that end with EOS.", *variant_rows(runs, all_stages=True)),
+        ("table", "Priming: trained names where they do not belong", "Greedy answers to the locality probes and to "
+         "factlab's general prompts (\"Her brother's name is\", ...) that contain a name the model was trained on "
+         "(a target of the fact probes; numbers and common English words left out) and that the base model's answer "
+         "to the same prompt did not contain: share [95% Wilson interval] (k/n) overall and per set, the leaked names "
+         "with their counts, and the first such answer. scores/<stage>.priming.jsonl has every answer.",
+         *priming_rows(runs)),
         ("table", "Sampled answers that contain the target", "Per probe kind: the share of all sampled answers (n "
          "per probe at the eval temperature, pooled over the kind's probes) whose text contains the target, k/n with "
          "a 95% Wilson interval; samples of one probe are not independent, so the interval is optimistic.",

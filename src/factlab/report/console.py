@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from rich.console import Console
 from rich.table import Table
 
+from factlab.evaluate.priming import leaked_text
 from factlab.experiment.run_folder import BASE, RunResults
 from factlab.report.format import change, interval, number, order_kinds
 
@@ -56,12 +57,23 @@ def summary_table(summaries: Mapping[str, Mapping[str, Mapping]], title: str,
     return table
 
 
+def priming_cell(x: Mapping | None) -> str:
+    """"0.07 (4/56)": a priming rate summary as share (answers with a leaked name / answers)."""
+    if not x or not x.get("n"):
+        return "-"
+    return f"{x['rate']:.2f} ({x['k']}/{x['n']})"
+
+
 def forgetting_table(perplexity: Mapping[str, Mapping], forgetting: Mapping[str, Mapping], baseline: str = BASE) -> Table:
     """Per model: held-out perplexity (and its ratio to the baseline), the damage figure
-    (relative perplexity increase), and the change of locality against the baseline, both as
+    (relative perplexity increase), the change of locality against the baseline, both as
     candidate accuracy and as greedy answers (the one that shows when a model still ranks a
-    known fact first but no longer says it)."""
-    table = Table(title="forgetting (held-out perplexity, damage = relative perplexity increase, locality)")
+    known fact first but no longer says it), and when measured, priming: the share of answers
+    to locality probes and general prompts with a trained name the baseline did not say there
+    (the baseline's row: its own raw share), and the names that leaked most."""
+    primed = any(f.get("priming") for f in forgetting.values())
+    table = Table(title="forgetting (held-out perplexity, damage = relative perplexity increase, locality"
+                        + (", priming = answers with a trained name)" if primed else ")"))
     table.add_column("model")
     base = perplexity.get(baseline, {})
     for n in base:
@@ -69,13 +81,20 @@ def forgetting_table(perplexity: Mapping[str, Mapping], forgetting: Mapping[str,
     table.add_column("damage", justify="right")
     table.add_column("locality acc. change", justify="right")
     table.add_column("locality greedy change", justify="right")
-    table.add_row(baseline, *[f"{base[n]['perplexity']:.2f}" for n in base], "", "", "")
+    if primed:
+        table.add_column("priming", justify="right")
+        table.add_column("leaked names")
+        before = next(f["priming"]["before"] for f in forgetting.values() if f.get("priming"))
+    table.add_row(baseline, *[f"{base[n]['perplexity']:.2f}" for n in base], "", "", "",
+                  *([priming_cell(before), ""] if primed else []))
     for label, f in forgetting.items():
         ppl = perplexity.get(label, {})
         cells = [f"{ppl[n]['perplexity']:.2f} (x{ppl[n]['perplexity'] / base[n]['perplexity']:.2f})" if n in ppl else "-" for n in base]
+        pr = f.get("priming") or {}
         table.add_row(label, *cells, number(f.get("damage"), "{:+.1%}"),
                       number((f.get("locality") or {}).get("delta"), "{:+.2f}"),
-                      number((f.get("locality_greedy") or {}).get("delta"), "{:+.2f}"))
+                      number((f.get("locality_greedy") or {}).get("delta"), "{:+.2f}"),
+                      *([priming_cell(pr.get("after")), leaked_text(pr.get("leaked"))] if primed else []))
     return table
 
 
@@ -98,9 +117,11 @@ def target_value(metric: str, results: RunResults, label: str) -> tuple[float | 
         v = forgetting.get("damage")
         return (None, "-") if v is None else (float(v), f"{100 * v:+.1f}%")
     if metric == "priming":
-        v = (forgetting.get("priming") or {}).get("rate") if isinstance(forgetting.get("priming"), dict) \
-            else forgetting.get("priming")
-        return (None, "not measured") if v is None else (float(v), f"{v:.2f}")
+        after = (forgetting.get("priming") or {}).get("after") or {}
+        if after.get("rate") is None:
+            return None, "not measured"
+        leaked = ", ".join(list((forgetting.get("priming") or {}).get("leaked") or {})[:3])
+        return float(after["rate"]), f"{after['rate']:.2f} ({after['k']}/{after['n']}{'; ' + leaked if leaked else ''})"
     if metric == "locality.greedy_drop":
         greedy = forgetting.get("locality_greedy") or {}
         before, after = (greedy.get("before") or {}).get("rate"), (greedy.get("after") or {}).get("rate")

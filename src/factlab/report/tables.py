@@ -8,9 +8,10 @@ from pathlib import Path
 from rich.table import Table
 
 from factlab.evaluate.metrics import wilson_interval
+from factlab.evaluate.priming import leaked_text
 from factlab.evaluate.textmetrics import bootstrap_mean_interval
 from factlab.experiment.run_folder import BASE, RunFolder, RunResults
-from factlab.report.console import STYLE_COLUMNS
+from factlab.report.console import STYLE_COLUMNS, priming_cell
 from factlab.report.format import interval, number, order_kinds
 
 
@@ -90,6 +91,11 @@ def damage(run: Run, stage: str) -> float | None:
     return None if ratio is None else ratio - 1
 
 
+def priming(run: Run, stage: str) -> dict | None:
+    """The stage's priming figure (evaluate.priming.priming_summary), None when not measured."""
+    return (run.results.forgetting.get(stage) or {}).get("priming")
+
+
 def kinds_of(runs: list[Run]) -> list[str]:
     """The probe kinds any run scored (not "all"), in the one kind order."""
     return order_kinds({k for r in runs for s in r.results.summaries.values() for k in s} - {"all"})
@@ -100,7 +106,7 @@ def variant_rows(runs: list[Run], stage: str | None = None, all_stages: bool = F
     row per trained stage, after a row for the first run's base model), accuracy per probe
     kind with its interval, then forgetting and chat format."""
     kinds = kinds_of(runs)
-    header = ["variant", "stage"] + [f"{k} (n)" for k in kinds] + ["damage", "locality Δ", "locality greedy Δ", "qa EOS"]
+    header = ["variant", "stage"] + [f"{k} (n)" for k in kinds] + ["damage", "priming", "locality Δ", "locality greedy Δ", "qa EOS"]
     rows = []
 
     def row(r: Run, st: str, label: str) -> list[str]:
@@ -109,7 +115,10 @@ def variant_rows(runs: list[Run], stage: str | None = None, all_stages: bool = F
         for k in kinds:
             acc = (summ.get(k) or {}).get("accuracy")
             cells.append(f"{interval(acc)} ({acc['n']})" if acc and acc.get("n") else "-")
-        cells += [number(damage(r, st), "{:+.1%}"), number(locality_delta(r, st), "{:+.2f}"),
+        pr = (priming(r, st) or {}).get("after")
+        if pr is None and st == BASE and r.stages:  # the base model's own share of answers with a trained name
+            pr = (priming(r, r.stages[0]) or {}).get("before")
+        cells += [number(damage(r, st), "{:+.1%}"), priming_cell(pr), number(locality_delta(r, st), "{:+.2f}"),
                   number(locality_delta(r, st, "locality_greedy"), "{:+.2f}"), interval((summ.get("qa") or {}).get("eos"))]
         return cells
 
@@ -145,6 +154,27 @@ def sample_hit_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         for st in r.stages:
             rows.append(row(r, st, r.label))
     return ["variant", "stage"] + [f"{k} (samples)" for k in kinds], rows
+
+
+def priming_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: per run and stage, the share of answers that contain a trained name
+    the base model did not say there [95% Wilson interval] (k/n), for the locality probes and
+    the general prompts, the leaked names with their counts and the first leaking answer.
+    Empty when no run measured priming."""
+    header = ["variant", "stage", "priming (k/n)", "locality probes", "general prompts", "leaked names", "example"]
+    rows = []
+    for r in runs:
+        for st in r.stages:
+            pr = priming(r, st)
+            if not pr:
+                continue
+            ex = (pr.get("examples") or [None])[0]
+            rows.append([r.label, st, f"{interval(pr['after'])} ({pr['after']['k']}/{pr['after']['n']})",
+                         priming_cell(pr.get("locality")), priming_cell(pr.get("general")),
+                         leaked_text(pr.get("leaked"), top=10) or "-",
+                         # one line, no table bars: the answer goes into a Markdown table cell too
+                         f"{ex['prompt']} → {' '.join(ex['answer'].split())}".replace("|", "/") if ex else "-"])
+    return header, rows
 
 
 def _size(n: float | None) -> str:

@@ -119,7 +119,8 @@ def tune_sections(name: str, store: RunStore) -> list[tuple]:
         ("table", f"Tuning study {name}: which probes chose and which reported",
          f"{states[TrialState.COMPLETE]} complete, {states[TrialState.PRUNED]} pruned, {states[TrialState.FAIL]} failed trials. "
          "Objectives were computed on the selection probes only; the same metrics on the report probes (never used to "
-         "choose) are shown beside them. damage = perplexity after / before - 1 on general text.",
+         "choose) are shown beside them. damage = perplexity after / before - 1 on general text; "
+         "priming = share of answers to locality probes and general prompts with a trained name the base model did not say there.",
          ["role", "files", "paths"], files),
         ("figure", f"Pareto front of {name} (red: not dominated)", plot_front(study)),
     ]
