@@ -135,15 +135,13 @@ def at(gate: Path, number: int, proc: subprocess.Popen) -> bool:
     return (gate / f"at-{number}-{proc.pid}").exists()
 
 
-def report_md(tmp_path: Path, name: str, storage: str) -> str:
+def report_md(tmp_path: Path, name: str, storage: str, monkeypatch, capsys) -> str:
     """`factlab report NAME --storage URL` from a folder without any run store: the storage alone."""
     away = tmp_path / "elsewhere"
     away.mkdir(exist_ok=True)
-    r = subprocess.run([sys.executable, "-m", "factlab", "report", name, "--storage", storage, "-o", "r.md", "--format", "md"],
-                       capture_output=True, text=True, cwd=away, timeout=LIMIT,
-                       env=dict(os.environ, OMP_NUM_THREADS="1",
-                                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")])))
-    assert r.returncode == 0, r.stderr[-2000:]
+    monkeypatch.chdir(away)
+    code, _, err = run_cli(monkeypatch, capsys, "report", name, "--storage", storage, "-o", "r.md", "--format", "md")
+    assert code == 0, err[-2000:]
     assert not (away / "runs").exists()
     return (away / "r.md").read_text()
 
@@ -156,7 +154,8 @@ def front_numbers(md: str, name: str) -> set[str]:
 # --- tests --------------------------------------------------------------------------------
 
 
-def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_is_retried(tmp_path, tiny_dir, postgres_url, start_worker):
+def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_is_retried(tmp_path, tiny_dir, postgres_url, start_worker,
+                                                                                    monkeypatch, capsys):
     import optuna
     from optuna.trial import TrialState
 
@@ -210,14 +209,13 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_is_retr
     from factlab.experiment.store import RunStore
 
     assert {Path(r["run_dir"]).name: r["status"] for r in RunStore(tmp_path / "b" / "factlab.db").runs()} == {"trial-001": "running"}
-    b2 = start_worker(gate, *common, "-o", tmp_path / "b", cwd=tmp_path)
-    out2, err2 = b2.communicate(timeout=LIMIT)
-    assert b2.returncode == 0, err2[-3000:]
+    code, _, err2 = run_cli(monkeypatch, capsys, *common, "-o", tmp_path / "b")  # in this process: no second start-up
+    assert code == 0, err2[-3000:]
     assert "already has 3 finished trials" in err2
     assert {Path(r["run_dir"]).name: r["status"] for r in RunStore(tmp_path / "b" / "factlab.db").runs()} == {"trial-001": "failed"}
     assert len(optuna.load_study(study_name="st", storage=postgres_url).trials) == 4  # nothing new
 
-    md = report_md(tmp_path, "st", postgres_url)
+    md = report_md(tmp_path, "st", postgres_url, monkeypatch, capsys)
     assert front_numbers(md, "st") == {str(t.number) for t in study.best_trials} <= {"0", "2", "3"}
     assert "3 complete, 0 pruned, 1 failed trials" in md and "complete (retry of 1)" in md
 
@@ -226,23 +224,22 @@ def test_a_sqlite_url_holds_a_named_study_and_its_report_and_refuses_another_sea
     import optuna
     from optuna.trial import TrialState
 
-    exp = shared_project(tmp_path, tiny_dir, trials=2)
-    url = f"sqlite:///{tmp_path / 'shared' / 'studies.db'}"
-    (tmp_path / "shared").mkdir()
+    exp = shared_project(tmp_path, tiny_dir, trials=1)
+    url = f"sqlite:///{tmp_path / 'shared' / 'studies.db'}"  # its folder is made too
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     code, out, err = run_cli(monkeypatch, capsys, "tune", exp, "--storage", url, "--study-name", "lr-search", "-o", tmp_path / "w")
     assert code == 0, err[-3000:]
     assert "Pareto front" in out and "--storage URL" in out
     study = optuna.load_study(study_name="lr-search", storage=url)
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
     assert {Path(t.user_attrs["run_dir"]).parent for t in study.trials} == {tmp_path / "w" / "lr-search"}
     assert {t.user_attrs["store"] for t in study.trials} == {str((tmp_path / "w" / "factlab.db").resolve())}
     assert not list((tmp_path / "w").glob("*-optuna.db"))  # not the default storage beside the store
     # a second invocation: the budget is taken, nothing runs again
     code, out, err = run_cli(monkeypatch, capsys, "tune", exp, "--storage", url, "--study-name", "lr-search", "-o", tmp_path / "w")
-    assert code == 0 and "already has 2 finished trials" in err
-    assert len(optuna.load_study(study_name="lr-search", storage=url).trials) == 2
-    md = report_md(tmp_path, "lr-search", url)
+    assert code == 0 and "already has 1 finished trials" in err
+    assert len(optuna.load_study(study_name="lr-search", storage=url).trials) == 1
+    md = report_md(tmp_path, "lr-search", url, monkeypatch, capsys)
     assert front_numbers(md, "lr-search") == {str(t.number) for t in study.best_trials}
     assert "| chose the recipe (tune.select_probes) | select.jsonl |" in md
     # a worker whose tune: block searches another space may not join the study
@@ -251,7 +248,7 @@ def test_a_sqlite_url_holds_a_named_study_and_its_report_and_refuses_another_sea
                     space={"stages.0.train.lr": {"type": "float", "low": 1e-6, "high": 1e-3, "log": True}})
     code, _, err = run_cli(monkeypatch, capsys, "tune", other, "--storage", url, "--study-name", "lr-search", "-o", tmp_path / "w")
     assert code == 2 and "was started with another tune.space" in err and "--study-name" in err
-    assert len(optuna.load_study(study_name="lr-search", storage=url).trials) == 2
+    assert len(optuna.load_study(study_name="lr-search", storage=url).trials) == 1
 
 
 @pytest.mark.parametrize("url, message", [
