@@ -162,7 +162,8 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_is_retr
     exp = shared_project(tmp_path, tiny_dir, trials=3)
     gate = tmp_path / "gate"
     gate.mkdir()
-    common = ("tune", exp, "--storage", postgres_url, "--heartbeat", "1")
+    # heartbeats every 2 s: a live worker's trial stays fresh even on a loaded machine (stale after 4 s)
+    common = ("tune", exp, "--storage", postgres_url, "--heartbeat", "2")
     a = start_worker(gate, *common, "-o", tmp_path / "a", cwd=tmp_path)  # "machine" A: its own output folder
     wait_for("worker A in trial 0", lambda: at(gate, 0, a), [a])
     b = start_worker(gate, *common, "-o", tmp_path / "b", cwd=tmp_path)  # "machine" B
@@ -174,9 +175,9 @@ def test_two_workers_share_a_postgresql_study_and_a_killed_workers_trial_is_retr
     lost_params = running[1].params
     b.send_signal(signal.SIGKILL)  # in the middle of trial 1: its first stage trained, its second not
     b.wait()
-    # Trial 1 is stale two heartbeats (2 s) after B's last one; wait that long (a lower bound,
+    # Trial 1 is stale two heartbeats (4 s) after B's last one; wait that long (a lower bound,
     # not a deadline) so that A's next trial finds it stale.
-    time.sleep(3)
+    time.sleep(5)
     for n in range(6):
         (gate / f"go-{n}").touch()  # every trial may now finish
     out, err = a.communicate(timeout=LIMIT)
