@@ -158,6 +158,9 @@ def _one_process(command: str) -> None:
 
 MlflowOpt = Annotated[bool, typer.Option("--mlflow", help="Also log each run to MLflow (needs the mlflow package).")]
 StoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite); default: <output_dir>/factlab.db, i.e. runs/factlab.db.")]
+StorageOpt = Annotated[Optional[str], typer.Option(
+    "--storage", help="Optuna study storage shared by several workers: a database URL (postgresql://user:pw@host/db, "
+                      "mysql://..., sqlite:///study.db); default: a SQLite file beside the run store, one process at a time.")]
 ReadStoreOpt = Annotated[Optional[Path], typer.Option("--store", help="Run store (SQLite) to read; default: runs/factlab.db.")]
 RUN_STATUSES = ("running", "done", "failed")
 
@@ -303,21 +306,32 @@ def tune(
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key before tuning (repeatable).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir).")] = None,
     store: StoreOpt = None,
+    storage: StorageOpt = None,
+    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Name of the study (default: the experiment's name); also its run folders' parent folder.")] = None,
+    heartbeat: Annotated[int, typer.Option("--heartbeat", min=1, help="With --storage: seconds between a trial's heartbeats; a trial silent for two is failed and retried.")] = 60,
 ) -> None:
     """Search the `tune:` space with Optuna (multi-objective TPE or NSGA-II); every trial is a
-    run in the store; a killed study resumes; prints the Pareto front."""
-    from factlab.experiment.tune import front_table, run_tune
+    run in the store; a killed study resumes; prints the Pareto front. With --storage, start
+    it on several machines (or once per GPU) to share one study."""
+    from factlab.experiment.tune import check_storage_url, front_table, run_tune
 
     _one_process("tune")
     if output_dir is not None:
         _check_out_dir(output_dir, "--output-dir")
+    if storage is not None:
+        check_storage_url(storage)
+    if study_name is not None and (not study_name.strip() or "/" in study_name or study_name != study_name.strip()):
+        raise FactlabError(f"--study-name {study_name!r}: give a name without slashes or surrounding spaces (it names a folder)")
     exp = _load(experiment, set_, output_dir)
     _check_out_dir(Path(exp.output_dir), "output_dir")
-    on_interrupt(lambda: f"finished trials are kept in the study's storage; run `factlab tune {experiment}` again to resume")
+    name = study_name or exp.name
+    again = f"factlab tune {experiment}" + (" --storage URL" if storage else "") + (f" --study-name {name}" if study_name else "")
+    on_interrupt(lambda: f"finished trials are kept in the study's storage; run `{again}` again to resume")
     on_stage, on_done = _presenters()
-    study = run_tune(exp, _store(store, exp.output_dir), console=err, on_stage=on_stage, on_done=on_done)
+    study = run_tune(exp, _store(store, exp.output_dir), console=err, on_stage=on_stage, on_done=on_done,
+                     storage=storage, study_name=study_name, heartbeat=heartbeat)
     Console().print(front_table(study))
-    Console().print(f"report with: factlab report {exp.name} -o report.html")
+    Console().print(f"report with: factlab report {name} -o report.html" + (" --storage URL" if storage else ""))
 
 
 @app.command()
@@ -369,6 +383,7 @@ def report(
     fmt: Annotated[str, typer.Option("--format", help="html (one self-contained file) or md (tables; plots as PNG files beside).")] = "html",
     probe: Annotated[Optional[list[str]], typer.Option("--probe", help="Probe id whose sampled answers to show (repeatable; default: a few).")] = None,
     store: ReadStoreOpt = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="The database URL a `factlab tune --storage` study ran with: its front and trials are read from there.")] = None,
 ) -> None:
     """Build a report from stored runs without re-running models."""
     from factlab.report.build import build_report, resolve_runs
@@ -378,7 +393,11 @@ def report(
         raise FactlabError(f"--format {fmt!r} is not a report format; use html or md")
     _check_out_file(output, "--output")
     st = _store(store, "runs", must_exist=store is not None)
-    extra = [sec for src in source for sec in tune_sections(src, st)]  # a `factlab tune` study: front, trials, importances
+    if storage is not None:
+        from factlab.experiment.tune import check_storage_url
+
+        check_storage_url(storage)
+    extra = [sec for src in source for sec in tune_sections(src, st, storage)]  # a `factlab tune` study: front, trials, importances
     try:
         run_dirs = resolve_runs(source, st)
     except FactlabError:

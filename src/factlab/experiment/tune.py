@@ -19,18 +19,33 @@ it; none of them is re-written here. Two things are added around it:
   metric on the selection probes after each stage) and asks a real Optuna pruner (median
   rule, or a threshold) whether to stop.
 
-Resume: the study lives in `sqlite:///<store folder>/<study>-optuna.db`. A restarted study
-keeps its finished (complete or pruned) trials; a trial left running by a killed process is
-marked failed, its run too, and its parameters are enqueued again (what Optuna's
-RetryFailedTrialCallback does for heartbeat storages). One process per study at a time.
+Resume: by default the study lives in `sqlite:///<store folder>/<study>-optuna.db`. A
+restarted study keeps its finished (complete or pruned) trials; a trial left running by a
+killed process is marked failed, its run too, and its parameters are enqueued again (what
+Optuna's RetryHeartbeatStaleTrialCallback does for heartbeat storages). One process per study
+at a time.
+
+Several workers (`--storage URL`): any SQLAlchemy URL Optuna's RDBStorage takes (PostgreSQL,
+MySQL, SQLite). Every worker started with the same URL and study name works on one study
+(`load_if_exists`); its trials' run folders go to its own output folder and run store. A
+worker's trials send a heartbeat; a trial whose worker went silent (SIGKILL, a lost machine)
+is failed by the next worker to start a trial and queued again by
+RetryHeartbeatStaleTrialCallback. A trial's metrics, run folder and host are its user
+attributes, so the front and the report are built from the storage alone. The budget
+(`tune.trials`) counts finished and running trials of all workers; a worker stops when it is
+taken.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import socket
 import time
+import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +72,49 @@ def storage_path(store: RunStore, study: str) -> Path:
 
 def _storage_url(path: Path) -> str:
     return f"sqlite:///{path.resolve()}"
+
+
+HEARTBEAT_SECONDS = 60  # a shared study's trial is stale after 2 heartbeats without one
+MAX_RETRIES = 2  # a trial whose worker dies is queued again at most this often (a trial that kills its machine stops)
+DRIVERS = {"postgresql": "psycopg 3 (pip install 'psycopg[binary]'; postgresql+psycopg2:// for psycopg2)", "mysql": "MySQLdb (pip install mysqlclient) or "
+           "PyMySQL with a mysql+pymysql:// URL", "sqlite": "sqlite3"}
+
+
+def storage_label(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL: say so without echoing what may hold a password
+        return "(the --storage URL)"
+
+
+def check_storage_url(url: str) -> None:
+    """A --storage URL parses as a database URL of a kind Optuna stores studies in, and its
+    driver is installed; checked before anything is written."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    hint = "give a database URL such as postgresql://user:password@host/db, mysql://user@host/db or sqlite:///study.db"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise FactlabError(f"--storage {url!r} is not a database URL; {hint}") from None
+    backend = parsed.get_backend_name()
+    if backend not in DRIVERS:
+        raise FactlabError(f"--storage {storage_label(url)}: {backend} is not a database Optuna stores studies in; {hint}")
+    try:
+        parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise FactlabError(f"--storage {storage_label(url)}: SQLAlchemy has no driver {parsed.drivername!r}; {hint}") from None
+    except ImportError as e:
+        raise FactlabError(f"--storage {storage_label(url)}: its database driver is not installed ({e.name}); install "
+                           f"{DRIVERS[backend]} or name an installed driver in the URL") from None
+
+
+def _host() -> str:
+    return socket.gethostname()
 
 
 # ---------------------------------------------------------------------------------------
@@ -245,9 +303,90 @@ def _recover(study, pstudy, store: RunStore, console: Console) -> None:
             pstudy.tell(t.number, state=TrialState.FAIL)
 
 
-def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, on_stage=None, on_done=None):
+def _mark_local_runs(trials, store: RunStore, note: str) -> None:
+    """Failed trials' runs whose folders are on this host in `store` and still `running`
+    there: marked failed (another machine's store is out of reach; its own worker does it when
+    it starts again)."""
+    mine = [t.user_attrs["run_dir"] for t in trials if t.user_attrs.get("run_dir") and t.user_attrs.get("host") == _host()
+            and t.user_attrs.get("store") == str(store.path.resolve())]
+    if not mine:
+        return
+    running = {r["run_dir"] for r in store.runs(status="running")}
+    for run_dir in mine:
+        if run_dir in running:
+            store.mark(Path(run_dir), "failed", note)
+
+
+class _StaleTrial:
+    """The heartbeat_stale_trial_callback of a shared study: a trial whose worker stopped
+    sending heartbeats (already failed by Optuna) has its shadow pruning trial failed, its run
+    marked failed when the run is in this machine's store, and is queued again by Optuna's
+    RetryHeartbeatStaleTrialCallback (params, user attrs; the original number in
+    system_attrs["failed_trial"])."""
+
+    def __init__(self, store: RunStore, console: Console):
+        from optuna.exceptions import ExperimentalWarning
+        from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+        self.store, self.console, self.pstudy = store, console, None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
+
+    def __call__(self, study, trial) -> None:
+        from optuna.trial import TrialState
+
+        shadow = trial.user_attrs.get("prune_trial")
+        if self.pstudy is not None and shadow is not None:
+            self.pstudy.tell(shadow, state=TrialState.FAIL, skip_if_finished=True)
+        _mark_local_runs([trial], self.store, "its worker stopped (no heartbeat); retried")
+        self.retry(study, trial)
+        where = trial.user_attrs.get("host", "?")
+        self.console.print(f"[yellow]trial {trial.number} (on {where}) lost its worker: marked failed and queued again[/yellow]")
+
+
+def _shared_storage(url: str, heartbeat: int | None, on_stale: _StaleTrial | None, read_only: bool = False):
+    """Optuna's RDBStorage at `url`: with heartbeats and the stale-trial callback for a worker,
+    without (and without creating tables) for a reader."""
+    import optuna
+    import sqlalchemy.exc
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if read_only and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).is_file():
+        raise FactlabError(f"--storage {url}: {parsed.database} does not exist; give the SQLite file the study was run with")
+    kwargs = {} if read_only else {"heartbeat_interval": heartbeat, "grace_period": 2 * heartbeat,
+                                   "heartbeat_stale_trial_callback": on_stale}
+    if not read_only and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # SQLite makes the file, not its folder
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval: "experimental" since 2.x
+            return optuna.storages.RDBStorage(url, skip_table_creation=read_only,
+                                              engine_kwargs=None if parsed.get_backend_name() == "sqlite" else {"pool_pre_ping": True},
+                                              **kwargs)
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+        raise FactlabError(f"--storage {storage_label(url)}: cannot open the study storage ({first}); check the URL, "
+                           "that the database exists and that this machine may connect to it") from None
+
+
+def _same_attr(study, key: str, value, where: str, name: str) -> None:
+    """Workers sharing a study must run the same search: its objectives and space."""
+    stored = study.user_attrs.get(key)
+    if stored is not None and stored != json.loads(json.dumps(value)):
+        raise FactlabError(f"study {name} in {where} was started with another tune.{key}; give every worker the same "
+                           "experiment file, or another --study-name to start a new study")
+
+
+def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, on_stage=None, on_done=None,
+             storage: str | None = None, study_name: str | None = None, heartbeat: int = HEARTBEAT_SECONDS):
     """Run (or resume) the study of `exp.tune`; returns the Optuna study. `on_stage` and
-    `on_done` are the runner's presentation callbacks (see run_experiment), passed to every trial."""
+    `on_done` are the runner's presentation callbacks (see run_experiment), passed to every trial.
+    `storage`: an RDB URL shared by several workers (default: a SQLite file beside `store`,
+    one process at a time); `study_name` (default: the experiment's name) also names the
+    trials' sweep and run folders' parent."""
     import optuna
     from optuna.trial import TrialState
 
@@ -255,38 +394,71 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
 
     console = console or Console(stderr=True)
     t = exp.tune
+    if storage is not None:
+        check_storage_url(storage)
     sel_ids, rep_ids = check_tune(exp)
     _preflight_data_and_model(exp, console)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    name = exp.name
-    db = storage_path(store, name)
-    db.parent.mkdir(parents=True, exist_ok=True)
-    url = _storage_url(db)
+    name = study_name or exp.name
     directions = [o.direction for o in t.objectives]
     seed = exp.seed if t.seed is None else t.seed
+    on_stale = None
+    if storage is None:
+        db = storage_path(store, name)
+        db.parent.mkdir(parents=True, exist_ok=True)
+        where, url = str(db), _storage_url(db)
+    else:
+        where, on_stale = storage_label(storage), _StaleTrial(store, console)
+        url = _shared_storage(storage, heartbeat, on_stale)
     study = optuna.create_study(storage=url, study_name=name, directions=directions, load_if_exists=True,
                                 sampler=_samplers(t.sampler, seed))
     if [d.name.lower() for d in study.directions] != directions:
-        raise FactlabError(f"study {name} in {db} has other objectives ({len(study.directions)}); "
-                           "rename the experiment or delete that file to start a new study")
+        raise FactlabError(f"study {name} in {where} has other objectives ({len(study.directions)}); "
+                           + ("rename the experiment or delete that file to start a new study" if storage is None
+                              else "give another --study-name to start a new study"))
     attrs = {"objectives": [o.model_dump() for o in t.objectives], "select_probes": list(t.select_probes),
-             "eval_probes": list(exp.eval.probes), "space": {k: v.model_dump() for k, v in t.space.items()},
-             "store": str(store.path)}
+             "eval_probes": list(exp.eval.probes), "space": {k: v.model_dump() for k, v in t.space.items()}}
+    if storage is None:
+        attrs["store"] = str(store.path)
+    else:
+        for key in ("objectives", "space"):
+            _same_attr(study, key, attrs[key], where, name)
     for k, v in attrs.items():
-        study.set_user_attr(k, v)
-    # Reseed by history: a resumed study must not draw the first invocation's random points again.
-    study.sampler = _samplers(t.sampler, seed + len(study.trials))
+        if storage is None or k not in study.user_attrs:  # a shared study keeps its first worker's probe paths
+            study.set_user_attr(k, v)
+    # Reseed by history: a resumed study must not draw the first invocation's random points
+    # again; workers of a shared study must not draw each other's (they may start together).
+    salt = 0 if storage is None else zlib.crc32(f"{_host()}:{os.getpid()}".encode())
+    study.sampler = _samplers(t.sampler, (seed + len(study.trials) + salt) % 2**32)
     prune_metric = t.prune_metric or t.objectives[0].metric
     prune_dir = next((o.direction for o in t.objectives if o.metric == prune_metric),
                      "minimize" if prune_metric in STAGE_METRICS else "maximize")
     pstudy = (optuna.create_study(storage=url, study_name=f"{name}:prune", direction=prune_dir, load_if_exists=True,
                                   pruner=_pruner(exp, prune_dir)) if t.prune else None)
-    _recover(study, pstudy, store, console)
+    if storage is None:
+        _recover(study, pstudy, store, console)
+    else:
+        on_stale.pstudy = pstudy
+        # this machine's runs of trials that failed while it was away: failed in its store too
+        _mark_local_runs(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)), store, "its worker stopped; retried")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # trials left running by a dead worker (a retry is queued)
     for point in t.enqueue:
         study.enqueue_trial({k: _encode(v) for k, v in point.items()}, skip_if_exists=True)
 
-    finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    remaining = None if t.trials is None else max(0, t.trials - finished)
+    def taken() -> tuple[int, int]:
+        """(finished, running) trials of the study, every worker's."""
+        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+        return finished, len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def budget(study_, trial_) -> None:
+        # another worker's running trials count: they finish the budget without this one
+        if t.trials is not None and sum(taken()) >= t.trials:
+            study_.stop()
+
+    finished, running = taken()
+    remaining = None if t.trials is None else max(0, t.trials - finished - running)
     root = Path(exp.output_dir) / name
     cache = SweepCache()  # the untrained model's evaluation is shared by every trial
     # the cheap early signal: the first prune_probes selection probes (default: all of them)
@@ -300,7 +472,16 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
         if run_dir.exists():  # left by an interrupted invocation
             shutil.rmtree(run_dir)
         trial.set_user_attr("run_dir", str(run_dir))
-        shadow = pstudy.ask() if pstudy is not None else None
+        # where the run folder is: a shared study's report names it; a lost worker's run is marked by its own host
+        trial.set_user_attr("host", _host())
+        trial.set_user_attr("store", str(store.path.resolve()))
+        trial.set_user_attr("worker", f"{_host()}:{os.getpid()}")
+        with warnings.catch_warnings():
+            # the shadow trial has no heartbeat of its own: the stale-trial callback fails it with its trial
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+            shadow = pstudy.ask() if pstudy is not None else None
+        if shadow is not None:
+            trial.set_user_attr("prune_trial", shadow.number)
 
         def trial_on_stage(folder: RunFolder, record) -> None:
             if on_stage is not None:
@@ -345,6 +526,8 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
         reported = [metric_value(o.metric, rep, results, last) for o in t.objectives]
         trial.set_user_attr("report", {o.metric: v for o, v in zip(t.objectives, reported)})
         trial.set_user_attr("report_kinds", {k: s["accuracy"]["rate"] for k, s in summarize(rep).items()} if rep else {})
+        trial.set_user_attr("select_kinds", {k: s["accuracy"]["rate"] for k, s in summarize(sel).items()} if sel else {})
+        trial.set_user_attr("select", {o.metric: v for o, v in zip(t.objectives, chosen)})
         if shadow is not None:
             pv = metric_value(prune_metric, [r for r in rows if r["id"] in prune_ids], results, last)
             pstudy.tell(shadow, pv if pv is not None and not math.isnan(pv) else None,
@@ -356,11 +539,12 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
         return tuple(chosen) if len(chosen) > 1 else chosen[0]
 
     if remaining == 0:
-        console.print(f"[dim]study {name} already has {finished} finished trials (tune.trials = {t.trials})[/dim]")
+        busy = f" and {running} running" if running else ""
+        console.print(f"[dim]study {name} already has {finished} finished{busy} trials (tune.trials = {t.trials})[/dim]")
     else:
         t0 = time.perf_counter()
         study.optimize(objective, n_trials=remaining, timeout=t.timeout_minutes * 60 if t.timeout_minutes else None,
-                       catch=())
+                       catch=(), callbacks=[budget])
         console.print(f"[dim]study {name}: {time.perf_counter() - t0:.0f} s this invocation[/dim]")
     return study
 
@@ -402,15 +586,26 @@ def settings_text(params: dict) -> str:
     return " ".join(out)
 
 
-def load_study(store: RunStore, name: str):
-    """The Optuna study `name` beside `store`, or None when there is none."""
-    path = storage_path(store, name)
-    if not path.is_file():
-        return None
+def load_study(store: RunStore, name: str, storage: str | None = None):
+    """The Optuna study `name` in `storage` (an RDB URL) or beside `store`, or None when there is none."""
     import optuna
+
+    if storage is None:
+        path = storage_path(store, name)
+        if not path.is_file():
+            return None
+        url = _storage_url(path)
+    else:
+        check_storage_url(storage)
+        url = _shared_storage(storage, None, None, read_only=True)
+    import sqlalchemy.exc
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        return optuna.load_study(study_name=name, storage=_storage_url(path))
+        return optuna.load_study(study_name=name, storage=url)
     except KeyError:
         return None
+    except sqlalchemy.exc.SQLAlchemyError as e:  # e.g. a database without Optuna's tables
+        first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+        raise FactlabError(f"--storage {storage_label(storage or url)}: cannot read studies there ({first}); "
+                           "give the URL the study was run with") from None

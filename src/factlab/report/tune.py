@@ -99,13 +99,15 @@ def importance_rows(study) -> tuple[list[str], list[list[str]], str]:
         "few trials make these rough.")
 
 
-def tune_sections(name: str, store: RunStore) -> list[tuple]:
-    """The report sections of study `name` (stored beside `store`), or [] when there is none."""
+def tune_sections(name: str, store: RunStore, storage: str | None = None) -> list[tuple]:
+    """The report sections of study `name` (in `storage`, an RDB URL, or beside `store`), or []
+    when there is none. Everything comes from the study's storage (trials' values and user
+    attrs), so a study whose trials ran on other machines reports whole."""
     from optuna.trial import TrialState
 
     from factlab.experiment.tune import front_trials, load_study
 
-    study = load_study(store, name)
+    study = load_study(store, name, storage)
     if study is None:
         return []
     attrs = study.user_attrs
@@ -144,13 +146,19 @@ def tune_sections(name: str, store: RunStore) -> list[tuple]:
         steps = sorted(k for k in t.user_attrs if k.startswith("intermediate."))
         if t.state == TrialState.PRUNED and steps:
             return f"pruned at stage {int(steps[-1].split('.')[1]) + 1} ({_fmt(t.user_attrs[steps[-1]])})"
-        return t.state.name.lower()
+        # a retry: queued again by factlab (user attr) or by Optuna's stale-trial callback (system attr)
+        retry = t.user_attrs.get("retry_of", t.system_attrs.get("failed_trial"))
+        return t.state.name.lower() + (f" (retry of {retry})" if retry is not None else "")
 
-    trials = [[*row(t)[:1], state(t), *row(t)[1:], Path(t.user_attrs.get("run_dir", "")).name]
-              for t in study.get_trials(deepcopy=False)]
+    everything = study.get_trials(deepcopy=False)
+    hosts = {t.user_attrs.get("host") for t in everything} - {None}
+    trials = [[*row(t)[:1], state(t), *row(t)[1:], Path(t.user_attrs.get("run_dir", "")).name,
+               *([t.user_attrs.get("host", "-")] if len(hosts) > 1 else [])] for t in everything]
     sections.append(("table", "All trials", "Every trial of the study with its settings, state and run folder "
-                     "(pruned: stopped after an early stage; failed: interrupted or errored, retried).",
-                     ["trial", "state", *short, *ohead, "run"], trials))
+                     "(pruned: stopped after an early stage; failed: interrupted or errored, retried)"
+                     + (f"; the trials ran on {len(hosts)} hosts, each run folder is under its host's output folder."
+                        if len(hosts) > 1 else "."),
+                     ["trial", "state", *short, *ohead, "run", *(["host"] if len(hosts) > 1 else [])], trials))
     header, rows, note = importance_rows(study)
     sections.append(("table", "Which settings mattered", note, header, rows or [["-", *["-"] * len(objectives)]]))
     return [s for s in sections if s[0] == "table" or s[2] is not None]
