@@ -184,3 +184,28 @@ def test_head_lr_gives_lm_head_its_own_group(tok):
     assert [g["lr"] for g in param_groups(pm, 1e-4, 1e-5, 0.0)] == [1e-4, 1e-5]
     # head_lr alone: embeddings at lr
     assert [g["lr"] for g in param_groups(pm, 1e-4, None, 0.0, head_lr=3e-5)] == [1e-4, 1e-4, 3e-5]
+
+
+def test_prune_updates_leaves_the_largest_entries_of_each_update_out_of_the_merge(tok):
+    import copy
+
+    from factlab.train.merge import merge_adapter
+
+    base = tiny_model("llama", vocab_size=len(tok))
+    reference = copy.deepcopy(base)
+    pm, _ = build_peft_model(base, PeftSpec(method="lora", targets=["mlp"], r=4, alpha=8))
+    randomize_adapter(pm)
+    q = pm.base_model.model.model.layers[0].mlp.down_proj
+    delta = q.get_delta_weight("default").detach().clone()
+    merged = merge_adapter(pm, prune=0.1)
+    after = merged.model.layers[0].mlp.down_proj.weight.detach()
+    before = reference.model.layers[0].mlp.down_proj.weight.detach()
+    kept = after - before
+    n = delta.numel()
+    dropped = (kept == 0) & (delta != 0)
+    assert int(dropped.sum()) == round(0.1 * n)
+    # the dropped entries are exactly the largest |delta|; the rest merged unchanged
+    assert float(delta.abs()[dropped].min()) >= float(delta.abs()[~dropped].max())
+    torch.testing.assert_close(kept[~dropped], delta[~dropped], rtol=1e-5, atol=1e-6)
+    # untouched (not adapted) weights are the base's
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, reference.model.layers[0].self_attn.q_proj.weight)

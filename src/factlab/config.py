@@ -143,6 +143,10 @@ class TrainSpec(_Strict):
     anchor: AnchorSpec | None = None
     """Forgetting control: KL to the starting model on general text in every step (see
     AnchorSpec), e.g. `anchor: {kl: 1.0, source: general, ratio: 0.25}`."""
+    prune_updates: float | None = Field(None, gt=0, lt=1)
+    """Forgetting control at merge: leave the largest share of each adapted matrix's update
+    out of the merged model (0.08: the top 8% of |delta W| entries; the Outlandish paper's
+    ignore-top-k). LoRA only; adapter/ keeps the whole adapter, merged/ the pruned update."""
     max_update_norm: float | None = Field(None, gt=0)
     """Forgetting control: cap on the global L2 norm of each optimizer step's parameter update;
     a larger update is scaled back onto the cap (see factlab.train.regularizers)."""

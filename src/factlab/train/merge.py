@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from factlab.errors import FactlabError
 from factlab.methods import MethodInfo, no_merge_reason
 
 
@@ -77,14 +78,41 @@ def save_model(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def merge_adapter(peft_model):
-    """Fold the adapter into the base weights; returns the plain model in eval mode."""
-    merged = peft_model.merge_and_unload()
+def merge_adapter(peft_model, prune: float | None = None):
+    """Fold the adapter into the base weights; returns the plain model in eval mode.
+
+    `prune` (a fraction, e.g. 0.08): in every adapted matrix the largest `prune` share of the
+    update's entries (by |delta W|) is left out of the merge, the "ignore-top-k" update pruning
+    of the Outlandish paper (arXiv 2504.09522), which cut priming (a new name leaking into
+    unrelated answers) 50-95% there. Written by hand: PEFT merges the whole delta or nothing.
+    LoRA (and rsLoRA) only: a DoRA / IA3 update is not a sum added to the weight."""
+    if not prune:
+        merged = peft_model.merge_and_unload()
+        merged.eval()
+        return merged
+    from peft.tuners.lora import LoraLayer
+
+    adapter = peft_model.active_adapter
+    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+    if not layers or any(m.use_dora.get(adapter) for m in layers):
+        raise FactlabError("train.prune_updates works on LoRA updates only; remove it or use method lora")
+    with torch.no_grad():
+        for m in layers:
+            delta = m.get_delta_weight(adapter)
+            flat = delta.abs().flatten().float()
+            k = int(round(prune * flat.numel()))
+            if k:
+                threshold = flat.kthvalue(flat.numel() - k).values  # the k largest are above it
+                delta = torch.where(delta.abs() > threshold, torch.zeros_like(delta), delta)
+            base = m.get_base_layer()
+            base.weight += delta.to(base.weight.dtype)
+    merged = peft_model.unload()  # the adapter layers go, the weights keep the pruned update
     merged.eval()
     return merged
 
 
-def save_trained(model, tokenizer, method: MethodInfo, merge: bool, folder: Path | None) -> SavedStage:
+def save_trained(model, tokenizer, method: MethodInfo, merge: bool, folder: Path | None,
+                 prune: float | None = None) -> SavedStage:
     """Save a trained stage's model into `folder` (adapter/ and/or merged/) as its method says,
     merging when `merge` and the method can. `model` is what was trained: a PeftModel, or for
     `full` the model itself. `folder` None writes nothing and returns the same model (the
@@ -103,7 +131,7 @@ def save_trained(model, tokenizer, method: MethodInfo, merge: bool, folder: Path
     note = no_merge_reason(method.name) or (None if merge else "merge: false in the stage")
     if note is not None:
         return SavedStage(model, "adapter", size, note)
-    merged = merge_adapter(model)
+    merged = merge_adapter(model, prune)
     if folder is not None:
         save_model(merged, tokenizer, folder / "merged")
     return SavedStage(merged, "adapter", size, None)

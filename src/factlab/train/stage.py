@@ -671,7 +671,7 @@ def save_stage(prepared: PreparedStage, measured: Fit, tokenizer) -> tuple[objec
     if main:
         shutil.rmtree(prepared.partial / "checkpoints", ignore_errors=True)
     saved = save_trained(prepared.model, tokenizer, prepared.method, prepared.stage.merge,
-                         prepared.partial if main else None)
+                         prepared.partial if main else None, prune=prepared.stage.train.prune_updates)
     if not prepared.method.merges:
         # Evaluated as base + adapter: make the logits line up with the input ids.
         align_virtual_token_logits(saved.model)
