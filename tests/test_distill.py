@@ -308,3 +308,36 @@ def test_missing_inputs_are_reported_before_any_model(tmp_path):
     raw = load_stage_data(StageSpec.model_validate({"kind": "distill", "distill": {"facts": str(tmp_path / "facts.jsonl")}}),
                           corpus, None)
     assert raw.main == [DOCS[0]] and raw.distill.facts[0].object == "Korrin"
+
+
+def test_an_experiment_runs_cpt_then_distill_with_questions_and_replay(tmp_path, tiny_dir):
+    """The runner path: preflight reads the distill inputs, the distill stage's teacher is the
+    merged CPT model, replay blocks become KL-to-base examples, results and stage folders as for cpt."""
+    from factlab.experiment.runner import run_experiment
+
+    (tmp_path / "docs").mkdir()
+    for i, d in enumerate(DOCS):
+        (tmp_path / "docs" / f"d{i}.txt").write_text(d + "\n")
+    (tmp_path / "facts.jsonl").write_text("".join(json.dumps({"subject": f.subject, "relation": f.relation,
+                                                              "object": f.object}) + "\n" for f in FACTS))
+    (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "Where does Marta Ilvane work?", "answer": "At Korrin."}) + "\n")
+    (tmp_path / "probes.jsonl").write_text(json.dumps({"id": "p1", "kind": "recall", "prompt": "Marta Ilvane works at",
+                                                       "target": "Korrin", "distractors": ["Drevo"]}) + "\n")
+    train_cfg = {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "seq_len": 48, "bf16": False}
+    exp = experiment_from_dict({
+        "name": "d", "model": str(tiny_dir), "output_dir": str(tmp_path / "runs"),
+        "data": {"corpus": "docs", "qa": "qa.jsonl"},
+        "stages": [{"kind": "cpt", "peft": {"targets": ["mlp"], "r": 2}, "train": train_cfg},
+                   {"kind": "distill", "data": {"replay": {"source": "general", "ratio": 0.5}},
+                    "distill": {"facts": "facts.jsonl", "top_k": 8, "answer_tokens": 4},
+                    "peft": {"targets": ["mlp"], "r": 2}, "train": train_cfg}],
+        "eval": {"probes": "probes.jsonl", "sampling": {"n": 0}, "builtin_general_text": False},
+    }, base=tmp_path)
+    run_dir = run_experiment(exp)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["summaries"]) == {"base", "cpt", "distill"}
+    (stage_dir,) = [p for p in (run_dir / "stages").iterdir() if p.name.endswith("distill")]
+    train = json.loads((stage_dir / "train.json").read_text())
+    assert train["kind"] == "distill" and train["steps"] == 2 and train["merged"]
+    assert train["plan"]["replay_examples"] >= 1 and train["plan"]["documents"] == 3
+    assert (stage_dir / "adapter" / "adapter_config.json").is_file() and (stage_dir / "merged").is_dir()
