@@ -91,8 +91,9 @@ def test_topk_kl_equals_the_full_kl_when_k_is_the_vocabulary(tok, chunked):
 
 
 def test_topk_kl_is_a_lower_bound_and_the_gap_shrinks_with_k():
-    # Measured gap (stated in the README): peaked teacher rows (logits ~ 8 * N(0,1), vocabulary
-    # 400) against a perturbed student: k=32 keeps ~99.9% of the KL, k=8 ~98%.
+    # The gap the README states: peaked teacher rows (logits ~ 8 N(0,1), vocabulary 400) against
+    # a perturbed student (+ 2 N(0,1)), full KL 0.71 nats per row: the top-k KL misses 36% at
+    # k=1, 2.2% at k=8, 0.03% at k=32, 0.002% at k=64, nothing at k=400.
     gen = torch.Generator().manual_seed(0)
     t = 8 * torch.randn(64, 400, generator=gen)
     s = t + 2 * torch.randn(64, 400, generator=gen)

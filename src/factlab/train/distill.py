@@ -23,9 +23,9 @@ A question's continuation is the teacher's own greedy answer (`answers: teacher`
 prompt up to the end of the sentence, a chat answer up to EOS) or the known answer
 (`answers: known`: " object" / " subject", the Q&A answer and EOS).
 
-The context (`context`): `relevant` = the documents that name a subject of `distill.facts`
-that the example names (a document is never in its own context unless `include_self`: the
-teacher would copy it), `all` = every document (minus the example's own).
+The context (`context`): `relevant` = the documents about the subjects (of `distill.facts`)
+the example is about (see _Contexts; a document is never in its own context unless
+`include_self`: the teacher would copy it), `all` = every document (minus the example's own).
 
 Cheap by construction: the teacher is fixed, so its distributions are computed once, before
 training (`attach_teacher`), and stored as the top-k log-probabilities, their token ids and
@@ -108,27 +108,45 @@ def load_distill_inputs(spec: DistillSpec, qa: str | None) -> DistillInputs:
     return out
 
 
-def _mentions(text: str, names: list[str]) -> set[str]:
-    return {n for n in names if re.search(r"(?<!\w)" + re.escape(n) + r"(?!\w)", text)}
+def _counts(text: str, names: list[str]) -> dict[str, int]:
+    out = {n: len(re.findall(r"(?<!\w)" + re.escape(n) + r"(?!\w)", text)) for n in names}
+    return {n: c for n, c in out.items() if c}
+
+
+def _topic(text: str, names: list[str]) -> set[str]:
+    """The subject(s) a text is about: those it names most often."""
+    counts = _counts(text, names)
+    top = max(counts.values(), default=0)
+    return {n for n, c in counts.items() if c == top}
 
 
 class _Contexts:
-    """The teacher's context text of each example (see the module docstring)."""
+    """The teacher's context text of each example (see the module docstring). With
+    `relevant`, a document's topic is the subject it names most often (a subject's document
+    names it in every sentence; a firm or town it merely mentions is not its topic), and an
+    example gets the documents whose topic it asks about: a document the other documents of
+    its topic, a cloze question those of its fact's subject, a chat question those of the
+    subjects it names."""
 
     def __init__(self, docs: list[str], facts: list, mode: str, include_self: bool):
         self.docs, self.mode, self.include_self = docs, mode, include_self
-        self.names = sorted({f.subject for f in facts}, key=len, reverse=True)
-        self.doc_names = [_mentions(d, self.names) for d in docs]
+        self.names = sorted({f.subject for f in facts})
+        self.topics = [_topic(d, self.names) for d in docs]
 
-    def for_text(self, text: str, own: int | None = None) -> str:
+    def for_names(self, names: set[str], own: int | None = None) -> str:
         if self.mode == "all":
             keep = list(range(len(self.docs)))
         else:
-            names = _mentions(text, self.names)
-            keep = [i for i, n in enumerate(self.doc_names) if n & names]
+            keep = [i for i, t in enumerate(self.topics) if t & names]
         if own is not None and not self.include_self:
             keep = [i for i in keep if i != own]
         return "\n\n".join(self.docs[i] for i in keep)
+
+    def for_document(self, i: int) -> str:
+        return self.for_names(self.topics[i], own=i)
+
+    def for_question(self, text: str) -> str:
+        return self.for_names(set(_counts(text, self.names)))
 
 
 def _item(kind, student_prompt, teacher_prompt, continuation, stop="eos", max_new=0) -> dict:
@@ -143,7 +161,7 @@ def _document_items(tokenizer, docs, contexts: _Contexts, seq_len: int, cache: T
     for i, doc in enumerate(docs):
         ids = list(tokenizer(doc, add_special_tokens=True)["input_ids"])
         lead = 1 if bos is not None and len(ids) > 1 and ids[0] == bos else 0
-        ctx = contexts.for_text(doc, own=i)
+        ctx = contexts.for_document(i)
         ctx_ids = cache.encode(ctx + CONTEXT_SEPARATOR) if ctx else []
         for start in range(lead, len(ids) - 1, seq_len - 1 - lead):
             piece = ids[start:start + seq_len - lead]
@@ -167,11 +185,11 @@ def _question_items(tokenizer, spec: DistillSpec, inputs: DistillInputs, docs, c
     seen: set[tuple[str, str]] = set()
     invertible = invertible_relations(inputs.facts) if inputs.facts else set()
 
-    def cloze(kind: str, prompt: str, answer: str, about: str) -> None:
+    def cloze(kind: str, prompt: str, answer: str, subject: str) -> None:
         if prompt not in corpus or (prompt, answer) in seen:
             return  # only wordings the documents already contain (no held-out probe wording)
         seen.add((prompt, answer))
-        ctx = contexts.for_text(about)
+        ctx = contexts.for_names({subject})
         teacher = f"{ctx}{CONTEXT_SEPARATOR}{prompt}" if ctx else prompt
         if known:
             ps, cont = cache.split_pair(prompt, " " + answer)
@@ -191,7 +209,7 @@ def _question_items(tokenizer, spec: DistillSpec, inputs: DistillInputs, docs, c
         question = next(m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user") if len(msgs) > 1 else None
         if question is None:
             continue
-        ctx = contexts.for_text(question)
+        ctx = contexts.for_question(question)
         student = chat_prompt(tokenizer, question)
         teacher = chat_prompt(tokenizer, f"{ctx}{CONTEXT_SEPARATOR}{question}" if ctx else question)
         ps = tokenizer(student, add_special_tokens=False)["input_ids"]
