@@ -342,3 +342,10 @@ def test_an_experiment_runs_cpt_then_distill_with_questions_and_replay(tmp_path,
     assert train["kind"] == "distill" and train["steps"] == 2 and train["merged"]
     assert train["plan"]["replay_examples"] >= 1 and train["plan"]["documents"] == 3
     assert (stage_dir / "adapter" / "adapter_config.json").is_file() and (stage_dir / "merged").is_dir()
+
+
+def test_a_teacher_prompt_longer_than_the_model_context_is_refused(tok):
+    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=32)
+    spec, items = items_for(tok, context="all")
+    with pytest.raises(FactlabError, match="longer than the model's context"):
+        attach_teacher(model, tok, items, spec, seq_len=64)

@@ -206,7 +206,7 @@ def _question_items(tokenizer, spec: DistillSpec, inputs: DistillInputs, docs, c
             for t in spec_r.reverse_doc:
                 cloze("reverse", prefix(t, "s", o=f.object), f.subject, f.subject)
     for msgs in inputs.conversations:
-        question = next(m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user") if len(msgs) > 1 else None
+        question = next((m["content"] for m in reversed(msgs[:-1]) if m["role"] == "user"), None)
         if question is None:
             continue
         ctx = contexts.for_question(question)
@@ -323,6 +323,14 @@ def attach_teacher(model, tokenizer, items: list[dict], spec: DistillSpec, seq_l
     keeping its top-k distribution at every continuation token. Returns new dicts
     {input_ids, attention_mask, labels, teacher_logp, teacher_idx, teacher_tail}; the student
     sequence is cut to `seq_len` tokens (its teacher rows with it)."""
+    from factlab.evaluate.lm import max_positions
+
+    limit = max_positions(model)
+    longest = max((len(it["teacher_prompt"]) + (len(it["continuation"]) if it["continuation"] is not None else it["max_new"])
+                   for it in items), default=0)
+    if limit is not None and longest > limit:
+        raise FactlabError(f"distill: a teacher prompt with its documents is {longest} tokens, longer than the model's "
+                           f"context ({limit}); use distill.context: relevant with distill.facts, or a shorter corpus")
     was_training = model.training
     model.eval()
     try:
