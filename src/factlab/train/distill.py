@@ -38,7 +38,8 @@ else, for the student the mass it puts outside those k tokens:
 This is exact when k equals the vocabulary (no tail), and never larger than the full KL
 (merging bins can only lose divergence, by the log-sum inequality): what it drops is how
 differently the two models spread the tail mass over the tail tokens. tests/test_distill.py
-measures the gap on a tiny model; the README states it.
+measures the gap on peaked synthetic rows (k=32: 0.03% of the full KL); on SmolLM2 at the
+start of a stage it was 5.0% at k=32 and 3.9% at k=64 (README).
 
 The loss is computed from the labelled positions only, with lm_head applied in chunks inside
 one autograd Function (as factlab.train.loss does for cross-entropy), so no [batch, seq,
