@@ -211,8 +211,9 @@ class DistillSpec(_Strict):
     relations: str | None = None
     """Relations file (as `factlab data augment --relations`) for relations the registry lacks."""
     context: Literal["relevant", "all"] = "relevant"
-    """The teacher's prompt: `relevant` = the documents naming a subject the example names
-    (needs `facts`), `all` = every document."""
+    """The teacher's prompt: `relevant` = the documents about the subjects the example is
+    about (a document's subject: the one it names most; needs `facts`), `all` = every
+    document. A document is never in its own context unless `include_self`."""
     include_self: bool = False
     """Put a document in its own teacher's context too (the teacher then mostly copies it)."""
     answers: Literal["teacher", "known"] = "teacher"
