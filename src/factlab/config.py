@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from factlab.errors import FactlabError
-from factlab.methods import lora_family, methods
+from factlab.methods import lora_family, method_info, methods
 
 
 class _Strict(BaseModel):
@@ -222,9 +222,40 @@ class StageData(DataSpec):
     """Mix plain text into this stage (see ReplaySpec)."""
 
 
+class DistillSpec(_Strict):
+    """`kind: distill`: self-distillation from the stage's starting model with the documents in
+    its prompt (the teacher) into the model without them (the student); see
+    factlab.train.distill."""
+
+    top_k: int = Field(32, gt=0)
+    """Teacher tokens kept per position (their log-probs, plus one bucket for the rest)."""
+    temperature: float = Field(1.0, gt=0)
+    """Softmax temperature of teacher and student (the loss is scaled by its square)."""
+    questions: bool = True
+    """Also distil answers to questions: forward and reverse cloze questions from `facts`
+    (training wordings found in the documents only) and chat questions from data.qa."""
+    facts: str | None = None
+    """Fact table (.csv/.tsv/.jsonl) or synth world: the subjects that pick each example's
+    context (`context: relevant`) and the facts the cloze questions ask."""
+    relations: str | None = None
+    """Relations file (as `factlab data augment --relations`) for relations the registry lacks."""
+    context: Literal["relevant", "all"] = "relevant"
+    """The teacher's prompt: `relevant` = the documents about the subjects the example is
+    about (a document's subject: the one it names most; needs `facts`), `all` = every
+    document. A document is never in its own context unless `include_self`."""
+    include_self: bool = False
+    """Put a document in its own teacher's context too (the teacher then mostly copies it)."""
+    answers: Literal["teacher", "known"] = "teacher"
+    """A question's continuation: the in-context teacher's greedy answer, or the known answer
+    (the fact's object / subject, the Q&A answer)."""
+    answer_tokens: int = Field(48, gt=0)
+    """Token budget of the teacher's greedy chat answers."""
+
+
 class StageSpec(_Strict):
-    kind: Literal["cpt", "sft"]
-    """`cpt`: raw text, packed. `sft`: chat-formatted Q&A, loss on the answer only."""
+    kind: Literal["cpt", "sft", "distill"]
+    """`cpt`: raw text, packed. `sft`: chat-formatted Q&A, loss on the answer only.
+    `distill`: KL to the in-context teacher on the documents and on questions (see `distill`)."""
     name: str | None = None
     """Folder/column name of this stage (default: its kind, numbered if repeated)."""
     data: StageData = Field(default_factory=StageData)
@@ -232,6 +263,19 @@ class StageSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     merge: bool = True
     """Merge the adapter into the weights after training and save the merged model."""
+    distill: DistillSpec | None = None
+    """Settings of a `kind: distill` stage (default: DistillSpec's defaults)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "StageSpec":
+        if self.kind == "distill" and self.distill is None:
+            self.distill = DistillSpec()
+        elif self.kind != "distill" and self.distill is not None:
+            raise ValueError(f"distill settings apply to kind: distill, not to kind: {self.kind}; remove them")
+        if self.kind == "distill" and self.peft.method in methods() and not method_info(self.peft.method).merges:
+            raise ValueError(f"kind: distill does not support peft.method {self.peft.method} (virtual tokens); "
+                             "use lora, dora, ia3 or full")
+        return self
 
 
 class SamplingSpec(_Strict):
@@ -648,6 +692,9 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
             d.qa = fix(d.qa)
         if getattr(d, "replay", None):
             d.replay.source = [p if p in ("corpus", "general") else fix(p) for p in d.replay.source]
+    for st in exp.stages:
+        if st.distill is not None:
+            st.distill.facts, st.distill.relations = (fix(p) if p else None for p in (st.distill.facts, st.distill.relations))
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
     if exp.tune is not None:
         exp.tune.select_probes = [fix(p) for p in exp.tune.select_probes]

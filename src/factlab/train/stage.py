@@ -114,6 +114,8 @@ class StageInputs:
 
     main: list
     replay_docs: list[str] = field(default_factory=list)
+    distill: object = None
+    """A distill stage's facts and Q&A (factlab.train.distill.DistillInputs)."""
     anchor_docs: list[str] = field(default_factory=list)
     """General text for train.anchor (factlab.train.anchor)."""
 
@@ -125,10 +127,15 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
     what the source "general" means (default: the builtin replay text; the runner passes
     factlab.data.replay.replay_documents_for's text once the model is loaded).
     `substitute` rewrites every document (CPT text and replay) as it is read."""
-    if stage.kind == "cpt":
+    extra = None
+    if stage.kind in ("cpt", "distill"):
         if not corpus:
-            raise FactlabError("a cpt stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
+            raise FactlabError(f"a {stage.kind} stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
         main = load_documents(corpus)
+        if stage.kind == "distill":
+            from factlab.train.distill import load_distill_inputs
+
+            extra = load_distill_inputs(stage.distill, qa)
     else:
         if not qa:
             raise FactlabError("an sft stage needs Q&A: set data.qa (or the stage's data.qa) to a JSONL file")
@@ -138,11 +145,11 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
     anchor = stage.train.anchor
     anchor_docs = _source_documents(anchor.source, corpus, "train.anchor", general) if anchor else []
     if substitute:
-        if stage.kind == "cpt":
+        if stage.kind in ("cpt", "distill"):
             main = [swap(d, substitute)[0] for d in main]
         replay_docs = [swap(d, substitute)[0] for d in replay_docs]
         anchor_docs = [swap(d, substitute)[0] for d in anchor_docs]
-    return StageInputs(main, replay_docs, anchor_docs)
+    return StageInputs(main, replay_docs, extra, anchor_docs)
 
 
 def _source_documents(sources: list[str], corpus: list[str] | None, what: str,
@@ -190,7 +197,19 @@ class StageExamples(list):
 
 def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: int = 0) -> StageExamples:
     """Tokenized training examples ({input_ids, attention_mask, labels}) from load_stage_data(),
-    with replay blocks appended (the Trainer shuffles)."""
+    with replay blocks appended (the Trainer shuffles). A distill stage's are its distillation
+    items (factlab.train.distill.distill_items), which prepare_stage completes with the
+    teacher's targets once the stage's starting model is at hand."""
+    if stage.kind == "distill":
+        from factlab.train.distill import distill_items
+
+        tr = stage.train
+        replay = []
+        if stage.data.replay:
+            replay = replay_blocks(tokenizer, data.replay_docs, len(data.main), stage.data.replay.ratio, tr.seq_len, seed)
+        examples = StageExamples(distill_items(tokenizer, stage.distill, data.main, data.distill, tr.seq_len, replay))
+        examples.sources, examples.replay = len(data.main), len(replay)
+        return examples
     if stage.kind == "cpt":
         examples = StageExamples(cpt_examples(tokenizer, data.main, stage.train.seq_len, stage.train.packing))
     else:
@@ -377,13 +396,15 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     precision = stage_precision(tr.bf16, device)
     bf16 = precision == "bf16"
     per_process = distributed.per_process_batch(tr.batch_size, name)
+    if stage.kind == "distill":
+        examples = _distill_targets(model, tokenizer, stage, method, examples, precision, console)
     train_ex, eval_ex = split_heldout(examples, tr.eval_fraction, seed)
     plan = plan_stage(train_ex, batch_size=tr.batch_size, grad_accum=tr.grad_accum, epochs=tr.epochs,
                       max_steps=tr.max_steps, replay_examples=getattr(examples, "replay", 0),
                       heldout_examples=len(eval_ex), documents=getattr(examples, "sources", None) or None)
     console.print(f"stage {name}: {plan.optimizer_steps} optimizer steps of {plan.batch_size} examples, "
                   f"{plan.examples} examples ({plan.replay_examples} replay) from {plan.documents} "
-                  f"{'documents' if stage.kind == 'cpt' else 'conversations'}, each seen {plan.exposures:g} times, "
+                  f"{'conversations' if stage.kind == 'sft' else 'documents'}, each seen {plan.exposures:g} times, "
                   f"{plan.tokens:,} tokens", markup=False, highlight=False)
     if (w := plan_warning(plan, name)) is not None:
         console.print(f"warning: {w}", style="yellow", markup=False, highlight=False)
@@ -409,7 +430,12 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     callbacks: list[TrainerCallback] = [RichProgress(console, f"{name} ({stage.kind}, {method.name})")]
     if tr.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=tr.early_stopping_patience))
-    trainer = RegularizedTrainer(
+    trainer_cls, extra = RegularizedTrainer, {}
+    if stage.kind == "distill":
+        from factlab.train.distill import DistillTrainer
+
+        trainer_cls, extra = DistillTrainer, {"temperature": stage.distill.temperature, "chunked": path.name == "fused"}
+    trainer = trainer_cls(
         model=peft_model,
         args=args,
         train_dataset=train_ex,
@@ -419,6 +445,7 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
         optimizers=(optimizer, None),
         l2_to_base=l2,
         l2_coef=tr.l2_to_base,
+        **extra,
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar replaces the printed log dicts
     if tr.anchor:
@@ -438,6 +465,24 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
                          train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan, precision, path)
 
 
+def _distill_targets(model, tokenizer, stage: StageSpec, method: MethodInfo, items: list[dict], precision: str,
+                     console: Console) -> StageExamples:
+    """A distill stage's training examples: its items with the teacher's top-k targets,
+    computed from `model` as it starts the stage (no adapter yet: the teacher is the starting
+    model itself)."""
+    from factlab.train.distill import attach_teacher, describe, refuse_prompt_methods
+
+    refuse_prompt_methods(method.name, not method.merges)
+    t0 = time.perf_counter()
+    examples = StageExamples(attach_teacher(model, tokenizer, items, stage.distill, stage.train.seq_len, precision))
+    examples.sources, examples.replay = getattr(items, "sources", 0), getattr(items, "replay", 0)
+    if not examples:
+        raise FactlabError("the distill stage has nothing to distil: every document and answer is empty")
+    console.print(f"distill teacher: {describe(examples)} examples, top-{stage.distill.top_k} targets "
+                  f"in {time.perf_counter() - t0:.1f} s", markup=False, highlight=False)
+    return examples
+
+
 def stage_collator(model, tokenizer, stage: StageSpec, method: MethodInfo):
     """The batch builder of a stage.
 
@@ -455,6 +500,10 @@ def stage_collator(model, tokenizer, stage: StageSpec, method: MethodInfo):
     (their virtual tokens shift every position), NEFTune (its noise scale depends on the padded
     length), and any model for which flattening_keeps_documents_apart() fails.
     """
+    if stage.kind == "distill":
+        from factlab.train.distill import DistillCollator
+
+        return DistillCollator(tokenizer)
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     tr = stage.train
     if stage.kind != "cpt" or tr.packing != "documents" or not method.merges or tr.neftune_alpha:
