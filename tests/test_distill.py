@@ -311,7 +311,11 @@ def test_missing_inputs_are_reported_before_any_model(tmp_path):
     assert raw.main == [DOCS[0]] and raw.distill.facts[0].object == "Korrin"
 
 
-def test_an_experiment_runs_cpt_then_distill_with_questions_and_replay(tmp_path, tiny_dir):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_an_experiment_runs_cpt_then_distill_with_questions_and_replay(tmp_path, tiny_dir, bf16):
+    """bf16: the stages under bf16 autocast with frozen bf16 weights (emulated on CPUs without
+    native bf16, so it runs everywhere), the distill stage with train.anchor as well: the loss
+    and the anchor call the model's body directly and must enter the stage's autocast."""
     """The runner path: preflight reads the distill inputs, the distill stage's teacher is the
     merged CPT model, replay blocks become KL-to-base examples, results and stage folders as for cpt."""
     from factlab.experiment.runner import run_experiment
@@ -324,14 +328,15 @@ def test_an_experiment_runs_cpt_then_distill_with_questions_and_replay(tmp_path,
     (tmp_path / "qa.jsonl").write_text(json.dumps({"question": "Where does Marta Ilvane work?", "answer": "At Korrin."}) + "\n")
     (tmp_path / "probes.jsonl").write_text(json.dumps({"id": "p1", "kind": "recall", "prompt": "Marta Ilvane works at",
                                                        "target": "Korrin", "distractors": ["Drevo"]}) + "\n")
-    train_cfg = {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "seq_len": 48, "bf16": False}
+    train_cfg = {"lr": 1e-3, "max_steps": 2, "batch_size": 4, "seq_len": 48, "bf16": bf16}
     exp = experiment_from_dict({
         "name": "d", "model": str(tiny_dir), "output_dir": str(tmp_path / "runs"),
         "data": {"corpus": "docs", "qa": "qa.jsonl"},
         "stages": [{"kind": "cpt", "peft": {"targets": ["mlp"], "r": 2}, "train": train_cfg},
                    {"kind": "distill", "data": {"replay": {"source": "general", "ratio": 0.5}},
                     "distill": {"facts": "facts.jsonl", "top_k": 8, "answer_tokens": 4},
-                    "peft": {"targets": ["mlp"], "r": 2}, "train": train_cfg}],
+                    "peft": {"targets": ["mlp"], "r": 2},
+                    "train": {**train_cfg, **({"anchor": {"ratio": 0.25, "seq_len": 16}} if bf16 else {})}}],
         "eval": {"probes": "probes.jsonl", "sampling": {"n": 0}, "builtin_general_text": False},
     }, base=tmp_path)
     run_dir = run_experiment(exp)

@@ -477,7 +477,10 @@ class _DistillLoss(Trainer):
         targets = tuple(inputs.pop(k) for k in TEACHER_KEYS)
         labels = inputs.pop("labels")
         inputs.pop("num_items_in_batch", None)
-        total, n = distill_loss_sum(model, inputs, labels, targets, self.distill_temperature, self.distill_chunked)
+        # The body is called directly (not through the forward accelerate wraps in autocast),
+        # so the stage's autocast is entered here: with bf16 the frozen weights are bf16.
+        with self.accelerator.autocast():
+            total, n = distill_loss_sum(model, inputs, labels, targets, self.distill_temperature, self.distill_chunked)
         # Normalised like the model's own loss: over the accumulated batch's labelled tokens
         # when the Trainer counts them (it then does not divide by the accumulation steps),
         # else a mean over this batch's.
