@@ -29,17 +29,15 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A finished tiny run folder (factlab run in a subprocess): one merged LoRA stage named `cpt`."""
+def _finished_tiny_run(tmp, tok):
+    """`factlab run` (in a subprocess) of one merged LoRA stage named `cpt` on a tiny random llama
+    with tokenizer `tok`; returns the run folder."""
     import json
     import subprocess
     import sys
 
     import yaml
 
-    tmp = tmp_path_factory.mktemp("export-run")
-    tok = tiny_tokenizer()
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
     (tmp / "docs.txt").write_text("Marta Ilvane runs the press line. Jonas Perl leads the night shift.\n")
@@ -55,3 +53,18 @@ def tiny_run(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "factlab", "run", str(tmp / "exp.yaml")], check=True, capture_output=True)
     (run,) = [p for p in (tmp / "runs").iterdir() if p.is_dir()]
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny run folder (factlab run in a subprocess): one merged LoRA stage named `cpt`."""
+    return _finished_tiny_run(tmp_path_factory.mktemp("export-run"), tiny_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def smol_run(tmp_path_factory):
+    """tiny_run with the real SmolLM2 tokenizer (49152 tokens), for what needs a tokenizer that
+    llama.cpp knows (GGUF export)."""
+    from factlab.testing import smollm2_tokenizer
+
+    return _finished_tiny_run(tmp_path_factory.mktemp("smol-run"), smollm2_tokenizer())
