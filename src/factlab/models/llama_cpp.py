@@ -9,6 +9,7 @@ greedy completion from given ids) are only on the native endpoints of the server
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -84,8 +85,13 @@ class LlamaCpp:
     def _post(self, endpoint: str, body: dict) -> dict:
         req = urllib.request.Request(self._address + endpoint, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=600) as r:
-            return json.loads(r.read())
+        # the server is on 127.0.0.1: never through an http_proxy from the environment
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=600) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:  # e.g. a prompt longer than the context
+            detail = e.read().decode("utf-8", errors="replace").replace("\n", " ")[:200]
+            raise FactlabError(f"llama.cpp refused a {endpoint} request ({e.code}: {detail})") from None
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """llama.cpp's token ids for `text` (with BOS/EOS as the file's add_bos/add_eos say)."""
@@ -124,9 +130,10 @@ def compare_with_llama_cpp(model, tokenizer, gguf_path: Path, prompts: list[str]
     three prompts. FactlabError when llama.cpp cannot load the file.
     """
     out = {"prompts": len(prompts), "tokens_same": 0, "greedy_same": 0, "first_token_same": 0, "examples": []}
-    with LlamaCpp(Path(gguf_path)) as cpp:
-        for text in prompts:
-            ids = tokenizer(text).input_ids
+    all_ids = [tokenizer(text).input_ids for text in prompts]
+    n_ctx = max([len(ids) for ids in all_ids] + [0]) + n_tokens + 64  # the longest prompt and its continuation
+    with LlamaCpp(Path(gguf_path), n_ctx=max(n_ctx, 256)) as cpp:
+        for text, ids in zip(prompts, all_ids):
             out["tokens_same"] += cpp.tokenize(text) == ids
             a = greedy_transformers(model, ids, n_tokens, tokenizer.eos_token_id)
             b = cpp.greedy(ids, n_tokens)
