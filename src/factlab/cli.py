@@ -534,7 +534,7 @@ def export(
     gguf: Annotated[Path, typer.Option("--gguf", help="Output .gguf file.")],
     stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to export (default: the last).")] = None,
     type_: Annotated[str, typer.Option("--type", help="f16 (half precision) or q8_0 (8-bit blocks).")] = "f16",
-    verify: Annotated[bool, typer.Option("--verify", help="Read the file back with transformers and compare log-probs on the run's probes.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Load the file in llama.cpp (xllamacpp) and compare its tokens and greedy answers with the model's on the run's probes; then read it back with transformers and compare log-probs.")] = False,
     probes: Annotated[Optional[list[Path]], typer.Option("--probes", "-p", help="Probe JSONL for --verify (default for a run folder: its own).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
@@ -559,14 +559,21 @@ def export(
         import yaml
 
         from factlab.experiment.evaluation import load_probe_files
-        from factlab.models.gguf_export import verify_gguf
+        from factlab.models.gguf_export import verify_gguf, verify_in_llama_cpp
 
         run_cfg = Path(model_or_run) / "config.yaml"
         if not probes and run_cfg.is_file():
             probes = [Path(p) for p in (yaml.safe_load(run_cfg.read_text()).get("eval", {}) or {}).get("probes", [])]
         if not probes:
             raise FactlabError("--verify needs probes; give --probes FILE (JSONL)")
-        v = verify_gguf(Path(target[1]), path, load_probe_files([str(p) for p in probes]))
+        probe_list = load_probe_files([str(p) for p in probes])
+        c = verify_in_llama_cpp(Path(target[1]), path, probe_list)
+        Console(soft_wrap=True).print(
+            f"llama.cpp loads {path.name}: tokenization same as transformers on {c['tokens_same']}/{c['prompts']} probes, "
+            f"greedy continuation ({c['n_tokens']} tokens) same on {c['greedy_same']}/{c['prompts']} (first token on {c['first_token_same']}/{c['prompts']})")
+        for prompt, a, b in c["examples"]:
+            Console(soft_wrap=True).print(f"  {prompt!r}: transformers {a!r}, llama.cpp {b!r}", markup=False)
+        v = verify_gguf(Path(target[1]), path, probe_list)
         Console(soft_wrap=True).print(f"round trip through transformers on {v['probes']} probes: next-token log-prob max |diff| "
                         f"{v['next_token_max_abs']:.2e}, candidate log-prob/token max |diff| {v['candidate_max_abs']:.2e}, "
                         f"candidate verdict same on {v['correct_same']}/{v['probes']} (correct {v['correct_before']} -> {v['correct_after']}), "

@@ -1,9 +1,9 @@
 """Write a Hugging Face model folder (a run's merged model) as one GGUF file for llama.cpp,
 Ollama or LM Studio, with the `gguf` package that llama.cpp itself publishes.
 
-What is written follows llama.cpp's `convert_hf_to_gguf.py`, and is exactly what transformers'
-GGUF loader (`modeling_gguf_pytorch_utils.py`, `integrations/ggml.py`) reads back, so the round
-trip can be checked without any other runtime:
+What is written follows llama.cpp's `convert_hf_to_gguf.py`; the file loads in llama.cpp (checked
+with xllamacpp, see llama_cpp.py) and transformers' GGUF loader (`modeling_gguf_pytorch_utils.py`,
+`integrations/ggml.py`) reads it back too:
 
 - tensor names from gguf's own table (`gguf.get_tensor_name_map`: `token_embd`, `blk.N.attn_q`,
   ..., `output_norm`, `output`), which is also the table transformers inverts when loading;
@@ -15,11 +15,14 @@ trip can be checked without any other runtime:
   (blocks of 32 along a row; a row length not divisible by 32 stays f16);
 - the byte-level BPE tokenizer as `tokenizer.ggml.model = gpt2` with tokens, token types,
   merges, special ids and the chat template (`gguf.SpecialVocab` reads the last three from the
-  folder the way llama.cpp's converter does).
+  folder the way llama.cpp's converter does), `tokenizer.ggml.pre` identified by llama.cpp's own
+  hash table (a tokenizer llama.cpp does not know is refused, not written), and
+  `add_bos_token`/`add_eos_token` as the tokenizer actually encodes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,25 +61,43 @@ def _permute(w: np.ndarray, n_head: int, n_head_kv: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, from its pre-tokenizer.
+def llama_cpp_pre_tokenizer(tokenizer) -> str | None:
+    """llama.cpp's name for the tokenizer's pre-tokenizer (`tokenizer.ggml.pre`), or None.
 
-    llama.cpp identifies pre-tokenizers by a hash of known tokenizers' output; we recognise the
-    shapes factlab meets: SmolLM's (digits split one by one), Llama 3's and Qwen2's split regex,
-    else plain GPT-2.
+    Decided as llama.cpp's converter decides it (`get_vocab_base_pre`): the sha256 of the token
+    ids the tokenizer gives for a fixed check text, looked up in llama.cpp's table of known
+    tokenizers (llama_cpp_pre.py, copied from the llama.cpp that xllamacpp ships). The hash
+    covers the vocabulary and the splitting rules together, so a retrained vocabulary is unknown
+    even when its rules are GPT-2's: llama.cpp would not know how to split its text either.
     """
-    text = json.dumps(tokenizer_json.get("pre_tokenizer"))
-    if '"Digits"' in text and '"individual_digits": true' in text:
-        return "smollm"
-    if "\\\\p{N}{1,3}" in text:
-        return "llama-bpe"
-    if "\\\\p{N}|" in text or "\\\\p{N}| ?" in text:
-        return "qwen2"
-    return "gpt2"
+    from factlab.models.llama_cpp_pre import CHECK_TEXT, PRE_TOKENIZERS
+
+    ids = tokenizer.encode(CHECK_TEXT)
+    hit = PRE_TOKENIZERS.get(hashlib.sha256(str(ids).encode()).hexdigest())
+    return hit[0] if hit else None
 
 
-def _add_tokenizer(writer, model_dir: Path, tokenizer, n_vocab: int) -> None:
-    """Byte-level BPE vocabulary as llama.cpp's converter writes it (`get_vocab_base`)."""
+def _looks_special(token: str) -> bool:
+    # llama.cpp convert_hf_to_gguf.py `does_token_look_special`: added tokens that some
+    # tokenizers forget to mark special but llama.cpp must treat as control tokens.
+    return (token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (token.startswith("<|") and token.endswith("|>"))
+            or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+            or (token.startswith("<unused") and token.endswith(">")))
+
+
+@dataclass(frozen=True)
+class _Vocab:
+    pre: str
+    tokens: list
+    types: list
+    add_bos: bool
+    add_eos: bool
+
+
+def _read_vocab(model_dir: Path, tokenizer, n_vocab: int) -> _Vocab:
+    """The byte-level BPE vocabulary as llama.cpp's converter reads it (`get_vocab_base`), or
+    FactlabError for a tokenizer that llama.cpp would load wrong. Checked before anything is written."""
     import gguf
 
     tj_path = model_dir / "tokenizer.json"
@@ -85,6 +106,22 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, n_vocab: int) -> None:
     tj = json.loads(tj_path.read_text(encoding="utf-8"))
     if (tj.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(tj.get("decoder")):
         raise FactlabError(f"the tokenizer in {model_dir} is not byte-level BPE; GGUF export supports byte-level BPE (gpt2-style) tokenizers only")
+    pre = llama_cpp_pre_tokenizer(tokenizer)
+    if pre is None:
+        from factlab.models.llama_cpp_pre import SOURCE
+
+        raise FactlabError(f"llama.cpp ({SOURCE}) does not know the pre-tokenizer of the tokenizer in {model_dir}, so it "
+                           "would refuse or mis-split the file; export a model whose tokenizer llama.cpp's converter knows "
+                           "(SmolLM/SmolLM2, Llama 3, Qwen2, GPT-2, Mistral Nemo, ...)")
+    # Whether encoding adds BOS/EOS, as the tokenizer does it (transformers is what factlab trained
+    # and evaluated with); written explicitly so llama.cpp does not fall back to its own defaults.
+    plain = tokenizer("a b", add_special_tokens=False).input_ids
+    full = tokenizer("a b").input_ids
+    add_bos = tokenizer.bos_token_id is not None and len(full) > len(plain) and full[0] == tokenizer.bos_token_id
+    add_eos = tokenizer.eos_token_id is not None and len(full) > len(plain) and full[-1] == tokenizer.eos_token_id
+    if full != [tokenizer.bos_token_id] * add_bos + plain + [tokenizer.eos_token_id] * add_eos:
+        raise FactlabError(f"the tokenizer in {model_dir} adds special tokens other than BOS/EOS ({full} for {plain}), "
+                           "which llama.cpp cannot reproduce; GGUF export supports tokenizers that add at most BOS and EOS")
     vocab = tokenizer.get_vocab()
     by_id = {i: t for t, i in vocab.items()}
     added = tokenizer.added_tokens_decoder  # {id: AddedToken}
@@ -95,20 +132,29 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, n_vocab: int) -> None:
             types.append(gguf.TokenType.UNUSED)
         elif i in added:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+            types.append(gguf.TokenType.CONTROL if added[i].special or _looks_special(by_id[i]) else gguf.TokenType.USER_DEFINED)
         else:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
+    return _Vocab(pre, tokens, types, add_bos, add_eos)
+
+
+def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab: _Vocab, n_vocab: int) -> None:
+    """Byte-level BPE vocabulary as llama.cpp's converter writes it (`_set_vocab_gpt2`)."""
+    import gguf
+
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tj))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    # Merges, bos/eos/unk/pad ids, add_bos and the chat template, read the way llama.cpp does.
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    # Merges, bos/eos/unk/pad ids and the chat template, read the way llama.cpp does.
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
     if tokenizer.pad_token_id is not None and "pad" not in special.special_token_ids:
         special.special_token_ids["pad"] = tokenizer.pad_token_id
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
         special.chat_template = tokenizer.chat_template
+    special.add_special_token["bos"] = vocab.add_bos
+    special.add_special_token["eos"] = vocab.add_eos
     special.add_to_gguf(writer, quiet=True)
 
 
@@ -132,6 +178,8 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Con
     if arch is None:
         raise FactlabError(f"GGUF export supports {', '.join(ARCHITECTURES)} models; {model_dir} is '{config.model_type}'")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    n_vocab = int(config.vocab_size)
+    vocab = _read_vocab(model_dir, tokenizer, n_vocab)  # refuses before the weights are read or a file is opened
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -140,7 +188,8 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Con
     n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
-    n_vocab = state["model.embed_tokens.weight"].shape[0]
+    if state["model.embed_tokens.weight"].shape[0] != n_vocab:
+        raise FactlabError(f"{model_dir}: config.json vocab_size {n_vocab} differs from the embedding's {state['model.embed_tokens.weight'].shape[0]} rows")
 
     gguf_arch = config.model_type if config.model_type != "mistral" else "llama"  # llama.cpp writes mistral as llama
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
@@ -169,7 +218,7 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Con
         ftype = gguf.LlamaFileType.MOSTLY_F16 if gguf_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_tokenizer(writer, model_dir, tokenizer, n_vocab)
+        _add_tokenizer(writer, model_dir, tokenizer, vocab, n_vocab)
 
         for hf_name, w in state.items():
             base, _, suffix = hf_name.rpartition(".")
@@ -256,3 +305,19 @@ def verify_gguf(model_dir: Path, gguf_path: Path, probes, batch_size: int = 16) 
     out["correct_same"] = sum(ra["correct"] == rb["correct"] for ra, rb in zip(rows_a, rows_b))
     out["greedy_same"] = sum(ra["greedy"] == rb["greedy"] for ra, rb in zip(rows_a, rows_b))
     return out
+
+
+def verify_in_llama_cpp(model_dir: Path, gguf_path: Path, probes, n_tokens: int = 8) -> dict:
+    """Load a GGUF export in llama.cpp (xllamacpp) and compare it with its model folder on probes:
+    tokenization of every probe's prompt and the greedy continuation (`n_tokens` tokens) from the
+    same token ids. See llama_cpp.compare_with_llama_cpp for the result; adds "n_tokens"."""
+    from factlab.evaluate.facts import probe_context
+    from factlab.models.llama_cpp import compare_with_llama_cpp
+    from factlab.models.loading import load_model
+
+    probes = list(probes)
+    if not probes:
+        raise FactlabError("no probes to verify the GGUF export on; give probes (JSONL)")
+    model, tok = load_model(Path(model_dir))
+    out = compare_with_llama_cpp(model, tok, Path(gguf_path), [probe_context(p, tok) for p in probes], n_tokens)
+    return {**out, "n_tokens": n_tokens}
