@@ -30,6 +30,7 @@ def native(monkeypatch, tmp_path):
     monkeypatch.setattr(probe, "cpu_has_bf16", lambda: True)
     monkeypatch.setenv("FACTLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(probe, "_chosen", {})
+    monkeypatch.setattr(probe, "MIN_WEIGHTS", 0)  # the tiny models here are measured too
 
     class Fake:
         calls = 0
@@ -131,6 +132,12 @@ def test_a_cpu_without_the_flag_never_measures(native, monkeypatch):
     assert (choice.bf16, choice.source, native.calls) == (False, "flag", 0)
     assert "no native bf16" in choice.reason
     assert not (probe.cache_file([])[0].parent).exists()
+
+
+def test_a_tiny_model_goes_by_the_flag(native, monkeypatch):
+    monkeypatch.setattr(probe, "MIN_WEIGHTS", 1_000_000)
+    choice = cpu_precision("auto", tiny_model("llama"))
+    assert (choice.bf16, choice.source, native.calls) == (True, "flag", 0)
 
 
 def test_true_and_false_are_obeyed_without_measuring(native):

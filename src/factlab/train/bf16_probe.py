@@ -41,10 +41,14 @@ win in the probe is none in training."""
 ROWS = (512, 2048)
 """Rows per matmul in the probe: a small and a typical batch x seq_len of one step."""
 
-SECONDS_PER_TIMING = 0.01
+SECONDS_PER_TIMING = 0.005
 """Each (shape, rows, pass) is called, fp32 and bf16 in turn, until this long has passed (and
-at least 3 times each, after a warm-up); the fastest call counts. About 1-2 s in all for
-SmolLM2-135M on 2 cores."""
+at least 3 times each, after a warm-up); the fastest call counts."""
+
+MIN_WEIGHTS = 1_000_000
+"""Models with fewer Linear weights (per forward pass) go by the flag without a probe: at such
+sizes a matmul is call overhead, and the tiny test models then train alike in every process
+whatever a probe on a busy machine would have said."""
 
 BUSY_SHARE = 0.5
 BUSY_AFTER_SECONDS = 0.2
@@ -261,12 +265,15 @@ _chosen: dict[str, CpuChoice] = {}
 
 def cpu_bf16_choice(shapes: list[LinearShape] | None, measure_fn=None) -> CpuChoice:
     """`train.bf16: auto` on this CPU for a model with these Linear shapes (None: by the flag
-    alone). No native bf16: fp32 without measuring. Else the cached probe of these shapes on
+    alone). No native bf16: fp32 without measuring. A tiny model: bf16 by the flag. Else the cached probe of these shapes on
     this CPU, or a new one (measure_fn: `measure`), cached."""
     if not cpu_has_bf16():
         return CpuChoice(False, "no native bf16 on this CPU (no avx512_bf16 / amx_bf16 flag)", "flag")
     if not shapes:
         return CpuChoice(True, "native bf16 on this CPU (avx512_bf16 / amx_bf16), not measured", "flag")
+    if sum(s.count * s.fan_in * s.fan_out for s in shapes) < MIN_WEIGHTS:
+        return CpuChoice(True, f"native bf16 on this CPU (avx512_bf16 / amx_bf16); a model under "
+                         f"{MIN_WEIGHTS:,} Linear weights is not measured", "flag")
     path, key = cache_file(shapes)
     if str(path) in _chosen:
         return _chosen[str(path)]
