@@ -247,12 +247,12 @@ def _read_cache(path: Path, key: dict) -> list[dict] | None:
         return None
 
 
-def _write_cache(path: Path, key: dict, records: list[dict]) -> bool:
+def _write_cache(path: Path, key: dict, records: list[dict], **about) -> bool:
     """Write atomically (a reader never sees half a file); False where the cache is not writable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "records": records}, indent=1))
+        tmp.write_text(json.dumps({"key": key, **about, "records": records}, indent=1))
         os.replace(tmp, path)
         return True
     except OSError:
@@ -265,8 +265,8 @@ _chosen: dict[str, CpuChoice] = {}
 
 def cpu_bf16_choice(shapes: list[LinearShape] | None, measure_fn=None) -> CpuChoice:
     """`train.bf16: auto` on this CPU for a model with these Linear shapes (None: by the flag
-    alone). No native bf16: fp32 without measuring. A tiny model: bf16 by the flag. Else the cached probe of these shapes on
-    this CPU, or a new one (measure_fn: `measure`), cached."""
+    alone). No native bf16: fp32 without measuring. A tiny model: bf16 by the flag. Else the
+    cached probe of these shapes on this CPU, or a new one (measure_fn: `measure`), cached."""
     if not cpu_has_bf16():
         return CpuChoice(False, "no native bf16 on this CPU (no avx512_bf16 / amx_bf16 flag)", "flag")
     if not shapes:
@@ -286,7 +286,8 @@ def cpu_bf16_choice(shapes: list[LinearShape] | None, measure_fn=None) -> CpuCho
         if wall > BUSY_AFTER_SECONDS and share < BUSY_SHARE:
             source = (f"measured in {wall:.0f} s while the machine was busy (this process got {100 * share:.0f}% "
                       "of its threads' CPU time): not cached, measured again next run")
-        elif not _write_cache(path, key, records):
+        elif not _write_cache(path, key, records, seconds=round(wall, 2), cpu_share=round(share, 2),
+                              speedup=round(speedup(records), 3)):
             source = "measured, not cached: the cache folder is not writable"
     bf16, x = decide(records)
     per_m = ", ".join(f"{speedup(records, m):.1f}x at {m} rows" for m in key["rows"])
