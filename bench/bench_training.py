@@ -8,11 +8,11 @@ row (factlab reports it as StageResult.seconds; the plain script times the same 
 
 Rows (one change at a time, top to bottom):
   plain       transformers+PEFT Trainer as the docs show it: default TrainingArguments, fp32
-  plain-bf16  the same with bf16=True (autocast): only where the CPU has native bf16
+  plain-bf16  the same with bf16=True (autocast): only where factlab's bf16: auto picks bf16
   old         factlab as before issue 14: the model's own loss (fused_loss: false; on bf16
               CPUs also bf16_weights: false, i.e. autocast over fp32 weights)
-  fused       + the fused loss (bf16 CPUs only; elsewhere this is the `factlab` row)
-  factlab     factlab's defaults: fused loss, and on bf16 CPUs frozen weights in bf16
+  fused       + the fused loss (where bf16: auto picks bf16; elsewhere this is the `factlab` row)
+  factlab     factlab's defaults: fused loss, and where bf16: auto picks bf16 frozen weights in bf16
   compile     + train.compile: true (regional torch.compile, compile time included)
   micro       + train.micro_batch_size (--micro): the same batches as micro-batches
   anchor      + train.anchor (kl 1, ratio 0.25, 128-token blocks): the KL to the base model on
@@ -191,40 +191,23 @@ def worker(mode: str, a: argparse.Namespace) -> dict:
 # Matmul throughput at the model's shapes
 
 
-def model_shapes(quick: bool) -> tuple[list[tuple[str, int, int, int]], dict]:
-    """[(name, in, out, count per forward pass)] of the model's matmuls, and its config."""
-    if quick:
-        cfg = dict(TINY, vocab_size=400, head_dim=TINY["hidden_size"] // TINY["num_attention_heads"])
-    else:
-        from factlab.models.loading import resolve_model
-
-        cfg = json.loads((resolve_model("smollm2-135m") / "config.json").read_text())
-    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    kv = cfg["num_key_value_heads"] * cfg.get("head_dim", h // cfg["num_attention_heads"])
-    return [("q_proj, o_proj", h, h, 2 * n), ("k_proj, v_proj", h, kv, 2 * n), ("gate_proj, up_proj", h, i, 2 * n),
-            ("down_proj", i, h, n), ("lm_head", h, cfg["vocab_size"], 1)], cfg
-
-
-def matmul_throughput(shapes, rows: int, dtype, min_seconds: float) -> tuple[dict, float]:
-    """GFLOP/s of F.linear((rows, in), (out, in)) per shape, and of one forward pass's mix
-    (total FLOPs / total time, each shape weighted by its count)."""
+def model_shapes(quick: bool):
+    """The model's distinct Linear shapes with their counts per forward pass
+    (factlab.train.bf16_probe.linear_shapes, the ones `train.bf16: auto` probes), from a
+    weightless copy of the model (meta device)."""
     import torch
-    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    per, flops, secs = {}, 0.0, 0.0
-    for name, fan_in, fan_out, count in shapes:
-        x, w = torch.randn(rows, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
-        F.linear(x, w)  # warm-up
-        n, t0 = 0, time.perf_counter()
-        while n < 1 or time.perf_counter() - t0 < min_seconds:
-            F.linear(x, w)
-            n += 1
-        call = (time.perf_counter() - t0) / n
-        f = 2.0 * rows * fan_in * fan_out
-        per[name] = f / call / 1e9
-        flops += count * f
-        secs += count * call
-    return per, flops / secs / 1e9
+    from factlab.train.bf16_probe import linear_shapes
+
+    if quick:
+        from factlab.testing import tiny_model
+
+        return linear_shapes(tiny_model("llama", vocab_size=400, **TINY))
+    from factlab.models.loading import resolve_model
+
+    with torch.device("meta"):
+        return linear_shapes(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model("smollm2-135m"))))
 
 
 # ---------------------------------------------------------------------------------------
@@ -253,27 +236,31 @@ def main() -> None:
 
     import torch
 
-    from factlab.train.stage import cpu_has_bf16
+    from factlab.train.bf16_probe import cpu_bf16_choice, cpu_has_bf16, matmul_throughput
 
-    native = cpu_has_bf16()
+    shapes = model_shapes(q)
+    # What factlab's rows train in (train.bf16: auto): on a native-bf16 CPU the probe at the
+    # model's shapes decides; measured here once, the workers find it cached.
+    auto = cpu_bf16_choice(shapes)
+    auto_bf16 = auto.bf16
     if a.modes:
         modes = a.modes.split(",")
     else:
         modes = ["plain", "plain-bf16", "old", "fused", "factlab", "compile", "micro", "anchor", "demo"]
-        if not native:  # bf16 is emulated (slow) there, and bf16_weights does nothing without bf16
+        if not auto_bf16:  # bf16 is emulated or slower there, and bf16_weights does nothing without bf16
             modes = [m for m in modes if m not in ("plain-bf16", "fused")]
         if q:
             modes = [m for m in modes if m != "compile"]  # compiling takes minutes, the tiny run seconds
     unknown = set(modes) - set(LABELS)
     if unknown:
         sys.exit(f"unknown --modes {sorted(unknown)}; use some of {', '.join(LABELS)}")
-    labels = {m: LABELS[m].format(w=", bf16 weights" if native else "", m=a.micro) for m in modes}
+    labels = {m: LABELS[m].format(w=", bf16 weights" if auto_bf16 else "", m=a.micro) for m in modes}
 
     model_name = "tiny random llama (--quick)" if q else "SmolLM2-135M-Instruct"
-    print(f"machine: {cpu_model()}, native bf16: {native}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"machine: {cpu_model()}, native bf16: {cpu_has_bf16()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"train.bf16: auto -> {'bf16' if auto.bf16 else 'fp32'} ({auto.reason})")
     print(f"workload: LoRA r=16 on attention+MLP of {model_name}, {a.steps} steps x {a.batch} x {a.seq_len} tokens")
 
-    shapes, _ = model_shapes(q)
     rows = a.batch * a.seq_len
     peak = {}
     print(f"\nmatmul throughput at the model's shapes, M = {rows} rows (GFLOP/s):")
@@ -281,7 +268,7 @@ def main() -> None:
     per = {}
     for dtype in (torch.float32, torch.bfloat16):
         per[dtype], peak[dtype] = matmul_throughput(shapes, rows, dtype, 0.2 if q else 1.0)
-    for name, fan_in, fan_out, count in shapes:
+    for name, fan_in, fan_out, count, _ in shapes:
         print(f"  {f'{name} ({fan_in} -> {fan_out}) x{count}':<36}{per[torch.float32][name]:>10.1f}"
               f"{per[torch.bfloat16][name]:>10.1f}")
     print(f"  {'one forward pass (FLOP-weighted)':<36}{peak[torch.float32]:>10.1f}{peak[torch.bfloat16]:>10.1f}\n")

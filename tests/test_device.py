@@ -11,6 +11,7 @@ import yaml
 
 from factlab.errors import FactlabError
 from factlab.models import device as dev
+from factlab.train import bf16_probe
 from factlab.train import stage as stage_mod
 from factlab.train.stage import stage_precision, use_bf16
 
@@ -75,9 +76,9 @@ def test_precision_by_device(gpus, monkeypatch):
     cpu = torch.device("cpu")
     for setting in (True, False, "auto"):  # the CPU path is the one it always was
         assert stage_precision(setting, cpu) == ("bf16" if use_bf16(setting) else "fp32")
-    monkeypatch.setattr(stage_mod, "cpu_has_bf16", lambda: True)
-    assert stage_precision("auto", cpu) == "bf16"
-    monkeypatch.setattr(stage_mod, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(bf16_probe, "cpu_has_bf16", lambda: True)
+    assert stage_precision("auto", cpu) == "bf16"  # no model to measure: by the flag
+    monkeypatch.setattr(bf16_probe, "cpu_has_bf16", lambda: False)
     assert stage_precision("auto", cpu) == "fp32"
 
     cuda = torch.device("cuda", 0)

@@ -151,9 +151,11 @@ class TrainSpec(_Strict):
     """Forgetting control: cap on the global L2 norm of each optimizer step's parameter update;
     a larger update is scaled back onto the cap (see factlab.train.regularizers)."""
     bf16: bool | Literal["auto"] = "auto"
-    """Mixed precision: true (bf16 autocast), false (fp32), or `auto`: on the CPU bf16 when it
-    computes bf16 natively (AVX512-BF16 / AMX), else fp32; on a GPU bf16 where it is supported,
-    else fp16 autocast."""
+    """Mixed precision: true (bf16 autocast), false (fp32), or `auto`: on the CPU fp32 without
+    native bf16 (AVX512-BF16 / AMX); with it, bf16 where a short probe at the model's Linear
+    shapes measures bf16 at least 1.2x faster than fp32 (cached per CPU model, torch version and
+    shapes; factlab.train.bf16_probe), else fp32; on a GPU bf16 where it is supported, else fp16
+    autocast."""
     bf16_weights: bool = True
     """With bf16 on: the frozen base matrices are stored in bf16 while the stage trains (adapters,
     trained weights and optimizer state stay fp32; the fp32 base is restored afterwards; see

@@ -74,7 +74,7 @@ def check_training_device(device: torch.device) -> None:
 
 def gpu_has_bf16(device: torch.device) -> bool:
     """True when a GPU computes bf16: CUDA with bf16 support (Ampere or newer), MPS on macOS
-    14 or newer. False for the CPU (see factlab.train.stage.cpu_has_bf16 for that)."""
+    14 or newer. False for the CPU (see factlab.train.bf16_probe for that)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type == "mps":

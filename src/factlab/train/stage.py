@@ -16,7 +16,8 @@ held-out evaluation, early stopping and `accelerate launch` scale-out come from 
 library the field uses. What factlab adds: PEFT methods by name, layer-group targets,
 per-group learning rates, NEFTune that reaches every method's embedding, forgetting controls
 (L2 to the base weights, an update-norm cap; see factlab.train.regularizers), bf16 autocast
-chosen from the CPU's flags with the frozen weights stored in bf16 (factlab.train.precision),
+where the CPU measures it faster at the model's shapes (factlab.train.bf16_probe), with the
+frozen weights stored in bf16 (factlab.train.precision),
 a loss that never builds full-vocabulary logits (factlab.train.loss), a rich progress bar with
 tokens/s, and the saved artefacts of a stage (see factlab.train.merge for what each method
 saves).
@@ -33,7 +34,6 @@ import time
 import warnings
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ from factlab.methods import MethodInfo, method_info
 from factlab.models.device import check_training_device, gpu_has_bf16
 from factlab.models.targets import TargetSpec
 from factlab.train.anchor import Anchor, anchor_blocks
+from factlab.train.bf16_probe import CpuChoice, cpu_bf16_choice, cpu_has_bf16, first_time, linear_shapes  # noqa: F401
 from factlab.train.compiling import compiled_blocks
 from factlab.train.loss import LossPath, fused_loss, loss_path
 from factlab.train.merge import SavedStage, save_trained
@@ -68,40 +69,47 @@ from factlab.train.regularizers import L2ToBase, RegularizedTrainer, UpdateNormC
 from factlab.train import distributed
 
 
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), where bf16 matmuls are
-    several times faster than fp32; elsewhere bf16 is emulated and slower."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    native = "avx512_bf16" in flags or "amx_bf16" in flags
-    try:
-        return native and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return native
+def cpu_precision(setting: bool | str, model=None) -> CpuChoice:
+    """`train.bf16` resolved on the CPU. true / false as given; `auto`: fp32 without native
+    bf16, else bf16 where a short probe at `model`'s Linear shapes (cached per CPU and model)
+    finds it faster by a margin (factlab.train.bf16_probe); without a model, by the flag alone.
+    With several processes the first one decides (one measurement, one precision for all)."""
+    if setting != "auto":
+        return CpuChoice(bool(setting), f"train.bf16: {str(bool(setting)).lower()}", "setting")
+    shapes = linear_shapes(model) if model is not None else None
+    if distributed.processes() > 1 and shapes:
+        choice = distributed.broadcast(cpu_bf16_choice(shapes) if distributed.is_main() else None)
+        if choice is not None:
+            return choice
+    return cpu_bf16_choice(shapes)
 
 
-def use_bf16(setting: bool | str) -> bool:
-    """`train.bf16` resolved on the CPU: `auto` means where the CPU computes bf16 natively."""
-    return cpu_has_bf16() if setting == "auto" else bool(setting)
+def use_bf16(setting: bool | str, model=None) -> bool:
+    """`train.bf16` resolved on the CPU (see cpu_precision)."""
+    return cpu_precision(setting, model).bf16
 
 
-def stage_precision(setting: bool | str, device: torch.device) -> str:
-    """`train.bf16` resolved for the device the model is on: "bf16", "fp16" or "fp32" (the
-    weights stay fp32; bf16 and fp16 are autocast). CPU: as use_bf16. GPU: bf16 where the GPU
-    computes it; `auto` falls back to fp16 autocast (with loss scaling) elsewhere; false is fp32."""
+def resolve_precision(setting: bool | str, device: torch.device, model=None) -> tuple[str, str | None]:
+    """`train.bf16` resolved for the device the model is on: ("bf16", "fp16" or "fp32", why or
+    None). The weights stay fp32; bf16 and fp16 are autocast. CPU: as cpu_precision (the
+    reason says why). GPU: bf16 where the GPU computes it; `auto` falls back to fp16 autocast
+    (with loss scaling) elsewhere; false is fp32."""
     if device.type == "cpu":
-        return "bf16" if use_bf16(setting) else "fp32"
+        choice = cpu_precision(setting, model)
+        return ("bf16" if choice.bf16 else "fp32"), choice.reason
     if setting is False:
-        return "fp32"
+        return "fp32", None
     if gpu_has_bf16(device):
-        return "bf16"
+        return "bf16", None
     if setting == "auto":
-        return "fp16"
+        return "fp16", None
     raise FactlabError(f"train.bf16: true, but this {device.type} device does not compute bf16; "
                        "set bf16: auto (fp16 autocast there) or false")
+
+
+def stage_precision(setting: bool | str, device: torch.device, model=None) -> str:
+    """"bf16", "fp16" or "fp32": resolve_precision without the reason."""
+    return resolve_precision(setting, device, model)[0]
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,6 +306,9 @@ class StageResult:
     loss_history: list[dict] = field(default_factory=list)
     precision: str = "fp32"
     """What the stage computed in: `bf16` or `fp16` autocast, or `fp32` (see stage_precision)."""
+    precision_note: str | None = None
+    """Why, on the CPU: train.bf16 as set, no native bf16, or with `auto` the measured bf16 /
+    fp32 speed at the model's shapes (factlab.train.bf16_probe)."""
     device: str = "cpu"
     """The device type it trained on (cpu, cuda, mps)."""
     processes: int = 1
@@ -332,6 +343,8 @@ class PreparedStage:
     precision: str = "fp32"
     """bf16, fp16 (autocast) or fp32: train.bf16 resolved for the model's device."""
     loss_path: LossPath = field(default_factory=lambda: LossPath("standard"))
+    precision_note: str | None = None
+    """Why that precision (on the CPU; see resolve_precision)."""
 
 
 @dataclass
@@ -393,8 +406,10 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
     # The stage trains where the model is (the runner put it on the experiment's device).
     device = next(model.parameters()).device
     check_training_device(device)
-    precision = stage_precision(tr.bf16, device)
+    precision, precision_note = resolve_precision(tr.bf16, device, model)
     bf16 = precision == "bf16"
+    if tr.bf16 == "auto" and precision_note and first_time(precision_note):
+        console.print(f"precision: {precision} ({precision_note})", markup=False, highlight=False)
     per_process = distributed.per_process_batch(tr.batch_size, name)
     if stage.kind == "distill":
         examples = _distill_targets(model, tokenizer, stage, method, examples, precision, console)
@@ -462,7 +477,8 @@ def prepare_stage(model, tokenizer, stage: StageSpec, name: str, out_dir: Path, 
                       f"{tr.anchor.seq_len} general-text tokens per {micro} examples, from {len(blocks)} blocks",
                       markup=False, highlight=False)
     return PreparedStage(name, stage, method, seed, bf16, peft_model, targets, trainable, total,
-                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan, precision, path)
+                         train_ex, eval_ex, trainer, l2, cap, partial, out_dir, plan, precision, path,
+                         precision_note=precision_note)
 
 
 def _distill_targets(model, tokenizer, stage: StageSpec, method: MethodInfo, items: list[dict], precision: str,
@@ -774,6 +790,7 @@ def stage_result(prepared: PreparedStage, measured: Fit, saved: SavedStage) -> S
                       for h in losses]
         + [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
         precision=prepared.precision,
+        precision_note=prepared.precision_note,
         device=next(prepared.model.parameters()).device.type,
         processes=distributed.processes(),
     )
