@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import gguf
 import numpy as np
 import pytest
 import torch
 import yaml
+from cli_helpers import run_cli
 
 from factlab.errors import FactlabError
 from factlab.models.gguf_export import export_gguf, load_gguf
@@ -154,13 +153,12 @@ def test_folder_with_gguf_quantization_config_is_refused(tmp_path):
 # ------------------------------------------------------------------------------- factlab export
 
 
-def test_export_cli_writes_the_stage_and_verifies_it(tiny_run, tmp_path):
+def test_export_cli_writes_the_stage_and_verifies_it(tiny_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "tuned.gguf"
-    p = subprocess.run([sys.executable, "-m", "factlab", "export", str(tiny_run), "--gguf", str(out), "--verify"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert "verdict same on 2/2" in p.stdout and out.is_file()
-    diff = float(p.stdout.split("next-token log-prob max |diff| ")[1].split(",")[0])
+    code, stdout, err = run_cli(monkeypatch, capsys, "export", tiny_run, "--gguf", out, "--verify")
+    assert code == 0, err
+    assert "verdict same on 2/2" in stdout and out.is_file()
+    diff = float(stdout.split("next-token log-prob max |diff| ")[1].split(",")[0])
     assert diff < F16_TOL
     # the exported file is the stage's merged model, not the base model
     merged, tok = load_model(tiny_run / "stages" / "1-cpt" / "merged")
@@ -171,12 +169,11 @@ def test_export_cli_writes_the_stage_and_verifies_it(tiny_run, tmp_path):
     assert (_logprobs(base, ids) - _logprobs(back, ids)).abs().max() > 10 * F16_TOL
 
 
-def test_export_cli_errors_are_one_line(tiny_run, tmp_path):
+def test_export_cli_errors_are_one_line(tiny_run, tmp_path, monkeypatch, capsys):
     for args, expected in [
         (["--stage", "nope"], "no finished stage 'nope'; choose one of: base, cpt"),
         (["--type", "q4"], "--type must be one of f16, q8_0"),
     ]:
-        p = subprocess.run([sys.executable, "-m", "factlab", "export", str(tiny_run), "--gguf", str(tmp_path / "x.gguf"), *args],
-                           capture_output=True, text=True)
-        assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
+        code, _, err = run_cli(monkeypatch, capsys, "export", tiny_run, "--gguf", tmp_path / "x.gguf", *args)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x.gguf").exists()
