@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny tokenizers and tiny random models, built in the test (no downloads)."""
+"""Shared fixtures: tiny tokenizers and tiny random models, built in the test (no downloads),
+and the one load of the real embedded model that the few `real_model` tests share."""
 
 from __future__ import annotations
 
@@ -20,6 +21,24 @@ def llama(tok):
 
 
 @pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct, loaded once per test run: (model, tokenizer).
+    Tests only read it; a test that trains takes `smollm2_copy`."""
+    from factlab.models.loading import load_model, resolve_model
+
+    return load_model(resolve_model("smollm2-135m"))
+
+
+@pytest.fixture()
+def smollm2_copy(smollm2):
+    """A private copy of the shared SmolLM2 for a test that trains it (training wraps and merges in place)."""
+    import copy
+
+    model, tok = smollm2
+    return copy.deepcopy(model), tok
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random llama + tokenizer saved as a local model folder (what `model:` can name)."""
     d = tmp_path_factory.mktemp("tiny-llama")
@@ -30,13 +49,14 @@ def tiny_dir(tmp_path_factory):
 
 
 def _finished_tiny_run(tmp, tok, **eval_overrides):
-    """`factlab run` (in a subprocess) of one merged LoRA stage named `cpt` on a tiny random llama
+    """`factlab run` (in this process) of one merged LoRA stage named `cpt` on a tiny random llama
     with tokenizer `tok`; returns the run folder."""
     import json
-    import subprocess
     import sys
 
     import yaml
+
+    from factlab import cli
 
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(tmp / "model")
     tok.save_pretrained(tmp / "model")
@@ -50,14 +70,20 @@ def _finished_tiny_run(tmp, tok, **eval_overrides):
                        "train": {"max_steps": 3, "lr": 5e-2, "batch_size": 2, "seq_len": 8, "bf16": False}}],
            "eval": {"probes": ["probes.jsonl"], "sampling": {"n": 0}, **eval_overrides}}
     (tmp / "exp.yaml").write_text(yaml.safe_dump(exp))
-    subprocess.run([sys.executable, "-m", "factlab", "run", str(tmp / "exp.yaml")], check=True, capture_output=True)
+    argv, sys.argv = sys.argv, ["factlab", "run", str(tmp / "exp.yaml")]
+    try:
+        cli.main()
+    except SystemExit as e:
+        assert e.code in (0, None), f"factlab run exited with {e.code}"
+    finally:
+        sys.argv = argv
     (run,) = [p for p in (tmp / "runs").iterdir() if p.is_dir()]
     return run
 
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """A finished tiny run folder (factlab run in a subprocess): one merged LoRA stage named `cpt`."""
+    """A finished tiny run folder (factlab run, in this process): one merged LoRA stage named `cpt`."""
     return _finished_tiny_run(tmp_path_factory.mktemp("export-run"), tiny_tokenizer())
 
 

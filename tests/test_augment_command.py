@@ -5,8 +5,6 @@ seed, with no probe wording in the training text (checked by the real find_leaka
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,10 +28,24 @@ CSV = ("subject,relation,object,aliases\n"
        "Edda Press,mascot,a red fox,\n")
 
 
-def run_cli(*args, cwd=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "factlab", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+def run_cli(*args):
+    """`factlab ARGS` through the entry point cli.main() in this process: (returncode, stdout, stderr)."""
+    import contextlib
+    import io
+    import types
+
+    from factlab import cli
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv, sys.argv = sys.argv, ["factlab", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:

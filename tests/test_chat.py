@@ -1,14 +1,15 @@
-"""`factlab chat`: scripted stdin in a subprocess (and a pseudo-terminal) on a tiny chat model."""
+"""`factlab chat`: scripted stdin through the entry point (and `python -m factlab chat` in a
+pseudo-terminal) on a tiny chat model."""
 
 from __future__ import annotations
 
 import io
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from factlab.chat import chat_loop
 from factlab.errors import FactlabError
@@ -45,35 +46,38 @@ def test_chat_without_template_is_a_clear_error():
         chat_loop([("m", tiny_model("llama", vocab_size=len(tok)), tok)], inp=io.StringIO("hi\n"), out=io.StringIO())
 
 
-def test_chat_cli_scripted_stdin(tiny_dir):
-    p = subprocess.run([sys.executable, "-m", "factlab", "chat", str(tiny_dir), "-t", "0", "--max-new-tokens", "5"],
-                       input="Who runs the press line?\n/reset\nhello\n", capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.count(f"{tiny_dir.name}> ") == 2 and "(conversation cleared)" in p.stdout
+def chat_cli(monkeypatch, capsys, stdin: str, *args) -> tuple[int, str, str]:
+    """`factlab chat ARGS` through the entry point in this process, `stdin` as its input."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return run_cli(monkeypatch, capsys, "chat", *args)
 
 
-def test_chat_cli_compare_answers_with_base_then_stage(tiny_run):
+def test_chat_cli_scripted_stdin(tiny_dir, monkeypatch, capsys):
+    code, out, err = chat_cli(monkeypatch, capsys, "Who runs the press line?\n/reset\nhello\n",
+                              tiny_dir, "-t", "0", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert out.count(f"{tiny_dir.name}> ") == 2 and "(conversation cleared)" in out
+
+
+def test_chat_cli_compare_answers_with_base_then_stage(tiny_run, monkeypatch, capsys):
     from factlab.models.loading import load_model
 
     q = "Who runs the press line?"
-    p = subprocess.run([sys.executable, "-m", "factlab", "chat", str(tiny_run), "--compare", "-t", "0", "--max-new-tokens", "6"],
-                       input=q + "\n/quit\n", capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.index("base> ") < p.stdout.index("cpt> ")
-    base_answer = p.stdout.split("base> ", 1)[1].split("cpt> ", 1)[0]
-    tuned_answer = p.stdout.split("cpt> ", 1)[1].split("you> ", 1)[0]
+    code, out, err = chat_cli(monkeypatch, capsys, q + "\n/quit\n", tiny_run, "--compare", "-t", "0", "--max-new-tokens", "6")
+    assert code == 0, err
+    assert out.index("base> ") < out.index("cpt> ")
+    base_answer = out.split("base> ", 1)[1].split("cpt> ", 1)[0]
+    tuned_answer = out.split("cpt> ", 1)[1].split("you> ", 1)[0]
     for answer, folder in [(base_answer, tiny_run.parent.parent / "model"), (tuned_answer, tiny_run / "stages" / "1-cpt" / "merged")]:
         model, tok = load_model(folder)
         assert answer.strip() == _greedy(model, tok, [{"role": "user", "content": q}], 6)
 
 
-def test_chat_errors(tiny_dir):
-    p = subprocess.run([sys.executable, "-m", "factlab", "chat", str(tiny_dir), "--stage", "cpt"],
-                       input="", capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "no finished stage 'cpt'" in p.stderr and "Traceback" not in p.stderr
-    p = subprocess.run([sys.executable, "-m", "factlab", "chat", str(tiny_dir), "--compare"],
-                       input="", capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "--compare needs a run folder" in p.stderr
+def test_chat_errors(tiny_dir, monkeypatch, capsys):
+    code, _, err = chat_cli(monkeypatch, capsys, "", tiny_dir, "--stage", "cpt")
+    assert code == 2 and "no finished stage 'cpt'" in err and "Traceback" not in err
+    code, _, err = chat_cli(monkeypatch, capsys, "", tiny_dir, "--compare")
+    assert code == 2 and "--compare needs a run folder" in err
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")

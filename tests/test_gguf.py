@@ -3,18 +3,18 @@ GGUF in (model: file.gguf) through transformers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
 import sys
-
-import hashlib
 
 import gguf
 import numpy as np
 import pytest
 import torch
 import yaml
+from cli_helpers import run_cli
 
 from factlab.errors import FactlabError
 from factlab.models.gguf_export import export_gguf, load_gguf
@@ -251,15 +251,14 @@ def test_folder_with_gguf_quantization_config_is_refused(tmp_path):
 # ------------------------------------------------------------------------------- factlab export
 
 
-def test_export_cli_writes_the_stage_and_verifies_it_in_llama_cpp(smol_run, tmp_path):
+def test_export_cli_writes_the_stage_and_verifies_it_in_llama_cpp(smol_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "tuned.gguf"
-    p = subprocess.run([sys.executable, "-m", "factlab", "export", str(smol_run), "--gguf", str(out), "--verify"],
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert "llama.cpp loads tuned.gguf: tokenization same as transformers on 2/2 probes" in p.stdout, p.stdout
-    assert "greedy continuation (8 tokens) same on 2/2" in p.stdout, p.stdout
-    assert "verdict same on 2/2" in p.stdout and out.is_file()
-    diff = float(p.stdout.split("next-token log-prob max |diff| ")[1].split(",")[0])
+    code, stdout, err = run_cli(monkeypatch, capsys, "export", smol_run, "--gguf", out, "--verify")
+    assert code == 0, err
+    assert "llama.cpp loads tuned.gguf: tokenization same as transformers on 2/2 probes" in stdout, stdout
+    assert "greedy continuation (8 tokens) same on 2/2" in stdout, stdout
+    assert "verdict same on 2/2" in stdout and out.is_file()
+    diff = float(stdout.split("next-token log-prob max |diff| ")[1].split(",")[0])
     assert diff < F16_TOL
     # the exported file is the stage's merged model, not the base model
     merged, tok = load_model(smol_run / "stages" / "1-cpt" / "merged")
@@ -270,7 +269,7 @@ def test_export_cli_writes_the_stage_and_verifies_it_in_llama_cpp(smol_run, tmp_
     assert (_logprobs(base, ids) - _logprobs(back, ids)).abs().max() > 10 * F16_TOL
 
 
-def test_export_cli_errors_are_one_line(tiny_run, tmp_path):
+def test_export_cli_errors_are_one_line(tiny_run, tmp_path, monkeypatch, capsys):
     for args, expected in [
         (["--stage", "nope"], "no finished stage 'nope'; choose one of: base, cpt"),
         (["--type", "q4"], "--type must be one of f16, q8_0"),
@@ -278,6 +277,7 @@ def test_export_cli_errors_are_one_line(tiny_run, tmp_path):
         # registers it in a subprocess)
         ([], "does not know the pre-tokenizer"),
     ]:
+        # a subprocess: the tiny tokenizer's pre-tokenizer registration (a test fixture) must not apply
         p = subprocess.run([sys.executable, "-m", "factlab", "export", str(tiny_run), "--gguf", str(tmp_path / "x.gguf"), *args],
                            capture_output=True, text=True)
         assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr

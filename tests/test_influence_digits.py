@@ -85,22 +85,18 @@ def test_tiny_run_writes_matrix_metrics_and_heatmap(tmp_path):
     assert (tmp_path / "digits-eif.png").stat().st_size > 0
 
 
-def test_factlab_influence_runs_the_digits_task(tmp_path):
+def test_factlab_influence_runs_the_digits_task(tmp_path, monkeypatch, capsys):
     """`factlab influence` on a file with `task: digits` runs the CNN experiment (the command
-    the example names), in a subprocess as a user would."""
-    import os
-    import subprocess
-    import sys
+    the example names), through the entry point as a user would call it."""
+    from cli_helpers import run_cli
 
     exp = tmp_path / "exp.yaml"
     exp.write_text("name: d\ninfluence:\n  task: digits\n  digits: {pretrain_classes: [0, 1], classes: [0, 1, 5], "
                    "per_class: 2, pretrain_epochs: 1, noise: [{}]}\n")
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "factlab", "influence", str(exp), "-o", str(out)],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_cli(monkeypatch, capsys, "influence", exp, "-o", out)
+    assert code == 0, err
     # -o is the parent folder, as for every influence run: the result is <parent>/<name>-digits
     assert json.loads((out / "d-digits" / "digits.json").read_text())["samples"] == 6
-    again = subprocess.run([sys.executable, "-m", "factlab", "influence", str(exp), "-o", str(out)],
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 2 and "already holds a digits result" in again.stderr
+    code, _, err = run_cli(monkeypatch, capsys, "influence", exp, "-o", out)
+    assert code == 2 and "already holds a digits result" in err

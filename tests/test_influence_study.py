@@ -3,9 +3,6 @@ the structure columns, the desiderata assembly on hand-built matrices, noise, an
 through the CLI (one line, exit 2, nothing written)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,16 +132,18 @@ def test_select_rows():
 # --- bad input, through the CLI --------------------------------------------------------
 
 
-def _cli(tmp_path, raw):
+def _cli(tmp_path, raw, monkeypatch, capsys):
+    """`factlab influence exp.yaml` through the entry point in this process, from tmp_path."""
+    from cli_helpers import run_cli
+
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    return subprocess.run([sys.executable, "-m", "factlab", "influence", str(path)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=600)
+    monkeypatch.chdir(tmp_path)
+    return run_cli(monkeypatch, capsys, "influence", path)
 
 
 @pytest.mark.parametrize("case", ["one_sample", "missing_probes", "empty_target"])
-def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_dir, case):
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_dir, case, monkeypatch, capsys):
     pairs = tmp_path / "pairs.jsonl"
     rows = [{"id": "a", "prompt": "Marta runs the", "target": " press"}, {"id": "b", "prompt": "Jonas leads the", "target": " shift"}]
     extra = {}
@@ -155,10 +154,10 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, tiny_dir, case):
     else:
         rows[1]["target"] = "  "
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = _cli(tmp_path, _exp(tmp_path, tiny_dir, {"pairs": str(pairs)}, **extra))
-    assert out.returncode == 2, out.stderr
-    lines = [x for x in out.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in out.stderr
+    code, _, err = _cli(tmp_path, _exp(tmp_path, tiny_dir, {"pairs": str(pairs)}, **extra), monkeypatch, capsys)
+    assert code == 2, err
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err
     assert {"one_sample": "at least 2", "missing_probes": "nope.jsonl", "empty_target": "nothing to score"}[case] in lines[0]
     assert not (tmp_path / "runs").exists()
 

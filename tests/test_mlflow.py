@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -13,7 +11,9 @@ import yaml
 mlflow = pytest.importorskip("mlflow")
 
 
-def test_sweep_logs_one_mlflow_run_per_point(tmp_path, tiny_dir):
+def test_sweep_logs_one_mlflow_run_per_point(tmp_path, tiny_dir, monkeypatch, capsys):
+    from cli_helpers import run_cli
+
     (tmp_path / "docs.txt").write_text("Marta Ilvane runs the press line. Jonas Perl leads the night shift.\n")
     (tmp_path / "probes.jsonl").write_text(json.dumps(
         {"id": "p1", "kind": "recall", "prompt": "The press line is run by", "target": "Marta Ilvane", "distractors": ["Jonas Perl"]}) + "\n")
@@ -29,10 +29,10 @@ def test_sweep_logs_one_mlflow_run_per_point(tmp_path, tiny_dir):
     # A SQLite store keeps artifacts under ./mlruns of the working directory unless the
     # experiment names a place: keep them in the test's folder.
     client.create_experiment("mlf", artifact_location=(tmp_path / "artifacts").as_uri())
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    p = subprocess.run([sys.executable, "-m", "factlab", "sweep", str(tmp_path / "exp.yaml"), "--mlflow"],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-2000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", tmp_path / "exp.yaml", "--mlflow")
+    assert code == 0, err[-2000:]
     assert (tmp_path / "artifacts").is_dir()
 
     experiment = client.get_experiment_by_name("mlf")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -72,15 +71,16 @@ def test_layer_study_examples_load_and_expand():
     assert "examples/data/romeo-juliet/play.txt" in (ROOT / ".gitignore").read_text().splitlines()
 
 
-def test_layer_study_without_the_play_is_one_line(tmp_path):
+def test_layer_study_without_the_play_is_one_line(tmp_path, monkeypatch, capsys):
     # A copy of the example whose data folder has no play.txt yet: exit 2, the fetch command.
     import shutil
 
+    from cli_helpers import run_cli
+
     shutil.copytree(ROOT / "examples/data/romeo-juliet", tmp_path / "data/romeo-juliet", ignore=shutil.ignore_patterns("play.txt"))
     shutil.copy(ROOT / "examples/layer-study.yaml", tmp_path / "layer-study.yaml")
-    p = subprocess.run([sys.executable, "-m", "factlab", "run", str(tmp_path / "layer-study.yaml"), "-o", str(tmp_path / "runs")],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "fetch it with: factlab data fetch-play -o" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    code, _, err = run_cli(monkeypatch, capsys, "run", tmp_path / "layer-study.yaml", "-o", tmp_path / "runs")
+    assert code == 2 and "fetch it with: factlab data fetch-play -o" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "runs").exists()
 
 

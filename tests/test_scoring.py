@@ -418,11 +418,9 @@ def test_shared_prefix_with_peft_models(tok, monkeypatch):
     assert seen == {"shared": 0, "plain": len(pairs)}
 
 
-@pytest.mark.integration
-def test_shared_prefix_matches_per_pair_on_smollm2():
-    from factlab.models.loading import load_model, resolve_model
-
-    model, tok = load_model(resolve_model("smollm2-135m"))
+@pytest.mark.real_model
+def test_shared_prefix_matches_per_pair_on_smollm2(smollm2):
+    model, tok = smollm2
     pairs = [(c, x) for c in ("The capital of France is", "Marta Ilvane runs the press line at",
                               chat_prompt(tok, "Who leads the night shift?"))
              for x in (" Paris", " the Korrin plant in Vessen", "Jonas Perl.", " a")]

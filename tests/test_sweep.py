@@ -3,11 +3,9 @@
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -110,37 +108,41 @@ def db_rows(db: Path) -> list[tuple]:
         return []
 
 
-def test_sweep_killed_mid_run_resumes_and_loses_nothing(tmp_path, tiny_dir):
-    exp = sweep_project(tmp_path, tiny_dir, steps=300)  # seconds per point: long enough to be killed inside point 2
-    db = tmp_path / "runs" / "factlab.db"
-    proc = factlab("sweep", exp)
-    deadline = time.time() + 120
-    while time.time() < deadline:
+def training_after_a_finished_point(db: Path):
+    """The state to kill a sweep in: a point done, and a later one training (its stage's
+    .partial folder, which the Trainer writes into, exists)."""
+    def ready() -> bool:
         rows = db_rows(db)
-        if len(rows) >= 2 and rows[1][1] == "running":
-            break
-        if proc.poll() is not None:
-            pytest.fail("sweep ended before it could be killed: " + proc.stderr.read()[-500:])
-        time.sleep(0.05)
-    else:
-        proc.kill()
-        pytest.fail("the second point never started")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = db_rows(db)
-    assert before[0][1] == "done" and before[1][1] == "running"
-    killed_dir = Path(before[1][0])
+        running = [r for r in rows if r[1] == "running"]
+        return (any(r[1] == "done" for r in rows) and len(running) == 1
+                and (Path(running[0][0]) / "stages" / "1-cpt.partial").is_dir())
+    return ready
 
-    proc = factlab("sweep", exp)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+
+def test_sweep_killed_mid_run_resumes_and_loses_nothing(tmp_path, tiny_dir, monkeypatch, capsys):
+    from cli_helpers import kill_when, run_cli
+
+    exp = sweep_project(tmp_path, tiny_dir, steps=50)
+    db = tmp_path / "runs" / "factlab.db"
+    kill_when(factlab("sweep", exp), training_after_a_finished_point(db), "a point trained after a finished one")
+    before = db_rows(db)
+    done = [r for r in before if r[1] == "done"]
+    (killed,) = [r for r in before if r[1] == "running"]
+    assert done and len(before) <= 3
+    assert (Path(killed[0]) / "stages" / "1-cpt.partial").is_dir()  # killed inside its training
+
+    # The resume: the same command, in this process (the interpreter is not what it tests).
+    code, _, err = run_cli(monkeypatch, capsys, "sweep", exp)
+    assert code == 0, err[-2000:]
     after = db_rows(db)
     assert [r[1] for r in after] == ["done", "done", "done"]
-    assert after[0] == before[0]  # the finished point was skipped, not redone
-    assert after[1][0] == str(killed_dir) and after[1][2] > before[1][2]  # the interrupted one was redone
+    assert all(r in after for r in done)  # the finished points were skipped, not redone
+    (redone,) = [r for r in after if r[0] == killed[0]]
+    assert redone[2] > killed[2]  # the interrupted one was redone, in its own folder
     for run_dir, _, _ in after:
         results = json.loads((Path(run_dir) / "results.json").read_text())
         assert list(results["summaries"]) == ["base", "cpt"]
+        assert not list(Path(run_dir).rglob("*.partial"))
     assert "skip" in err
 
 
