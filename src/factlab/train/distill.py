@@ -63,7 +63,7 @@ from factlab.config import DistillSpec
 from factlab.errors import FactlabError
 from factlab.evaluate.tokens import TokenCache, chat_prompt
 from factlab.influence.samples import CONTEXT_SEPARATOR
-from factlab.train.loss import IGNORE_INDEX, CHUNK_ELEMENTS, _body_and_head, _hf_model
+from factlab.train.loss import CHUNK_ELEMENTS, IGNORE_INDEX, ChunkedHeadLoss, _body_and_head, _hf_model
 from factlab.train.regularizers import RegularizedTrainer
 
 TEACHER_KEYS = ("teacher_logp", "teacher_idx", "teacher_tail")
@@ -397,43 +397,6 @@ def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperat
     return (logp.exp() * (logp - logq)).sum(-1) * temperature ** 2
 
 
-class _ChunkedHeadKL(torch.autograd.Function):
-    """sum over rows of topk_kl(head(rows), ...), lm_head applied `chunk_rows` rows at a time,
-    the gradients computed chunk by chunk in the forward (as loss._ChunkedHeadCrossEntropy)."""
-
-    @staticmethod
-    def forward(ctx, rows, t_logp, t_idx, t_tail, head, chunk_rows, temperature, *params):
-        want_rows = ctx.needs_input_grad[0]
-        want = [i for i, p in enumerate(params) if ctx.needs_input_grad[7 + i]]
-        grad_rows = torch.zeros_like(rows) if want_rows else None
-        grad_params = [torch.zeros_like(p) if i in want else None for i, p in enumerate(params)]
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        for s in range(0, rows.shape[0], chunk_rows):
-            piece = rows[s:s + chunk_rows].detach().requires_grad_(want_rows)
-            with torch.enable_grad():
-                loss = topk_kl(head(piece), t_logp[s:s + chunk_rows], t_idx[s:s + chunk_rows],
-                               t_tail[s:s + chunk_rows], temperature).sum()
-            wrt = ([piece] if want_rows else []) + [params[i] for i in want]
-            if wrt:
-                grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-                if want_rows:
-                    grad_rows[s:s + chunk_rows] = grads[0]
-                    grads = grads[1:]
-                for i, g in zip(want, grads):
-                    if g is not None:
-                        grad_params[i] += g
-            total += loss.detach()
-        ctx.grad_rows, ctx.grad_params = grad_rows, grad_params
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_rows = ctx.grad_rows * grad_total.to(ctx.grad_rows.dtype) if ctx.grad_rows is not None else None
-        grad_params = [g * grad_total.to(g.dtype) if g is not None else None for g in ctx.grad_params]
-        ctx.grad_rows = ctx.grad_params = None
-        return (grad_rows, None, None, None, None, None, None, *grad_params)
-
-
 def distill_loss_sum(model, inputs: dict, labels: torch.Tensor, targets: tuple[torch.Tensor, ...],
                      temperature: float, chunked: bool) -> tuple[torch.Tensor, int]:
     """(sum of KL_k over the labelled positions of the batch, their number). `chunked`: from
@@ -453,7 +416,12 @@ def distill_loss_sum(model, inputs: dict, labels: torch.Tensor, targets: tuple[t
         dev = rows.device
         args = (rows, t_logp.to(dev), t_idx.to(dev), t_tail.to(dev))
         if torch.is_grad_enabled() and (rows.requires_grad or params):
-            return _ChunkedHeadKL.apply(*args, head, chunk, temperature, *params), n
+            t_logp_d, t_idx_d, t_tail_d = args[1:]
+
+            def chunk_loss(logits, start, end):
+                return topk_kl(logits, t_logp_d[start:end], t_idx_d[start:end], t_tail_d[start:end], temperature).sum()
+
+            return ChunkedHeadLoss.apply(rows, chunk_loss, head, chunk, *params), n
         total = torch.zeros((), dtype=torch.float32, device=dev)
         for s in range(0, rows.shape[0], chunk):
             total = total + topk_kl(head(rows[s:s + chunk]), *(a[s:s + chunk] for a in args[1:]), temperature).sum()
