@@ -41,7 +41,7 @@ import factlab
 PACKAGE = Path(factlab.__file__).parent
 
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "errors", "atomic"),
+    ("__init__", "errors", "atomic", "progress", "fingerprint"),
     ("methods",),
     ("config",),
     ("evaluate",),

@@ -99,6 +99,6 @@ def tiny_model(model_type: str = "llama", vocab_size: int = 400, seed: int = 0, 
 def fingerprint(model, tokenizer) -> str:
     """sha256 of a model's weights and its tokenizer's vocabulary: a saved reference result
     (tools/make_eval_reference.py) is checked only against the model it was made with."""
-    from factlab.data.replay import model_fingerprint
+    from factlab.fingerprint import model_fingerprint
 
     return model_fingerprint(model, tokenizer)

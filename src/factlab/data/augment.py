@@ -350,7 +350,7 @@ GENERIC_REVERSE_PROBE = {"en": "Asked whose {r} is {o}, the answer is {s}.", "ja
 """Held-out reverse wording for relations on generic templates (never a training sentence)."""
 
 
-def _templates(relation: str, lang: str, user: Mapping[str, RelationTemplates], generic: bool) -> tuple[RelationTemplates, bool]:
+def relation_wordings(relation: str, lang: str, user: Mapping[str, RelationTemplates], generic: bool) -> tuple[RelationTemplates, bool]:
     """(templates, is_generic) for a relation: the user's, the registry's, or (only with
     ``generic``) the generic fallbacks with a held-out reverse wording."""
     if relation in user:
@@ -419,7 +419,7 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
     train_t: dict[str, list[str]] = {}
     held_t: dict[str, list[str]] = {}
     for rel in sorted({f.relation for f in facts}):
-        spec, is_generic = _templates(rel, lang, relations, generic)
+        spec, is_generic = relation_wordings(rel, lang, relations, generic)
         specs[rel] = spec
         if is_generic:
             generic_rel.append(rel)

@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 
 from factlab.errors import FactlabError
+from factlab.fingerprint import model_fingerprint  # noqa: F401  (re-exported: the cache key)
 
 DEFAULT_REPLAY_TOKENS = 20_000
 """Tokens of replay text sampled for a model's cache: modest, since sampling is paid once per
@@ -63,20 +64,6 @@ def sample_seed(seed: int, i: int) -> int:
     from factlab.evaluate.decoding import prompt_seed
 
     return prompt_seed(seed, f"replay sample {i}")
-
-
-def model_fingerprint(model, tokenizer) -> str:
-    """sha256 of a model's weights and its tokenizer's vocabulary (what the replay cache is keyed
-    by: the same weights sample the same text, whatever folder or file they came from)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        # Raw bytes of any dtype (numpy has no bfloat16).
-        h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +204,7 @@ def sample_replay(model, tokenizer, path: Path, n_tokens: int, *, seed: int = 0,
     have = read_replay_file(path, seed=seed, model=fingerprint, repair=True)
     if have.tokens >= n_tokens:
         return have, 0
-    from factlab.train.progress import progress_bar
+    from factlab.progress import progress_bar
 
     path.parent.mkdir(parents=True, exist_ok=True)
     total, added = have.tokens, 0

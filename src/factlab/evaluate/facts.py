@@ -27,6 +27,10 @@ from factlab.evaluate.textmetrics import bootstrap_mean_interval, eos_summary
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+CONTEXT_SEPARATOR = "\n\n"
+"""Between the documents placed before a prompt (the in-context baseline) and the prompt; the
+self-distillation teacher (factlab.train.distill) and the influence samples use the same."""
+
 
 def _joins_without_space(c: str) -> bool:
     """Whether text after character ``c`` follows without a space: CJK ideographs, kana and
@@ -62,9 +66,9 @@ def probe_context(probe: Probe, tokenizer, context: str | None = None) -> str:
     at the top of the user turn.
     """
     if probe.kind == "qa":
-        question = f"{context}\n\n{probe.prompt}" if context else probe.prompt
+        question = f"{context}{CONTEXT_SEPARATOR}{probe.prompt}" if context else probe.prompt
         return chat_prompt(tokenizer, question)
-    return f"{context}\n\n{probe.prompt}" if context else probe.prompt
+    return f"{context}{CONTEXT_SEPARATOR}{probe.prompt}" if context else probe.prompt
 
 
 def score_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,

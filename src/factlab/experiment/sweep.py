@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from factlab.train.progress import progress_bar
+from factlab.progress import progress_bar
 
 from factlab.config import Experiment, apply_override, experiment_from_dict
 from factlab.errors import FactlabError

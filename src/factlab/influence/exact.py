@@ -256,7 +256,7 @@ def progress_bar(console: Console | None):
     """factlab's progress bar (train.progress.progress_bar) with the seconds per row."""
     from rich.progress import TextColumn
 
-    from factlab.train.progress import progress_bar as bar
+    from factlab.progress import progress_bar as bar
 
     return bar(console, TextColumn("{task.fields[rate]}"))
 

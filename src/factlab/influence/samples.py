@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+# What goes between a sample placed in the prompt and the sample scored after it (in-context
+# influence): the separator the in-context baseline of `factlab run` uses.
+from factlab.evaluate.facts import CONTEXT_SEPARATOR
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-# What goes between a sample placed in the prompt and the sample scored after it (in-context
-# influence); the same separator the in-context baseline of `factlab run` uses.
-CONTEXT_SEPARATOR = "\n\n"
 
 
 @dataclass(frozen=True)

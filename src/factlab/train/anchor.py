@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from factlab.config import AnchorSpec
 from factlab.data.corpus import pack_documents
 from factlab.errors import FactlabError
-from factlab.train.loss import CHUNK_ELEMENTS, ChunkedHeadLoss, _body_and_head, _hf_model
+from factlab.train.loss import CHUNK_ELEMENTS, ChunkedHeadLoss, body_and_head, hf_model
 
 TOP_K = 64
 """Base log-probabilities kept per position for full fine-tuning (see the module docstring)."""
@@ -99,8 +99,8 @@ class Anchor:
         order = list(range(len(blocks)))
         random.Random(seed).shuffle(order)
         self.order, self.pos = order, 0
-        hf = _hf_model(model)
-        self.body, self.head = _body_and_head(hf)
+        hf = hf_model(model)
+        self.body, self.head = body_and_head(hf)
         if self.body is None:
             raise FactlabError(f"train.anchor: {type(hf).__name__} has no separate body and output head; "
                                "remove train.anchor")

@@ -62,8 +62,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from factlab.config import DistillSpec
 from factlab.errors import FactlabError
 from factlab.evaluate.tokens import TokenCache, chat_prompt
-from factlab.influence.samples import CONTEXT_SEPARATOR
-from factlab.train.loss import CHUNK_ELEMENTS, IGNORE_INDEX, ChunkedHeadLoss, _body_and_head, _hf_model
+from factlab.evaluate.facts import CONTEXT_SEPARATOR
+from factlab.train.loss import CHUNK_ELEMENTS, IGNORE_INDEX, ChunkedHeadLoss, body_and_head, hf_model
 from factlab.train.regularizers import RegularizedTrainer
 
 TEACHER_KEYS = ("teacher_logp", "teacher_idx", "teacher_tail")
@@ -177,7 +177,7 @@ def _question_items(tokenizer, spec: DistillSpec, inputs: DistillInputs, docs, c
                     cache: TokenCache) -> list[dict]:
     """Forward and reverse cloze questions from the facts (training wordings only) and chat
     questions from the Q&A conversations."""
-    from factlab.data.augment import _templates  # the registry / user / generic wordings augment uses
+    from factlab.data.augment import relation_wordings  # the registry / user / generic wordings augment uses
     from factlab.data.synth import invertible_relations, prefix
 
     corpus = "\n".join(docs)
@@ -200,7 +200,7 @@ def _question_items(tokenizer, spec: DistillSpec, inputs: DistillInputs, docs, c
             items.append(_item(kind, cache.encode(prompt), cache.encode(teacher), None, "sentence", CLOZE_TOKENS))
 
     for f in inputs.facts:
-        spec_r, _ = _templates(f.relation, inputs.lang, inputs.relations, generic=True)
+        spec_r, _ = relation_wordings(f.relation, inputs.lang, inputs.relations, generic=True)
         for t in spec_r.doc:
             cloze("forward", prefix(t, "o", s=f.subject), f.object, f.subject)
         if f.relation in invertible:
@@ -406,8 +406,8 @@ def distill_loss_sum(model, inputs: dict, labels: torch.Tensor, targets: tuple[t
     n = int(keep.sum())
     if n != t_logp.shape[0]:
         raise RuntimeError(f"distill batch: {n} labelled positions but {t_logp.shape[0]} teacher rows")
-    hf = _hf_model(model)
-    body, head = _body_and_head(hf)
+    hf = hf_model(model)
+    body, head = body_and_head(hf)
     if chunked and body is not None:
         hidden = body(**inputs, use_cache=False)[0]  # (B, T, H)
         rows = hidden[:, :-1][keep.to(hidden.device)]  # (N, H)

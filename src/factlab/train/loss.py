@@ -57,12 +57,12 @@ class LossPath:
     reason: str | None = None
 
 
-def _hf_model(model):
+def hf_model(model):
     """The transformers model inside a PeftModel (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _body_and_head(hf):
+def body_and_head(hf):
     body = getattr(hf, "base_model", None)
     head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
     if body is None or body is hf or head is None:
@@ -82,8 +82,8 @@ def loss_path(model, enabled: bool = True, check_ids: torch.Tensor | None = None
     if cfg is not None and getattr(cfg, "is_prompt_learning", False):
         kind = str(cfg.peft_type.value).lower()
         return LossPath("standard", f"{kind} adds virtual tokens inside PEFT's forward")
-    hf = _hf_model(model)
-    body, head = _body_and_head(hf)
+    hf = hf_model(model)
+    body, head = body_and_head(hf)
     if body is None:
         return LossPath("standard", f"{type(hf).__name__} has no separate body and output head")
     if getattr(hf, "loss_function", None) is not ForCausalLMLoss:
@@ -133,8 +133,8 @@ def fused_loss(model, chunk_rows: int | None = None):
     If something wraps the model's forward meanwhile (accelerate wraps the forward of the model
     the Trainer trains in autocast; without PEFT that is this very model), the wrapper is left
     in place at the end and the fused forward inside it passes every call on unchanged."""
-    hf = _hf_model(model)
-    body, head = _body_and_head(hf)
+    hf = hf_model(model)
+    body, head = body_and_head(hf)
     if body is None:
         raise ValueError(f"{type(hf).__name__} has no separate body and output head")
     previous = vars(hf).get("forward")  # an instance-level forward already there, if any

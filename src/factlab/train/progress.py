@@ -3,23 +3,14 @@ and the process's peak resident memory."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress, TextColumn
 from transformers import TrainerCallback
 
-
-def progress_bar(console: Console | None, *columns) -> Progress:
-    """The one rich progress bar of factlab (stages, sweeps, influence rows): description, bar,
-    done/total, any extra `columns`, elapsed and remaining time. Shown on a terminal, or
-    anywhere with FACTLAB_PROGRESS=1 (e.g. a log file)."""
-    console = console or Console(stderr=True)
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *columns,
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
-                    disable=not console.is_terminal and os.environ.get("FACTLAB_PROGRESS") != "1")
+from factlab.progress import progress_bar  # noqa: F401  (the stage's bar; re-exported for its callers)
 
 
 class RichProgress(TrainerCallback):
