@@ -379,17 +379,13 @@ def replay(
 ) -> None:
     """Sample text from the model itself (from BOS and short generic prompts, temperature 1) as
     replay text: `replay: {source: FILE}`. Resumable: run it again to continue a file."""
-    from factlab.data.replay import check_output_path, model_fingerprint, read_replay_file, sample_replay
+    from factlab.data.replay import (check_output_path, check_sampling_args, model_fingerprint, read_replay_file,
+                                     sample_replay)
     from factlab.errors import on_interrupt
     from factlab.models.device import resolve_device
     from factlab.models.loading import load_model, resolve_model
 
-    if tokens < 1:
-        raise FactlabError(f"--tokens {tokens} is out of range; give the number of tokens to sample (1 or more)")
-    if max_new_tokens < 1:
-        raise FactlabError(f"--max-new-tokens {max_new_tokens} is out of range; give 1 or more")
-    if batch_size < 1:
-        raise FactlabError(f"--batch-size {batch_size} is out of range; give 1 or more")
+    check_sampling_args(tokens, max_new_tokens, batch_size)
     check_output_path(out)
     read_replay_file(out, seed=seed)  # a foreign file or another seed fails before the model loads
     err = _err()

@@ -187,18 +187,23 @@ def _sample_batch(model, tokenizer, first: int, count: int, seed: int, max_new_t
     return samples
 
 
-def sample_replay(model, tokenizer, path: Path, n_tokens: int, *, seed: int = 0, max_new_tokens: int = 192,
-                  batch_size: int = 16, fingerprint: str | None = None, console: Console | None = None,
-                  on_sample: Callable[[dict], None] | None = None) -> tuple[ReplayFile, int]:
-    """Append samples to the replay file ``path`` until it holds at least ``n_tokens`` tokens,
-    continuing after the samples it already has (same ``seed`` and model ``fingerprint``).
-    Returns the file's contents and how many samples this call added."""
+def check_sampling_args(n_tokens: int, max_new_tokens: int, batch_size: int) -> None:
+    """FactlabError naming the option when a count is below 1 (checked before any model loads)."""
     if n_tokens < 1:
         raise FactlabError(f"--tokens {n_tokens} is out of range; give the number of tokens to sample (1 or more)")
     if max_new_tokens < 1:
         raise FactlabError(f"--max-new-tokens {max_new_tokens} is out of range; give 1 or more")
     if batch_size < 1:
         raise FactlabError(f"--batch-size {batch_size} is out of range; give 1 or more")
+
+
+def sample_replay(model, tokenizer, path: Path, n_tokens: int, *, seed: int = 0, max_new_tokens: int = 192,
+                  batch_size: int = 16, fingerprint: str | None = None, console: Console | None = None,
+                  on_sample: Callable[[dict], None] | None = None) -> tuple[ReplayFile, int]:
+    """Append samples to the replay file ``path`` until it holds at least ``n_tokens`` tokens,
+    continuing after the samples it already has (same ``seed`` and model ``fingerprint``).
+    Returns the file's contents and how many samples this call added."""
+    check_sampling_args(n_tokens, max_new_tokens, batch_size)
     check_output_path(path)
     fingerprint = fingerprint or model_fingerprint(model, tokenizer)[:16]
     have = read_replay_file(path, seed=seed, model=fingerprint, repair=True)
