@@ -106,6 +106,9 @@ class Anchor:
                                "remove train.anchor")
         self.chunk_rows = max(1, CHUNK_ELEMENTS // max(1, self.head.weight.shape[0]))
         self.adapter_off = cfg is not None
+        # The PeftModel itself: what compute_loss is handed may be a wrapper of it (DDP) that
+        # has no disable_adapter().
+        self.model = model
         self.cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if not self.adapter_off:
             self._precompute(model, min(len(blocks), calls * self.per_call))
@@ -138,16 +141,18 @@ class Anchor:
         finally:
             model.train(was)
 
-    def __call__(self, model) -> torch.Tensor:
+    def __call__(self, model=None) -> torch.Tensor:
+        """`model`: unused (the anchor holds the model it was built for); kept so callers can
+        pass what they train."""
         picks = self._next()
         ids = self.blocks[picks].to(self.head.weight.device)
         n_rows = ids.numel()
         if self.adapter_off:
-            with torch.no_grad(), model.disable_adapter(), self.autocast():
+            with torch.no_grad(), self.model.disable_adapter(), self.autocast():
                 base_hidden = self.body(input_ids=ids, use_cache=False)[0].reshape(n_rows, -1)
 
             def chunk_loss(logits, start, end):
-                with torch.no_grad(), model.disable_adapter(), self.autocast():
+                with torch.no_grad(), self.model.disable_adapter(), self.autocast():
                     base_logits = self.head(base_hidden[start:end])
                 return kl_full(base_logits, logits)
         else:
