@@ -19,7 +19,7 @@ Where p_base comes from:
   computed once before the first step for every block the stage will draw, and kept as the
   top `TOP_K` log-probabilities per position plus the mass of the rest (the tail). The KL over
   those k+1 outcomes is a lower bound of the full KL (merging outcomes never increases a KL);
-  tests/test_anchor.py measures the gap on a tiny model.
+  loss.topk_kl, shared with self-distillation; tests/test_distill.py measures the gap.
 - prompt methods (prompt / prefix / P-tuning) change no weights and are refused.
 
 Memory stays flat: the student's logits are computed in chunks of rows through lm_head with
@@ -34,12 +34,11 @@ import random
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from factlab.config import AnchorSpec
 from factlab.data.corpus import pack_documents
 from factlab.errors import FactlabError
-from factlab.train.loss import CHUNK_ELEMENTS, ChunkedHeadLoss, body_and_head, hf_model
+from factlab.train.loss import CHUNK_ELEMENTS, ChunkedHeadLoss, body_and_head, full_kl, hf_model, topk_kl, topk_targets
 
 TOP_K = 64
 """Base log-probabilities kept per position for full fine-tuning (see the module docstring)."""
@@ -52,34 +51,6 @@ def anchor_blocks(tokenizer, docs: list[str], seq_len: int) -> torch.Tensor:
         raise FactlabError(f"train.anchor: its text gives no block of {seq_len} tokens; "
                            "give more text (anchor.source) or a smaller anchor.seq_len")
     return torch.tensor(blocks, dtype=torch.long)
-
-
-def kl_full(base_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """sum over rows of KL(softmax(base_logits) || softmax(logits)), fp32; rows (N, V)."""
-    base_logp = F.log_softmax(base_logits.float(), dim=-1)
-    logq = F.log_softmax(logits.float(), dim=-1)
-    return (base_logp.exp() * (base_logp - logq)).sum()
-
-
-def base_top_k(base_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices (N, k), log-probs (N, k)) of the k most likely tokens of each row."""
-    logp = F.log_softmax(base_logits.float(), dim=-1)
-    top, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
-    return idx, top
-
-
-def kl_top_k(idx: torch.Tensor, base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """sum over rows of the KL over the k kept tokens plus one outcome for all the others:
-    sum_i p_i (log p_i - log q_i) + p_tail (log p_tail - log q_tail)."""
-    logq_all = F.log_softmax(logits.float(), dim=-1)
-    logq = logq_all.gather(-1, idx)
-    p = base_logp.exp()
-    kept = (p * (base_logp - logq)).sum()
-    # log(1 - sum p_i), computed stably; 0 * log 0 counts as 0 when the k tokens hold everything.
-    log_tail_p = torch.log1p(-p.sum(-1).clamp(max=1.0 - 1e-7))
-    log_tail_q = torch.log1p(-logq.exp().sum(-1).clamp(max=1.0 - 1e-7))
-    tail = (log_tail_p.exp() * (log_tail_p - log_tail_q)).sum()
-    return kept + tail
 
 
 class Anchor:
@@ -109,7 +80,7 @@ class Anchor:
         # The PeftModel itself: what compute_loss is handed may be a wrapper of it (DDP) that
         # has no disable_adapter().
         self.model = model
-        self.cached: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cached: dict[int, tuple[torch.Tensor, ...]] = {}
         if not self.adapter_off:
             self._precompute(model, min(len(blocks), calls * self.per_call))
         self.last: float | None = None
@@ -132,12 +103,9 @@ class Anchor:
                 ids = self.blocks[i:i + 1].to(self.head.weight.device)
                 with self.autocast():
                     hidden = self.body(input_ids=ids, use_cache=False)[0][0]
-                idx, logp = [], []
-                for s in range(0, hidden.shape[0], self.chunk_rows):
-                    a, b = base_top_k(self.head(hidden[s:s + self.chunk_rows]), TOP_K)
-                    idx.append(a)
-                    logp.append(b)
-                self.cached[i] = (torch.cat(idx), torch.cat(logp))
+                parts = [topk_targets(self.head(hidden[s:s + self.chunk_rows]), TOP_K)
+                         for s in range(0, hidden.shape[0], self.chunk_rows)]
+                self.cached[i] = tuple(torch.cat(x) for x in zip(*parts))  # (log-probs, ids, log tail)
         finally:
             model.train(was)
 
@@ -154,13 +122,12 @@ class Anchor:
             def chunk_loss(logits, start, end):
                 with torch.no_grad(), self.model.disable_adapter(), self.autocast():
                     base_logits = self.head(base_hidden[start:end])
-                return kl_full(base_logits, logits)
+                return full_kl(base_logits, logits).sum()
         else:
-            idx = torch.cat([self.cached[i][0] for i in picks]).to(ids.device)
-            logp = torch.cat([self.cached[i][1] for i in picks]).to(ids.device)
+            top, idx, tail = (torch.cat([self.cached[i][j] for i in picks]).to(ids.device) for j in range(3))
 
             def chunk_loss(logits, start, end):
-                return kl_top_k(idx[start:end], logp[start:end], logits)
+                return topk_kl(logits, top[start:end], idx[start:end], tail[start:end]).sum()
 
         params = [p for p in self.head.parameters() if p.requires_grad]
         with self.autocast():  # the head runs under autocast too, as in the fused loss

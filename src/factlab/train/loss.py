@@ -238,3 +238,43 @@ class ChunkedHeadLoss(torch.autograd.Function):
         grad_params = [g * grad_total.to(g.dtype) if g is not None else None for g in ctx.grad_params]
         ctx.grad_rows = ctx.grad_params = None
         return (grad_rows, None, None, None, *grad_params)
+
+
+# ---------------------------------------------------------------------------------------
+# KL between a fixed reference distribution and the model's (the anchor, self-distillation):
+# the reference kept as its top k log-probabilities and the log of the rest's mass.
+
+
+def topk_targets(logits: torch.Tensor, k: int, temperature: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """Teacher logits (N, V) -> (log-probs (N, k) float32, token ids (N, k) int64, log tail
+    mass (N,) float32; -inf when k covers the vocabulary), at `temperature`."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    k = min(k, logp.shape[-1])
+    top, idx = logp.topk(k, dim=-1)
+    tail = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)  # exact: the log of the rest's mass
+    return top, idx, tail
+
+
+def topk_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor, teacher_idx: torch.Tensor,
+            teacher_tail: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row KL_k(p_teacher || p_student) of the k teacher tokens plus one tail bucket
+    (module docstring), times temperature^2 (Hinton et al.: keeps the gradient's scale).
+    student_logits (N, V); teacher_logp, teacher_idx (N, k); teacher_tail (N,) -> (N,)."""
+    logq = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, V)
+    q_top = logq.gather(-1, teacher_idx)  # (N, k)
+    has_tail = teacher_tail > float("-inf")  # (N,)
+    # the student's tail: its mass outside the teacher's k tokens; rows without a teacher
+    # tail get a finite dummy so that no inf/nan reaches the gradient
+    rest = logq.scatter(-1, teacher_idx, float("-inf"))
+    q_tail = torch.where(has_tail[:, None], rest, torch.zeros_like(rest)).logsumexp(-1)
+    p_top = teacher_logp.exp()
+    t_tail = torch.where(has_tail, teacher_tail, torch.zeros_like(teacher_tail))
+    tail_term = torch.where(has_tail, t_tail.exp() * (t_tail - q_tail), torch.zeros_like(q_tail))
+    return ((p_top * (teacher_logp - q_top)).sum(-1) + tail_term) * temperature ** 2
+
+
+def full_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row KL(p_teacher || p_student) over the whole vocabulary (the reference), (N,)."""
+    logp = F.log_softmax(teacher_logits.float() / temperature, -1)
+    logq = F.log_softmax(student_logits.float() / temperature, -1)
+    return (logp.exp() * (logp - logq)).sum(-1) * temperature ** 2
