@@ -254,10 +254,71 @@ class DistillSpec(_Strict):
     """Token budget of the teacher's greedy chat answers."""
 
 
+class EditSpec(_Strict):
+    """`kind: edit`: facts written into the MLP output projections of a band of early-middle
+    layers in closed form, without training (MEMIT, arXiv 2210.07229; AlphaEdit, arXiv
+    2410.02355); see factlab.train.edit. The stage's `peft` and `train` settings do not apply."""
+
+    method: Literal["memit", "alphaedit"] = "memit"
+    """`memit`: the update that maps each fact's subject key to its new value, held back by the
+    covariance of general-text keys; `alphaedit`: the same residual, with the update projected
+    onto the null space of the general-text keys (it leaves their outputs unchanged)."""
+    facts: str
+    """Fact table (.csv/.tsv/.jsonl with subject, relation, object; optional `aliases`, which are
+    edited as subjects too) or a synth world: the facts to write (`factlab data augment`'s input)."""
+    relations: str | None = None
+    """Relations file (as `factlab data augment --relations`) for relations the registry lacks;
+    without it such a relation is worded "The <relation> of <subject> is <object>."."""
+    n_facts: int | None = Field(None, gt=0)
+    """Edit only the first n facts of the table (the edit scaling curve); default: all."""
+    batch_size: int | None = Field(None, gt=0)
+    """Facts per edit; the batches are applied one after another to the edited model
+    (sequential editing). Default: all facts in one batch."""
+    layers: str | None = None
+    """Decoder layers whose MLP output projection is edited, e.g. "4-8"; default: the band from
+    1/8 to 1/4 of the depth (layers 4-8 of a 30- or 32-layer model)."""
+    wordings: int | None = Field(None, gt=0)
+    """Training wordings of the relation (its `doc` templates) used as edit prompts per fact;
+    default: all of them. Held-out wordings are never used."""
+    contexts: int = Field(5, ge=0)
+    """Short texts the model generates (greedy, from "The", "Therefore", ...) put before each
+    edit prompt while the target value is optimised and the keys are read."""
+    context_tokens: int = Field(10, gt=0)
+    """Tokens of each generated context."""
+    steps: int = Field(25, gt=0)
+    """Adam steps of each fact's target-value optimisation (stops early below 0.05 loss)."""
+    lr: float = Field(0.5, gt=0)
+    """Adam learning rate of the target-value optimisation."""
+    clamp_norm: float = Field(4.0, gt=0)
+    """Cap on ||delta|| relative to the norm of the residual it is added to."""
+    weight_decay: float = Field(1e-3, ge=0)
+    """Penalty weight_decay * ||delta|| / ||h||^2 in the target-value optimisation."""
+    kl: float = Field(0.0625, ge=0)
+    """Weight of KL(before || now) of the next-token distribution after "<subject> is a"."""
+    mom2_weight: float = Field(15000.0, gt=0)
+    """memit: lambda of the covariance term, (lambda C + K K^T)^-1 (C per token)."""
+    cov_tokens: int = Field(100_000, gt=0)
+    """General-text tokens the key covariance C = E[k k^T] is estimated from (computed once per
+    model and layer, cached by the model's fingerprint)."""
+    cov_source: list[str] = Field(default_factory=lambda: ["general"])
+    """Text of the covariance: `general` (factlab/builtin/replay.txt for SmolLM2, text sampled
+    from the model itself for other models; never the damage text), `corpus`, text files/folders."""
+    nullspace_threshold: float = Field(2e-2, gt=0)
+    """alphaedit: eigenvalues of C below this span the null space the update is projected onto."""
+    l2: float = Field(10.0, gt=0)
+    """alphaedit: the ridge term of its solve, (P (K K^T + K_p K_p^T) + l2 I)^-1."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _listify(v, "cov_source")
+
+
 class StageSpec(_Strict):
-    kind: Literal["cpt", "sft", "distill"]
+    kind: Literal["cpt", "sft", "distill", "edit"]
     """`cpt`: raw text, packed. `sft`: chat-formatted Q&A, loss on the answer only.
-    `distill`: KL to the in-context teacher on the documents and on questions (see `distill`)."""
+    `distill`: KL to the in-context teacher on the documents and on questions (see `distill`).
+    `edit`: facts written into the weights in closed form, no training (see `edit`)."""
     name: str | None = None
     """Folder/column name of this stage (default: its kind, numbered if repeated)."""
     data: StageData = Field(default_factory=StageData)
@@ -267,9 +328,24 @@ class StageSpec(_Strict):
     """Merge the adapter into the weights after training and save the merged model."""
     distill: DistillSpec | None = None
     """Settings of a `kind: distill` stage (default: DistillSpec's defaults)."""
+    edit: EditSpec | None = None
+    """Settings of a `kind: edit` stage (required there: at least `edit.facts`)."""
 
     @model_validator(mode="after")
     def _check(self) -> "StageSpec":
+        if self.kind == "edit":
+            if self.edit is None:
+                raise ValueError("kind: edit needs its settings: add edit: {method: memit, facts: FACTS.jsonl}")
+            # Compared with the defaults, not by presence: a dumped config (the run's, a sweep
+            # point's) spells every field out.
+            for key, default in (("peft", PeftSpec()), ("train", TrainSpec())):
+                if getattr(self, key) != default:
+                    raise ValueError(f"kind: edit trains nothing, so {key} settings do not apply; remove {key} "
+                                     "(the edit's own settings go under edit:)")
+            if not self.merge:
+                raise ValueError("kind: edit changes the weights themselves (there is no adapter); remove merge: false")
+        elif self.edit is not None:
+            raise ValueError(f"edit settings apply to kind: edit, not to kind: {self.kind}; remove them")
         if self.kind == "distill" and self.distill is None:
             self.distill = DistillSpec()
         elif self.kind != "distill" and self.distill is not None:
@@ -697,6 +773,10 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
     for st in exp.stages:
         if st.distill is not None:
             st.distill.facts, st.distill.relations = (fix(p) if p else None for p in (st.distill.facts, st.distill.relations))
+        if st.edit is not None:
+            st.edit.facts = fix(st.edit.facts)
+            st.edit.relations = fix(st.edit.relations) if st.edit.relations else None
+            st.edit.cov_source = [p if p in ("corpus", "general") else fix(p) for p in st.edit.cov_source]
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
     if exp.tune is not None:
         exp.tune.select_probes = [fix(p) for p in exp.tune.select_probes]

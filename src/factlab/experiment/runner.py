@@ -55,10 +55,16 @@ def _general_replay(exp: Experiment, raw_data: list, model, tokenizer, console: 
 
     uses = [i for i, st in enumerate(exp.stages)
             if (st.data.replay and st.data.replay.ratio > 0 and "general" in st.data.replay.source)
-            or (st.train.anchor and "general" in st.train.anchor.source)]
+            or (st.train.anchor and "general" in st.train.anchor.source)
+            or (st.edit is not None and "general" in st.edit.cov_source)]
     if not uses or uses_builtin_replay(exp.model):
         return raw_data
-    general = replay_documents_for(exp.model, model, tokenizer, console=console)
+    from factlab.data.replay import DEFAULT_REPLAY_TOKENS
+
+    # an edit's key covariance asks for edit.cov_tokens of it
+    want = max([DEFAULT_REPLAY_TOKENS] + [st.edit.cov_tokens for st in exp.stages
+                                          if st.edit is not None and "general" in st.edit.cov_source])
+    general = replay_documents_for(exp.model, model, tokenizer, n_tokens=want, console=console)
     raw_data = list(raw_data)
     for i in uses:
         st = exp.stages[i]
@@ -134,6 +140,10 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     stage_examples = []
     for st, raw in zip(exp.stages, raw_data):
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here
+        if st.kind == "edit":
+            from factlab.train.edit import edit_target
+
+            edit_target(model, st.edit)  # an architecture edit cannot write into fails here
         stage_examples.append(build_stage_examples(st, tokenizer, raw, seed=st.train.seed if st.train.seed is not None else exp.seed))
     if context is not None:
         n_ctx = len(tokenizer(context)["input_ids"])
@@ -247,11 +257,16 @@ def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, 
             model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
             where = "" if res.device == "cpu" and res.processes == 1 else \
                 f" on {res.device}" + (f" x {res.processes} processes" if res.processes > 1 else "")
-            console.print(
-                f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
-                f"{res.tokens_per_second:,.0f} tok/s{f' ({res.precision})' if res.precision != 'fp32' else ''}{where}, "
-                f"{res.seconds:.0f} s"
-            )
+            if res.edit is not None:
+                console.print(f"stage {name}: {res.method} edit of {res.edit['facts']} facts, target NLL "
+                              f"{res.first_loss:.3f} → {res.final_loss:.3f}, {res.edit['seconds_per_fact']:.1f} s per fact, "
+                              f"{res.seconds:.0f} s{where}")
+            else:
+                console.print(
+                    f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
+                    f"{res.tokens_per_second:,.0f} tok/s{f' ({res.precision})' if res.precision != 'fp32' else ''}{where}, "
+                    f"{res.seconds:.0f} s"
+                )
             stage = StageRecord(name, RunFolder.stage_folder_name(i, name),
                                 metrics={k: v for k, v in asdict(res).items() if k not in ("name", "loss_history")})
             ev = evaluator.evaluate(name, model)

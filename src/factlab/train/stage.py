@@ -126,6 +126,8 @@ class StageInputs:
     """A distill stage's facts and Q&A (factlab.train.distill.DistillInputs)."""
     anchor_docs: list[str] = field(default_factory=list)
     """General text for train.anchor (factlab.train.anchor)."""
+    edit: object = None
+    """An edit stage's facts (factlab.train.edit.EditInputs); its covariance text is replay_docs."""
 
 
 def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
@@ -136,6 +138,14 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
     factlab.data.replay.replay_documents_for's text once the model is loaded).
     `substitute` rewrites every document (CPT text and replay) as it is read."""
     extra = None
+    if stage.kind == "edit":
+        from factlab.train.edit import load_edit_inputs
+
+        edit = load_edit_inputs(stage.edit)
+        cov_docs = _source_documents(stage.edit.cov_source, corpus, "edit.cov_source", general)
+        if substitute:
+            cov_docs = [swap(d, substitute)[0] for d in cov_docs]
+        return StageInputs(edit.facts, cov_docs, edit=edit)
     if stage.kind in ("cpt", "distill"):
         if not corpus:
             raise FactlabError(f"a {stage.kind} stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
@@ -201,6 +211,8 @@ class StageExamples(list):
     sources: int = 0
     anchor_blocks: torch.Tensor | None = None
     """(n, train.anchor.seq_len) token ids of the anchor's general text, when the stage has one."""
+    general_docs: list[str] | None = None
+    """An edit stage's covariance text (edit.cov_source)."""
 
 
 def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: int = 0) -> StageExamples:
@@ -208,6 +220,13 @@ def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: i
     with replay blocks appended (the Trainer shuffles). A distill stage's are its distillation
     items (factlab.train.distill.distill_items), which prepare_stage completes with the
     teacher's targets once the stage's starting model is at hand."""
+    if stage.kind == "edit":
+        from factlab.train.edit import edit_requests
+
+        examples = StageExamples(edit_requests(stage.edit, data.edit))
+        examples.sources = len(data.main)
+        examples.general_docs = data.replay_docs  # the key covariance's text
+        return examples
     if stage.kind == "distill":
         from factlab.train.distill import distill_items
 
@@ -313,6 +332,12 @@ class StageResult:
     """The device type it trained on (cpu, cuda, mps)."""
     processes: int = 1
     """Data-parallel processes that trained it (accelerate launch); batch_size is their total."""
+    edit: dict | None = None
+    """A `kind: edit` stage's record (factlab.train.edit): method, layers, modules, facts, the
+    covariance's tokens and cache use, per batch the value optimisation and update norms,
+    seconds_per_fact. For an edit, first/final_loss are the objects' mean NLL per token after
+    the edit prompts before / after the edit, steps the batches, trainable_params the edited
+    weights."""
 
 
 @dataclass
@@ -378,6 +403,10 @@ def train_stage(
     `out_dir` is written through a `.partial` sibling and renamed at the end, so a stage that
     fails leaves no half-written folder and earlier stages' folders untouched.
     """
+    if stage.kind == "edit":  # no training: a closed-form change of the weights (factlab.train.edit)
+        from factlab.train.edit import edit_stage
+
+        return edit_stage(model, tokenizer, stage, name, out_dir, examples, seed, console or Console(stderr=True))
     prepared = prepare_stage(model, tokenizer, stage, name, out_dir, examples, seed, console or Console(stderr=True))
     measured = fit(prepared)
     return save_stage(prepared, measured, tokenizer)
