@@ -245,3 +245,21 @@ def test_edit_then_sft_runs_and_is_evaluated_like_any_stage(tmp_path, tok):
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     changed = {n for n, p in merged.state_dict().items() if not torch.equal(p, base.state_dict()[n])}
     assert changed == {"model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"}
+
+
+def test_an_unsupported_architecture_is_refused_in_one_line_before_any_write(tmp_path, tok, monkeypatch, capsys):
+    import yaml
+    from cli_helpers import run_cli
+
+    tiny_model("gpt2", vocab_size=len(tok)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "facts.jsonl").write_text(json.dumps(FACTS[0].to_dict()) + "\n")
+    (tmp_path / "probes.jsonl").write_text(json.dumps({"id": "p1", "kind": "recall", "prompt": "Marta Ilvane",
+                                                       "target": "Korrin", "distractors": ["Vessen"]}) + "\n")
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({
+        "name": "e", "model": "model", "output_dir": "out", "stages": [{"kind": "edit", "edit": {"facts": "facts.jsonl"}}],
+        "eval": {"probes": ["probes.jsonl"], "builtin_general_text": False}}))
+    capsys.readouterr()  # save_pretrained's progress bars
+    code, _, err = run_cli(monkeypatch, capsys, "run", tmp_path / "exp.yaml")
+    assert code == 2 and "does not support model type 'gpt2'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -136,14 +136,15 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     from factlab.experiment.preflight import check_probe_lengths
 
     check_probe_lengths(probes, tokenizer, model)
+    for st in exp.stages:
+        if st.kind == "edit":  # an architecture edit cannot write into fails here, before any sampling
+            from factlab.train.edit import edit_target
+
+            edit_target(model, st.edit)
     raw_data = _general_replay(exp, raw_data, model, tokenizer, console)
     stage_examples = []
     for st, raw in zip(exp.stages, raw_data):
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here
-        if st.kind == "edit":
-            from factlab.train.edit import edit_target
-
-            edit_target(model, st.edit)  # an architecture edit cannot write into fails here
         stage_examples.append(build_stage_examples(st, tokenizer, raw, seed=st.train.seed if st.train.seed is not None else exp.seed))
     if context is not None:
         n_ctx = len(tokenizer(context)["input_ids"])
