@@ -263,3 +263,22 @@ def test_an_unsupported_architecture_is_refused_in_one_line_before_any_write(tmp
     code, _, err = run_cli(monkeypatch, capsys, "run", tmp_path / "exp.yaml")
     assert code == 2 and "does not support model type 'gpt2'" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_comparison_example_swaps_the_whole_first_stage():
+    from pathlib import Path
+
+    from factlab.config import load_experiment
+    from factlab.experiment.sweep import expand_sweep
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    points = expand_sweep(load_experiment(root / "edit-vs-train.yaml"))
+    assert [p.label for p in points] == ["facts.method=memit", "facts.method=alphaedit", "facts=distill"]
+    assert [p.experiment.stages[0].kind for p in points] == ["edit", "edit", "distill"]
+    assert all(p.experiment.stage_names() == ["facts", "sft"] for p in points)
+    assert points[2].experiment.stages[0].distill.facts == str(root / "data/recipe-world/facts.jsonl")
+    scaling = expand_sweep(load_experiment(root / "edit-scaling.yaml"))
+    got = [(p.experiment.stages[0].edit.method, p.experiment.stages[0].edit.n_facts,
+            p.experiment.stages[0].edit.batch_size or 0) for p in scaling]
+    assert sorted(got) == sorted((m, n, b) for m in ("memit", "alphaedit")
+                                 for n, b in [(10, 0), (30, 0), (60, 0), (30, 10), (60, 10)])

@@ -280,9 +280,10 @@ class EditSpec(_Strict):
     wordings: int | None = Field(None, gt=0)
     """Training wordings of the relation (its `doc` templates) used as edit prompts per fact;
     default: all of them. Held-out wordings are never used."""
-    contexts: int = Field(5, ge=0)
+    contexts: int = Field(2, ge=0)
     """Short texts the model generates (greedy, from "The", "Therefore", ...) put before each
-    edit prompt while the target value is optimised and the keys are read."""
+    edit prompt while the target value is optimised and the keys are read (MEMIT uses 5; each
+    one adds a row per wording to every optimisation step, the cost of an edit on a CPU)."""
     context_tokens: int = Field(10, gt=0)
     """Tokens of each generated context."""
     steps: int = Field(25, gt=0)
