@@ -136,6 +136,9 @@ def check_resume(url: str, label: str, name: str, exp: Experiment, distributions
     try:
         if not sqlalchemy.inspect(engine).has_table("studies"):
             return  # a new storage: Optuna creates its tables
+    except sqlalchemy.exc.SQLAlchemyError as e:  # the server is not there, refuses us, ...
+        raise FactlabError(f"{label}: cannot open the study storage ({_first_line(e)}); check the URL, that the database "
+                           "exists and that this machine may connect to it") from None
     finally:
         engine.dispose()
     storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
@@ -213,13 +216,13 @@ def preflight_tune(exp: Experiment, store: RunStore, storage: str | None, study_
         db = storage_path(store, name)
         url, label, readable = f"sqlite:///{db.resolve()}", str(db), check_study_file(db, "the study storage")
     else:
-        url, label = storage, storage_label(storage)
+        url, label = storage, f"--storage {storage_label(storage)}"
         parsed = make_url(storage)
         readable = True
         if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
             readable = check_study_file(Path(parsed.database), "--storage")
     if readable:
-        with optuna_errors(f"the study storage {label}"):
+        with optuna_errors(label):
             check_resume(url, label, name, exp, distributions)
     return sel_ids, rep_ids
 
