@@ -325,6 +325,7 @@ CASES: list[tuple] = [
     ("t-choice-missing-corpus", ["tune", "exp.yaml"], ["missing.txt"],
      tune("    data.corpus: {type: categorical, choices: [[docs.txt], [missing.txt]]}\n", **{"docs.txt": PLAY})),
     ("t-seed-negative", ["tune", "exp.yaml"], ["tune.seed"], tune(extra="  seed: -1\n")),
+    ("t-experiment-seed-negative", ["tune", "exp.yaml"], ["seed", "-1"], tune(base=exp("seed: 0", "seed: -1"))),
     ("t-seed-huge", ["tune", "exp.yaml"], ["tune.seed"], tune(extra="  seed: 1.0e+26\n")),
     # enqueued starting points inside their space
     ("t-enqueue-outside", ["tune", "exp.yaml"], ["tune.enqueue.0", "5.0", "outside"],

@@ -326,7 +326,8 @@ def tune(
     _check_out_dir(Path(exp.output_dir), "output_dir")
     name = study_name or exp.name
     again = f"factlab tune {experiment}" + (" --storage URL" if storage else "") + (f" --study-name {name}" if study_name else "")
-    on_interrupt(lambda: f"finished trials are kept in the study's storage; run `{again}` again to resume")
+    on_interrupt(lambda: f"finished trials are kept in the study's storage and an interrupted trial is queued again; "
+                         f"run `{again}` again to resume")
     on_stage, on_done = _presenters()
     from factlab.experiment.tune import storage_label, storage_path
     from factlab.experiment.tune_guard import optuna_errors

@@ -194,6 +194,10 @@ def preflight_tune(exp: Experiment, store: RunStore, storage: str | None, study_
         check_storage_url(storage)
     sel_ids, rep_ids = check_tune(exp)
     t = exp.tune
+    seed = exp.seed if t.seed is None else t.seed
+    if not 0 <= seed < 2**32:  # numpy's generators, under Optuna's samplers, take no other seed
+        raise FactlabError(f"{'seed' if t.seed is None else 'tune.seed'} {seed} cannot seed Optuna's sampler; give "
+                           "tune.seed (or seed) between 0 and 2**32 - 1")
     distributions = space_distributions(t.space)
     # The experiment as written, then every categorical choice and every enqueued point, as
     # a run would check them (a sweep's points likewise: experiment.preflight.preflight_sweep).
