@@ -207,7 +207,7 @@ def augment(
     relations: Annotated[Optional[Path], typer.Option("--relations", help="YAML/JSON templates for relations factlab does not know (doc, heldout, question, reverse_doc, reverse_probe).")] = None,
     generic: Annotated[bool, typer.Option("--generic", help="Word unknown relations generically (\"The <relation> of <subject> is <object>.\") instead of refusing them.")] = False,
     lang: Annotated[Optional[str], typer.Option(help="en or ja (default: the world's language, else en).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace factlab's files in a non-empty output folder (others are kept).")] = False,
 ) -> None:
     """Write training documents (several wordings, reversed statements, shuffled order), Q&A
     and probes in held-out wordings from a fact table; no probe's wording is training text."""

@@ -309,7 +309,8 @@ def checked_facts(facts: Iterable) -> list[Fact]:
 def _check_options(phrasings: int, heldout_phrasings: int, shuffled_docs: int, answers: str, qa_heldout: float,
                    lang: str) -> None:
     check_lang(lang)
-    for name, v, lo in (("phrasings", phrasings, 1), ("heldout_phrasings", heldout_phrasings, 1), ("shuffled_docs", shuffled_docs, 0)):
+    for name, v, lo in (("phrasings", phrasings, 1), ("heldout_phrasings", heldout_phrasings, 1),
+                        ("shuffled_docs", shuffled_docs, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise FactlabError(f"{name} must be an integer >= {lo}, got {v!r}")
     if answers not in ("sentence", "short"):
@@ -426,7 +427,8 @@ def _documents(r: Renderer, facts: Sequence[Fact], aliases: Mapping[str, Sequenc
         extra = [fill(ALIAS[r.lang], s=subject, o=a) for a in al]
         for j in range(phrasings):
             name = al[(j - 1) % len(al)] if al and j > 0 else None
-            documents.append({"id": f"s{n:05d}-p{j}", "text": r.text(r.statements(fs, [0] * len(fs), j, name) + (extra if j == 0 else []))})
+            sentences = r.statements(fs, [0] * len(fs), j, name) + (extra if j == 0 else [])
+            documents.append({"id": f"s{n:05d}-p{j}", "text": r.text(sentences)})
         seen = {d["text"] for d in documents[-phrasings:]}
         for k in range(shuffled_docs):
             # a subject with one or two facts has few distinct orders: redraw (a few times) a
@@ -444,7 +446,8 @@ def _documents(r: Renderer, facts: Sequence[Fact], aliases: Mapping[str, Sequenc
     return documents
 
 
-def _distractors(target: str, pool: Sequence[str], exclude: set[str], rng: random.Random, n: int = N_DISTRACTORS) -> list[str]:
+def _distractors(target: str, pool: Sequence[str], exclude: set[str], rng: random.Random,
+                 n: int = N_DISTRACTORS) -> list[str]:
     """Up to ``n`` wrong answers from ``pool`` (same relation, same side), never in ``exclude``."""
     cands = sorted({c for c in pool if c != target and c not in exclude})
     rng.shuffle(cands)
@@ -503,8 +506,8 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
     seed into ``heldout_phrasings`` held-out ones (probes only) and ``phrasings`` training ones
     (too few: an error naming the relation). Per subject: ``phrasings`` documents, document j
     stating each fact in training wording j, plus up to ``shuffled_docs`` documents with mixed
-    wordings in shuffled sentence order (fewer when a small subject has no new order left); with ``reverse``, every fact of a relation that is
-    one-to-one in the table and has a held-out reverse wording is also stated object-first in
+    wordings in shuffled sentence order (fewer when a small subject has no new order left);
+    with ``reverse``, every fact of a relation that is one-to-one in the table and has a held-out reverse wording is also stated object-first in
     each of them and asked as a ``reverse`` probe (target: the subject). ``paraphrases``: the
     user's own texts per fact id, split by the seed: ``heldout_phrasings`` per fact (at most all
     but one) become paraphrase probes, the rest training documents. Q&A: facts with split
@@ -522,7 +525,8 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
     aliases, paraphrases = dict(aliases or {}), dict(paraphrases or {})
     rng = _streams(seed)
 
-    plan = plan_wordings(facts, lang, dict(relations or {}), generic, phrasings, heldout_phrasings, reverse, answers, rng)
+    plan = plan_wordings(facts, lang, dict(relations or {}), generic, phrasings, heldout_phrasings, reverse, answers,
+                         rng)
     user_train, user_held = _split_user_paraphrases(paraphrases, heldout_phrasings, rng)
     qa_held = _qa_heldout_subjects(facts, qa, qa_heldout, rng)
 

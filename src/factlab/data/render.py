@@ -135,7 +135,8 @@ class Renderer:
         self.plan, self.lang = plan, lang
 
     # -- documents -------------------------------------------------------------------------
-    def statements(self, facts: Sequence[Fact], offsets: Sequence[int], j: int, subject: str | None = None) -> list[str]:
+    def statements(self, facts: Sequence[Fact], offsets: Sequence[int], j: int,
+                   subject: str | None = None) -> list[str]:
         """Every fact in its training wording ``offset + j``, then (for relations whose plan
         has ``reverse_doc``) every fact object-first in reverse wording ``offset + j``;
         ``subject`` replaces the subject of the forward sentences (an alias)."""
@@ -173,7 +174,8 @@ class Renderer:
             for f, o in zip(facts, offsets, strict=True):
                 recall[f.id] = self._pick(self.plan[f.relation].doc, o)
             for j in range(k):
-                docs.append({"id": f"{gid}-{j}", "entity": gid, "text": self.shuffled(self.statements(facts, offsets, j), rng)})
+                text = self.shuffled(self.statements(facts, offsets, j), rng)
+                docs.append({"id": f"{gid}-{j}", "entity": gid, "text": text})
         return docs, recall
 
     # -- Q&A ---------------------------------------------------------------------------------
@@ -203,12 +205,14 @@ class Renderer:
             d = forward(f)
             main.append(probe(f"{f.id}-recall", f.id, "recall", prefix(recall[f.id], "o", s=f.subject), f.object, d))
             for suffix, prompt, is_spare in paraphrases(f):
-                (spare if is_spare else main).append(probe(f"{f.id}-{suffix}", f.id, "paraphrase", prompt, f.object, list(d)))
+                p = probe(f"{f.id}-{suffix}", f.id, "paraphrase", prompt, f.object, list(d))
+                (spare if is_spare else main).append(p)
             if spec.reverse_probe:
                 main.append(probe(f"{f.id}-rev", f.id, "reverse", prefix(spec.reverse_probe, "s", o=f.object),
                                   f.subject, backward(f)))
             if qa(f):
-                main.append(probe(f"{f.id}-qa", f.id, "qa", fill(spec.question, s=f.subject, o=f.object), f.object, list(d)))
+                question = fill(spec.question, s=f.subject, o=f.object)
+                main.append(probe(f"{f.id}-qa", f.id, "qa", question, f.object, list(d)))
         return main, spare
 
 

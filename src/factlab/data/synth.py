@@ -500,7 +500,8 @@ def synth_chain(length: int, seed: int = 0, lang: str = "en", paraphrases: int =
     # transitive: two links ahead ("indirectly"); wrong answers: upstream events, decoys
     for i in range(length - 1):
         s, o = nodes[i], nodes[i + 2]
-        d = r.wrong.pick([], "event", lambda c, i=i: c in pos and pos[c] >= i, nodes[max(0, i - N_DISTRACTORS): i][::-1])
+        d = r.wrong.pick([], "event", lambda c, i=i: c in pos and pos[c] >= i,
+                         nodes[max(0, i - N_DISTRACTORS): i][::-1])
         probes.append(probe(f"{facts[i].id}+{facts[i + 1].id}-hop", f"{facts[i].id}+{facts[i + 1].id}",
                             "multihop", prefix(CHAIN_INDIRECT[lang], "o", s=s), o, d))
     yes, no = YES_NO[lang]
