@@ -507,8 +507,9 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
     (too few: an error naming the relation). Per subject: ``phrasings`` documents, document j
     stating each fact in training wording j, plus up to ``shuffled_docs`` documents with mixed
     wordings in shuffled sentence order (fewer when a small subject has no new order left);
-    with ``reverse``, every fact of a relation that is one-to-one in the table and has a held-out reverse wording is also stated object-first in
-    each of them and asked as a ``reverse`` probe (target: the subject). ``paraphrases``: the
+    with ``reverse``, every fact of a relation that is one-to-one in the table and has a
+    held-out reverse wording is also stated object-first in each of them and asked as a
+    ``reverse`` probe (target: the subject). ``paraphrases``: the
     user's own texts per fact id, split by the seed: ``heldout_phrasings`` per fact (at most all
     but one) become paraphrase probes, the rest training documents. Q&A: facts with split
     ``train``; when no fact is marked ``heldout``, a ``qa_heldout`` share of subjects is held
