@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from factlab.config import EditSpec, experiment_from_dict
-from factlab.data.synth import Fact, RelationTemplates
+from factlab.data.render import Fact
+from factlab.data.templates import RelationTemplates
 from factlab.errors import FactlabError
 from factlab.testing import tiny_model
 from factlab.train.edit import (EditInputs, alphaedit_update, apply_edits, default_layers, edit_requests,

@@ -93,7 +93,8 @@ class EditInputs:
 def load_edit_inputs(spec: EditSpec) -> EditInputs:
     """Read edit.facts (fact table or synth world) and edit.relations; the one-line errors of a
     misconfigured edit stage are raised here, before any model is loaded."""
-    from factlab.data.augment import load_facts_input, load_relations_file
+    from factlab.data.augment import load_facts_input
+    from factlab.data.templates import load_relations_file
 
     facts, aliases, lang = load_facts_input(spec.facts)
     if spec.n_facts is not None:
@@ -111,8 +112,7 @@ def edit_requests(spec: EditSpec, inputs: EditInputs) -> list[dict]:
     subject's characters in it. The facts are cut into batches of edit.batch_size in file
     order; a subject's request in a batch holds its facts of that batch and of every earlier
     one (see the module docstring). JSON-serialisable (the sweep cache hashes them)."""
-    from factlab.data.augment import relation_wordings
-    from factlab.data.synth import fill
+    from factlab.data.templates import fill, relation_wordings
 
     size = spec.batch_size or len(inputs.facts)
     out: list[dict] = []
