@@ -100,13 +100,15 @@ def test_requests_use_training_wordings_aliases_and_batches():
 def test_layers_and_architectures(tok):
     assert default_layers(30) == tuple(range(4, 9)) and default_layers(32) == tuple(range(4, 9))
     assert default_layers(4) == (1,) and default_layers(1) == (0,)
+    with torch.device("meta"):  # the module tree only, as the sweep preflight checks it
+        models = {arch: tiny_model(arch, vocab_size=len(tok)) for arch in ("llama", "qwen2", "gpt2")}
     for arch in ("llama", "qwen2"):
-        t = edit_target(tiny_model(arch, vocab_size=len(tok)), EditSpec(facts="x", layers="0-1"))
+        t = edit_target(models[arch], EditSpec(facts="x", layers="0-1"))
         assert t.modules == ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj") and t.z_layer == 1
     with pytest.raises(FactlabError, match="does not support model type 'gpt2'"):
-        edit_target(tiny_model("gpt2", vocab_size=len(tok)), EditSpec(facts="x"))
+        edit_target(models["gpt2"], EditSpec(facts="x"))
     with pytest.raises(FactlabError, match="out of range"):
-        edit_target(tiny_model("llama", vocab_size=len(tok)), EditSpec(facts="x", layers="1-5"))
+        edit_target(models["llama"], EditSpec(facts="x", layers="1-5"))
 
 
 def test_gemma3_text_is_edited_through_its_table(tok):
