@@ -31,8 +31,7 @@ import torch
 from factlab.errors import FactlabError
 from factlab.evaluate import engine, reference
 from factlab.evaluate.decoding import Sampler, sample_uniforms
-from factlab.evaluate.hfmodel import HFModel, eos_ids, eval_mode, max_positions, pad, token_scores
-from factlab.evaluate.kvcache import can_extend_rows, select_rows
+from factlab.evaluate.hfmodel import HFModel, eos_ids, eval_mode, max_positions, pad
 from factlab.evaluate.interface import (
     Completion,
     Generation,
@@ -150,93 +149,29 @@ class LM:
 
     def _loglikelihood(self, pairs: Sequence[Pair]) -> list[LogLik]:
         results: list[LogLik | None] = [None] * len(pairs)
-        plain = list(range(len(pairs)))
         if self._cached():
             max_len = self.max_length
-            fits = [i for i in plain if max_len is None or len(pairs[i][0]) + len(pairs[i][1]) - 1 <= max_len]
-            shared = self._loglikelihood_shared([pairs[i] for i in fits])
-            if shared is not None:
-                for i, ll in zip(fits, shared):
-                    results[i] = ll
-                plain = [i for i in plain if results[i] is None]
-        for i, ll in zip(plain, self._loglikelihood_plain([pairs[i] for i in plain])):
+            fits = [i for i, (ctx, cont) in enumerate(pairs) if max_len is None or len(ctx) + len(cont) - 1 <= max_len]
+            # Each distinct context is one prompt of the engine, its continuations (longest
+            # first) its candidates, _PER_ROW to a row.
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i in fits:
+                groups.setdefault(pairs[i][0], []).append(i)
+            rows, members = [], []
+            for ctx, idx in groups.items():
+                idx = sorted(idx, key=lambda i: -len(pairs[i][1]))
+                for s in range(0, len(idx), _PER_ROW):
+                    members.append(idx[s:s + _PER_ROW])
+                    rows.append(engine.Row(ctx, tuple(pairs[i][1] for i in members[-1])))
+            done = engine.run(self.hf, rows, max_rows=self.batch_size, budget=self._budget)
+            for idx, c in zip(members, done):
+                if c is not None:
+                    for i, score in zip(idx, c.scores):
+                        results[i] = score
+        rest = [i for i, r in enumerate(results) if r is None]
+        for i, ll in zip(rest, reference.loglikelihood(self.hf, [pairs[i] for i in rest], self.batch_size)):
             results[i] = ll
         return results  # type: ignore[return-value]
-
-    def _loglikelihood_plain(self, pairs: Sequence[Pair]) -> list[LogLik]:
-        return reference.loglikelihood(self.hf, pairs, self.batch_size)
-
-    def _loglikelihood_shared(self, requests: Sequence[Pair]) -> list[LogLik] | None:
-        """Score requests grouped by context; None if the model's cache can't be reused."""
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, _) in enumerate(requests):
-            groups.setdefault(ctx, []).append(i)
-        contexts = sorted(groups, key=len, reverse=True)  # longest first: batches pad little
-
-        device = self.device
-        logprob = torch.zeros(len(requests), dtype=torch.float64, device=device)  # (R,)
-        missed = torch.zeros(len(requests), dtype=torch.long, device=device)  # (R,)
-        for start in range(0, len(contexts), self.batch_size):
-            batch = contexts[start:start + self.batch_size]
-            ran = self._run_contexts(batch)
-            if ran is None:
-                return None
-            cache, ctx_mask, last = ran  # cache over (B, P); ctx_mask (B, P); last (B, V)
-
-            # The first continuation token is predicted at the context's last position.
-            members = [(b, i) for b, ctx in enumerate(batch) for i in groups[ctx]]
-            rows_t = torch.tensor([b for b, _ in members], device=device)  # (M,)
-            req_t = torch.tensor([i for _, i in members], device=device)  # (M,)
-            first_t = torch.tensor([requests[i][1][0] for _, i in members], device=device)
-            logprob.index_add_(0, req_t, last[rows_t, first_t].double())
-            missed.index_add_(0, req_t, (last.argmax(-1)[rows_t] != first_t).long())
-            del last
-
-            # The other tokens: each continuation (but its last token) runs on a copy of its
-            # context's cache, several continuations per forward (widest first).
-            rest = sorted((m for m in members if len(requests[m[1]][1]) > 1),
-                          key=lambda m: -len(requests[m[1]][1]))
-            # Bounded memory: a forward takes at most 4 * batch_size rows (copies of the
-            # context cache) and batch_size * (P + 16) input tokens, the logits a plain batch
-            # of batch_size rows with 16-token continuations would hold.
-            budget = self.batch_size * (ctx_mask.shape[1] + 16)
-            while rest:
-                width = len(requests[rest[0][1]][1]) - 1
-                n = max(1, min(4 * self.batch_size, budget // width))
-                chunk, rest = rest[:n], rest[n:]
-                self._score_continuations(cache, ctx_mask, [(b, requests[i][1]) for b, i in chunk],
-                                          [i for _, i in chunk], logprob, missed)
-            del cache
-
-        return [LogLik(float(s), len(req[1]), int(m) == 0)
-                for s, m, req in zip(logprob.tolist(), missed.tolist(), requests)]
-
-    def _run_contexts(self, contexts: Sequence[tuple[int, ...]]):
-        ids, mask = pad(contexts, self.pad_id, "left", self.device)  # (B, P)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-        out = self.hf.forward(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              use_cache=True, logits_to_keep=1, return_output=True)
-        cache = out.past_key_values
-        if not can_extend_rows(cache):
-            return None
-        last = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
-        return cache, mask, last
-
-    def _score_continuations(self, cache, ctx_mask, rows, req_idx, logprob, missed) -> None:
-        device = self.device
-        ctx_rows = torch.tensor([b for b, _ in rows], device=device)  # (N,)
-        sub = select_rows(cache, ctx_rows)  # (N, heads, P, head_dim) per layer
-        ids, cont_mask = pad([cont[:-1] for _, cont in rows], self.pad_id, "right", device)  # (N, W)
-        mask = torch.cat([ctx_mask[ctx_rows], cont_mask], dim=1)  # (N, P + W)
-        start = ctx_mask.sum(-1)[ctx_rows]  # (N,)
-        positions = start[:, None] + torch.arange(ids.shape[1], device=device)  # (N, W)
-        logits = self.hf.forward(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                 past_key_values=sub, use_cache=True)  # (N, W, V)
-        del sub
-        sums, misses = token_scores(logits, [(r, 0, cont[1:]) for r, (_, cont) in enumerate(rows)], len(rows))
-        req_t = torch.tensor(req_idx, device=device)
-        logprob.index_add_(0, req_t, torch.tensor(sums, dtype=torch.float64, device=device))
-        missed.index_add_(0, req_t, torch.tensor(misses, dtype=torch.long, device=device))
 
     # -- loglikelihood_rolling: whole texts in windows ---------------------------------------
 
