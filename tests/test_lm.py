@@ -198,4 +198,5 @@ def test_lm_implements_the_language_model_protocol(tok, llama):
         assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
                [(p.name, p.kind, p.default) for p in contract.parameters.values()], name
     code = "import sys, factlab.evaluate.interface; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
