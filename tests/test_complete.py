@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from factlab.evaluate import decoding
+from factlab.evaluate import decoding, reference
 from factlab.evaluate.decoding import Batch, decode, plan_batches, sample, sample_uniforms
 from factlab.evaluate.facts import score_probes
 from factlab.evaluate.generation import generate
@@ -26,15 +26,15 @@ CORPUS = ("Marta Ilvane runs the press line at the Korrin plant in Vessen. Jonas
 
 
 def spy_reference(monkeypatch) -> list:
-    """Calls of the reference path's generate (the cached path must not need it)."""
+    """Prompts given to the reference path's generate (the cached path must not need it)."""
     calls = []
-    real = LM._generate_hf
+    real = reference.generate
 
-    def spy(self, *args, **kwargs):
-        calls.append(args[0])
-        return real(self, *args, **kwargs)
+    def spy(hf, prompts, *args, **kwargs):
+        calls.append(prompts)
+        return real(hf, prompts, *args, **kwargs)
 
-    monkeypatch.setattr(LM, "_generate_hf", spy)
+    monkeypatch.setattr(reference, "generate", spy)
     return calls
 
 

@@ -12,6 +12,7 @@ import torch
 
 import factlab.evaluate
 from factlab.errors import FactlabError
+from factlab.evaluate.interface import LanguageModel
 from factlab.evaluate.kvcache import can_extend_rows, keep_rows, make_room, select_rows
 from factlab.evaluate.lm import LM, RollingLogLik, eval_mode, max_positions, pad
 from factlab.evaluate.perplexity import perplexity
@@ -180,3 +181,22 @@ def test_kept_rows_that_repeat_others_are_appended_in_place(tok, llama):
             assert torch.equal(lg.keys, lr.keys) and lg.keys.shape[0] == 4
         keep_rows(grown, torch.tensor([3, 0]))  # anything else gathers
         assert torch.equal(grown.layers[0].keys, gathered.layers[0].keys[[3, 0]])
+
+
+def test_lm_implements_the_language_model_protocol(tok, llama):
+    """LM has every method of interface.LanguageModel with the same parameters (names, kinds,
+    defaults): the contract another backend implements too. The interface imports no torch."""
+    import inspect
+    import subprocess
+    import sys
+
+    assert isinstance(LM(llama, tok), LanguageModel)
+    methods = [n for n, v in vars(LanguageModel).items() if callable(v) and not n.startswith("_")]
+    assert {"loglikelihood", "loglikelihood_rolling", "generate", "complete"} <= set(methods)
+    for name in methods:
+        ours, contract = inspect.signature(getattr(LM, name)), inspect.signature(getattr(LanguageModel, name))
+        assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == \
+               [(p.name, p.kind, p.default) for p in contract.parameters.values()], name
+    code = "import sys, factlab.evaluate.interface; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -9,6 +9,7 @@ from tokenizers.processors import TemplateProcessing
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import score_probes
 from factlab.evaluate.generation import generate
+from factlab.evaluate import engine, reference
 from factlab.evaluate.lm import LM, Completion, Generation
 from factlab.evaluate.probes import Probe
 from factlab.evaluate.scoring import LogLik, Scorer, chat_prompt, split_pair
@@ -307,20 +308,21 @@ def greedy_pairs(model, tok) -> list[tuple[str, str]]:
 
 
 def spy_paths(monkeypatch) -> dict[str, int]:
-    """Count the requests each path scores."""
+    """Count the pairs each path scores: "shared" those given to the cached engine,
+    "plain" those run whole on the reference path."""
     seen = {"shared": 0, "plain": 0}
-    real_shared, real_plain = Scorer._loglikelihood_shared, Scorer._loglikelihood_plain
+    real_shared, real_plain = engine.run, reference.loglikelihood
 
-    def shared(self, requests):
-        seen["shared"] += len(requests)
-        return real_shared(self, requests)
+    def shared(hf, rows, **kw):
+        seen["shared"] += sum(len(r.conts) for r in rows)
+        return real_shared(hf, rows, **kw)
 
-    def plain(self, requests):
-        seen["plain"] += len(requests)
-        return real_plain(self, requests)
+    def plain(hf, pairs, batch_size):
+        seen["plain"] += len(pairs)
+        return real_plain(hf, pairs, batch_size)
 
-    monkeypatch.setattr(Scorer, "_loglikelihood_shared", shared)
-    monkeypatch.setattr(Scorer, "_loglikelihood_plain", plain)
+    monkeypatch.setattr(engine, "run", shared)
+    monkeypatch.setattr(reference, "loglikelihood", plain)
     return seen
 
 
@@ -367,21 +369,24 @@ def test_shared_prefix_runs_each_context_once(tok, llama, monkeypatch):
     pairs = [(context, " Paris"), ("Hello,", " world"), (context, " Rome"), (context, "!"),
              (context, " Marta Ilvane."), ("Hello,", " Marta")]
     got = Scorer(llama, tok, batch_size=8).loglikelihood(pairs)
-    # One forward over the 2 distinct contexts (left-padded), one over the continuations
-    # with more than one token, from the cache: their tokens but the last.
+    # One forward over the 2 distinct contexts (left-padded), then one per candidate block
+    # from the cache: block k feeds the k-th longest continuation of each context but its
+    # last token (none for a block of one-token continuations).
     n_ctx = max(len(tok.encode(context)), len(tok.encode("Hello,")))
-    multi = [x for _, x in pairs if len(tok.encode(x)) > 1]
-    width = max(len(tok.encode(x)) for x in multi) - 1
-    assert calls == [(torch.Size([2, n_ctx]), False), (torch.Size([len(multi), width]), True)]
+    conts = [sorted((split_pair(tok, c, x)[1] for c, x in pairs if c == ctx), key=len, reverse=True)
+             for ctx in (context, "Hello,")]
+    widths = [max(len(cs[k]) for cs in conts if k < len(cs)) - 1 for k in range(4)]
+    assert calls == [(torch.Size([2, n_ctx]), False)] + [(torch.Size([2, w]), True) for w in widths if w]
     assert_same(got, Scorer(llama, tok, share_prefix=False).loglikelihood(pairs))
 
-    # With batch_size 1 a long answer takes a forward of its own, and the next forward
-    # starts again from the same context cache, untouched by the first.
+    # With batch_size 1 the long answer's block is a forward of its own; the next block
+    # extends the same context cache, the long answer's positions masked out.
     calls.clear()
-    pairs = [(context, LONG_ANSWER), (context, " Marta Ilvane."), (context, " Paris")]
+    pairs = [(context, " Marta Ilvane."), (context, LONG_ANSWER), (context, " Paris")]
     got = Scorer(llama, tok, batch_size=1).loglikelihood(pairs)
-    assert [c[1] for c in calls] == [False, True, True]
-    assert calls[1][0][1] == len(tok.encode(LONG_ANSWER)) - 1
+    multi = [x for _, x in pairs if len(split_pair(tok, context, x)[1]) > 1]
+    assert [c[1] for c in calls] == [False] + [True] * len(multi)
+    assert calls[1][0][1] == len(split_pair(tok, context, LONG_ANSWER)[1]) - 1  # longest first
     assert_same(got, [LogLik(*manual_loglik(llama, tok, c, x)) for c, x in pairs])
 
 

@@ -1,14 +1,13 @@
 """Key/value-cache reuse: the only code that depends on transformers' cache classes.
 
-The shared-prompt scoring path (``LM.loglikelihood``) runs each distinct context once and
-scores its continuations from copies of the context's cache; the one-pass probe path
-(``LM.complete``) copies a shared prefix (the in-context corpus) to every row, draws samples
-from row copies, extends a prompt batch's cache in place with candidate blocks and generated
-tokens, and drops rows that have ended (``keep_rows``). That needs a cache whose rows can be
-selected and then extended by a forward, which transformers' ``DynamicCache`` with plain or
-sliding-window layers allows (``room`` says how wide a sliding window lets a row grow); other
-caches (static, quantized, the convolution states of hybrid models such as LFM2) are refused
-here, and the caller runs every pair whole and generates with transformers' ``generate``.
+The cached engine (``engine``, behind ``LM.loglikelihood``, ``complete`` and ``generate``)
+copies a shared prefix (the in-context corpus) to every row, extends a prompt batch's cache
+in place with candidate blocks and generated tokens, draws samples from row copies, and drops
+rows that have ended (``keep_rows``). That needs a cache whose rows can be selected and then
+extended by a forward, which transformers' ``DynamicCache`` with plain or sliding-window
+layers allows (``room`` says how wide a sliding window lets a row grow); other caches
+(static, quantized, the convolution states of hybrid models such as LFM2) are refused here,
+and the caller runs every pair whole and generates with transformers' ``generate``.
 """
 
 from __future__ import annotations
