@@ -143,6 +143,7 @@ def _note_new_folders(root: Path):
 
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or mps.")]
+RuntimeOpt = Annotated[str, typer.Option("--runtime", help="transformers (default), or llama.cpp: run a .gguf file in llama.cpp itself (xllamacpp).")]
 
 
 def _one_process(command: str) -> None:
@@ -445,11 +446,17 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the summaries as JSON here.")] = None,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = "transformers",
 ) -> None:
     """Evaluate a model, or every stage of a run, on probes without training."""
     _quiet_libraries()
     _one_process("eval")
     import json
+
+    from factlab.models.llama_cpp_lm import check_gguf_target, check_runtime
+
+    if check_runtime(runtime) == "llama.cpp":
+        check_gguf_target(Path(model_or_run))
 
     from factlab.config import EvalSpec
     from factlab.data.corpus import load_documents
@@ -492,14 +499,15 @@ def eval_(
         loc = str(e.errors()[0]["loc"][-1])
         raise FactlabError(f"bad option {flags.get(loc, loc)}: {e.errors()[0]['msg']}") from None
     context = "\n\n".join(load_documents(in_context)) if in_context else None
-    targets = eval_targets(model_or_run, err)
-    from factlab.experiment.preflight import ModelShape, check_probe_lengths
+    targets = eval_targets(model_or_run, err, runtime)
+    if runtime == "transformers":  # llama.cpp refuses a request longer than its context itself, in one line
+        from factlab.experiment.preflight import ModelShape, check_probe_lengths
 
-    _, tokenizer, shape = ModelShape(err).get(str(targets[0][1]))
-    check_probe_lengths(probe_list, tokenizer, shape)
+        _, tokenizer, shape = ModelShape(err).get(str(targets[0][1]))
+        check_probe_lengths(probe_list, tokenizer, shape)
     if output is not None:
         on_interrupt(lambda: "nothing was written (the scores were not saved)")
-    results = evaluate_models(targets, spec, context=context, seed=seed, console=err, device=torch_device)
+    results = evaluate_models(targets, spec, context=context, seed=seed, console=err, device=torch_device, runtime=runtime)
     first = next(iter(results["summaries"]), None)
     out = Console()
     if first is not None:
@@ -589,16 +597,20 @@ def chat(
     compare: Annotated[bool, typer.Option("--compare", help="Answer each question with the base model too, before the tuned one.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = "transformers",
 ) -> None:
     """Talk to a model in the terminal (chat template, streamed answers, /reset, /quit)."""
     _quiet_libraries()
     _one_process("chat")
     from factlab.chat import chat_loop, load_chat_models
     from factlab.models.device import resolve_device
+    from factlab.models.llama_cpp_lm import check_gguf_target, check_runtime
 
     if temperature < 0 or max_new_tokens < 1:  # before loading any model
         raise FactlabError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {temperature} and {max_new_tokens}")
-    models = load_chat_models(model_or_run, stage, compare, console=err, device=resolve_device(device))
+    if check_runtime(runtime) == "llama.cpp":
+        check_gguf_target(Path(model_or_run))
+    models = load_chat_models(model_or_run, stage, compare, console=err, device=resolve_device(device), runtime=runtime)
     chat_loop(models, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
 
 
