@@ -541,8 +541,8 @@ def export(
     model_or_run: Annotated[str, typer.Argument(help="A run folder (exports its last stage, or --stage), a model folder or an alias.")],
     gguf: Annotated[Path, typer.Option("--gguf", help="Output .gguf file.")],
     stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to export (default: the last).")] = None,
-    type_: Annotated[str, typer.Option("--type", help="f16 (half precision) or q8_0 (8-bit blocks).")] = "f16",
-    verify: Annotated[bool, typer.Option("--verify", help="Load the file in llama.cpp (xllamacpp) and compare its tokens and greedy answers with the model's on the run's probes; then read it back with transformers and compare log-probs.")] = False,
+    type_: Annotated[str, typer.Option("--type", help="f16 (half precision), q8_0 (8-bit blocks) or q4_0 (4-bit blocks; the logits' matrix 8-bit).")] = "f16",
+    verify: Annotated[bool, typer.Option("--verify", help="Load the file in llama.cpp (xllamacpp) and compare it with the transformers model on the run's probes: tokens, greedy answers, every candidate token's log-prob and every verdict (f16: within 0.02, all kept, else exit 1; quantized: the share kept).")] = False,
     probes: Annotated[Optional[list[Path]], typer.Option("--probes", "-p", help="Probe JSONL for --verify (default for a run folder: its own).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
@@ -567,7 +567,7 @@ def export(
         import yaml
 
         from factlab.experiment.evaluation import load_probe_files
-        from factlab.models.gguf_export import verify_gguf, verify_in_llama_cpp
+        from factlab.models.gguf_export import F16_LOGPROB_TOL, verify_in_llama_cpp
 
         run_cfg = Path(model_or_run) / "config.yaml"
         if not probes and run_cfg.is_file():
@@ -576,16 +576,21 @@ def export(
             raise FactlabError("--verify needs probes; give --probes FILE (JSONL)")
         probe_list = load_probe_files([str(p) for p in probes])
         c = verify_in_llama_cpp(Path(target[1]), path, probe_list)
-        Console(soft_wrap=True).print(
-            f"llama.cpp loads {path.name}: tokenization same as transformers on {c['tokens_same']}/{c['prompts']} probes, "
+        say = Console(soft_wrap=True).print
+        say(f"llama.cpp loads {path.name}: tokenization same as transformers on {c['tokens_same']}/{c['prompts']} probes, "
             f"greedy continuation ({c['n_tokens']} tokens) same on {c['greedy_same']}/{c['prompts']} (first token on {c['first_token_same']}/{c['prompts']})")
         for prompt, a, b in c["examples"]:
-            Console(soft_wrap=True).print(f"  {prompt!r}: transformers {a!r}, llama.cpp {b!r}", markup=False)
-        v = verify_gguf(Path(target[1]), path, probe_list)
-        Console(soft_wrap=True).print(f"round trip through transformers on {v['probes']} probes: next-token log-prob max |diff| "
-                        f"{v['next_token_max_abs']:.2e}, candidate log-prob/token max |diff| {v['candidate_max_abs']:.2e}, "
-                        f"candidate verdict same on {v['correct_same']}/{v['probes']} (correct {v['correct_before']} -> {v['correct_after']}), "
-                        f"greedy continuation same on {v['greedy_same']}/{v['probes']}")
+            say(f"  {prompt!r}: transformers {a!r}, llama.cpp {b!r}", markup=False)
+        say(f"scored in llama.cpp against the transformers model on {c['probes']} probes: candidate token log-prob max |diff| "
+            f"{c['token_max_abs']:.2e} over {c['tokens_scored']} tokens, candidate verdict same on {c['correct_same']}/{c['probes']} "
+            f"(correct {c['correct_before']} -> {c['correct_after']}), greedy-answer match same on {c['greedy_match_same']}/{c['probes']}")
+        if type_ == "f16":
+            ok = c["token_max_abs"] <= F16_LOGPROB_TOL and c["correct_same"] == c["probes"]
+            say(f"f16 check (log-probs within {F16_LOGPROB_TOL} per token, every verdict kept): {'passed' if ok else 'FAILED'}")
+            if not ok:
+                raise typer.Exit(1)
+        else:
+            say(f"{type_}: {c['correct_same']}/{c['probes']} verdicts kept ({100 * c['correct_same'] / c['probes']:.0f}%)")
 
 
 @app.command()
