@@ -539,7 +539,8 @@ def models() -> None:
 @app.command()
 def export(
     model_or_run: Annotated[str, typer.Argument(help="A run folder (exports its last stage, or --stage), a model folder or an alias.")],
-    gguf: Annotated[Path, typer.Option("--gguf", help="Output .gguf file.")],
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Output .gguf file.")] = None,
+    ollama: Annotated[Optional[Path], typer.Option("--ollama", help="Output folder for Ollama: model.gguf and a Modelfile (chat template, stop tokens, parameters) for `ollama create NAME -f DIR/Modelfile`.")] = None,
     stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to export (default: the last).")] = None,
     type_: Annotated[str, typer.Option("--type", help="f16 (half precision), q8_0 (8-bit blocks) or q4_0 (4-bit blocks; the logits' matrix 8-bit).")] = "f16",
     verify: Annotated[bool, typer.Option("--verify", help="Load the file in llama.cpp (xllamacpp) and compare it with the transformers model on the run's probes: tokens, greedy answers, every candidate token's log-prob and every verdict (f16: within 0.02, all kept, else exit 1; quantized: the share kept).")] = False,
@@ -553,16 +554,36 @@ def export(
 
     if type_ not in GGUF_TYPES:
         raise FactlabError(f"--type must be one of {', '.join(GGUF_TYPES)}, got '{type_}'")
-    if gguf.suffix.lower() != ".gguf":
+    if (gguf is None) == (ollama is None):
+        raise FactlabError("give one output: --gguf FILE.gguf, or --ollama DIR")
+    if ollama is not None:
+        from factlab.models.ollama import export_ollama
+
+        _check_out_dir(ollama, "--ollama")
+        if (ollama / "Modelfile").exists() and not force:
+            raise FactlabError(f"{ollama / 'Modelfile'} exists; choose another folder or pass --force to overwrite")
+        target = pick_target(model_or_run, stage, err)
+        if len(target) > 2:
+            raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); export needs a merged/ model")
+        mf = export_ollama(Path(target[1]), ollama, type_, console=err)
+        err.print(f"exported {target[0]} to {mf.parent} (model.gguf, {type_}, and Modelfile); then: ollama create NAME -f {mf}",
+                  markup=False)
+        if not verify:
+            return
+        gguf = ollama / "model.gguf"
+    elif gguf.suffix.lower() != ".gguf":
         raise FactlabError(f"--gguf {gguf}: give a file name ending in .gguf")
-    if gguf.exists() and not force:
+    elif gguf.exists() and not force:
         raise FactlabError(f"{gguf} exists; choose another path or pass --force to overwrite")
-    target = pick_target(model_or_run, stage, err)
-    if len(target) > 2:
-        raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); GGUF export needs a merged/ model: "
-                           "run the stage with merge: true and a mergeable method")
-    path = export_gguf(Path(target[1]), gguf, type_, console=err)
-    err.print(f"exported {target[0]} ({target[1]}) to {path} ({path.stat().st_size / 1e6:.1f} MB, {type_})")
+    if ollama is None:
+        target = pick_target(model_or_run, stage, err)
+        if len(target) > 2:
+            raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); GGUF export needs a merged/ model: "
+                               "run the stage with merge: true and a mergeable method")
+        path = export_gguf(Path(target[1]), gguf, type_, console=err)
+        err.print(f"exported {target[0]} ({target[1]}) to {path} ({path.stat().st_size / 1e6:.1f} MB, {type_})")
+    else:
+        path = gguf
     if verify:
         import yaml
 
