@@ -71,3 +71,19 @@ def test_export_ollama_writes_a_modelfile_ollama_reads(smol_run, tmp_path, monke
     stops = [json.loads(v) for name, v in params if name == "stop"]
     assert "<|im_end|>" in stops  # SmolLM2-Instruct ends its turns with it
     assert re.search(r"<\|im_start\|>assistant\n$", got["template"][0])  # where the answer starts
+
+
+def test_export_survival_scores_every_type_in_llama_cpp(smol_run, tmp_path, monkeypatch, capsys):
+    # The pipeline of `factlab export RUN --survival DIR` on the tiny run (rows of 16 values: too
+    # short for blocks of 32, so here every type holds f16 matrices; the real numbers come from the
+    # demo's run).
+    out = tmp_path / "survival"
+    code, stdout, err = run_cli(monkeypatch, capsys, "export", smol_run, "--survival", out)
+    assert code == 0, err
+    data = json.loads((out / "survival.json").read_text())
+    assert [r["model"] for r in data["rows"]] == ["fp32 (transformers)", "f16 (llama.cpp)", "q8_0 (llama.cpp)", "q4_0 (llama.cpp)"]
+    assert all(r["recall acc"] is not None for r in data["rows"])
+    assert data["rows"][1]["recall acc"] == data["rows"][0]["recall acc"]  # f16 keeps the verdicts
+    assert (out / "survival.md").read_text().startswith("| model | recall acc | recall greedy |")
+    assert "| q4_0 (llama.cpp) |" in stdout and sorted(p.name for p in out.glob("*.gguf")) == [
+        "model-f16.gguf", "model-q4_0.gguf", "model-q8_0.gguf"]

@@ -540,6 +540,7 @@ def models() -> None:
 def export(
     model_or_run: Annotated[str, typer.Argument(help="A run folder (exports its last stage, or --stage), a model folder or an alias.")],
     gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Output .gguf file.")] = None,
+    survival: Annotated[Optional[Path], typer.Option("--survival", help="Output folder: export f16, q8_0 and q4_0 files there, score each in llama.cpp (and the fp32 model in transformers) on the run's probes, write survival.json and survival.md (which facts survive quantization).")] = None,
     ollama: Annotated[Optional[Path], typer.Option("--ollama", help="Output folder for Ollama: model.gguf and a Modelfile (chat template, stop tokens, parameters) for `ollama create NAME -f DIR/Modelfile`.")] = None,
     stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to export (default: the last).")] = None,
     type_: Annotated[str, typer.Option("--type", help="f16 (half precision), q8_0 (8-bit blocks) or q4_0 (4-bit blocks; the logits' matrix 8-bit).")] = "f16",
@@ -554,8 +555,11 @@ def export(
 
     if type_ not in GGUF_TYPES:
         raise FactlabError(f"--type must be one of {', '.join(GGUF_TYPES)}, got '{type_}'")
-    if (gguf is None) == (ollama is None):
-        raise FactlabError("give one output: --gguf FILE.gguf, or --ollama DIR")
+    if sum(x is not None for x in (gguf, ollama, survival)) != 1:
+        raise FactlabError("give one output: --gguf FILE.gguf, --ollama DIR or --survival DIR")
+    if survival is not None:
+        _export_survival(model_or_run, stage, survival, probes, force)
+        return
     if ollama is not None:
         from factlab.models.ollama import export_ollama
 
@@ -612,6 +616,38 @@ def export(
                 raise typer.Exit(1)
         else:
             say(f"{type_}: {c['correct_same']}/{c['probes']} verdicts kept ({100 * c['correct_same'] / c['probes']:.0f}%)")
+
+
+def _export_survival(model_or_run: str, stage: Optional[str], out: Path, probes: Optional[list[Path]], force: bool) -> None:
+    """`factlab export --survival DIR` (experiment.survival)."""
+    import yaml
+
+    from factlab.chat import pick_target
+    from factlab.config import EvalSpec
+    from factlab.experiment.evaluation import load_probe_files
+    from factlab.experiment.survival import quantization_survival
+
+    _check_out_dir(out, "--survival")
+    if (out / "survival.json").exists() and not force:
+        raise FactlabError(f"{out / 'survival.json'} exists; choose another folder or pass --force to overwrite")
+    run_cfg = Path(model_or_run) / "config.yaml"
+    cfg_eval = ((yaml.safe_load(run_cfg.read_text()) or {}).get("eval") or {}) if run_cfg.is_file() else {}
+    probes = probes or [Path(p) for p in cfg_eval.get("probes") or []]
+    if not probes:
+        raise FactlabError("--survival needs probes; give --probes FILE (JSONL)")
+    load_probe_files([str(p) for p in probes])  # bad probe files fail before anything is exported
+    target = pick_target(model_or_run, stage, err)
+    if len(target) > 2:
+        raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); export needs a merged/ model")
+    # The run's own held-out texts; no samples (a fresh llama.cpp draw is not the question here), no
+    # priming prompts (not in the table).
+    spec = EvalSpec(probes=[str(p) for p in probes], general_text=cfg_eval.get("general_text") or [],
+                    builtin_general_text=cfg_eval.get("builtin_general_text", True), sampling={"n": 0}, priming=False)
+    rows = quantization_survival(Path(target[1]), out, spec, console=err)
+    from factlab.experiment.survival import markdown_table
+
+    Console(soft_wrap=True).print(markdown_table([{k: v for k, v in r.items() if k != "MB"} for r in rows]), markup=False)
+    err.print(f"survival table: {out / 'survival.md'} (and survival.json)", markup=False)
 
 
 @app.command()
