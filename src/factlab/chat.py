@@ -20,13 +20,14 @@ from factlab.errors import FactlabError
 HELP = "commands: /reset clears the conversation, /quit ends (so does end of input)"
 
 
-def pick_target(model_or_run: str, stage: str | None = None, console: Console | None = None) -> tuple:
+def pick_target(model_or_run: str, stage: str | None = None, console: Console | None = None,
+                runtime: str = "transformers") -> tuple:
     """The eval target (label, model folder[, adapter folder]) of a run's stage (default: the
     last finished stage), or of a model (alias, .gguf, folder, hub id); stages are resolved the
-    way `factlab eval RUN` resolves them."""
+    way `factlab eval RUN` resolves them (with runtime "llama.cpp": the .gguf file itself)."""
     from factlab.experiment.evaluation import eval_targets
 
-    targets = eval_targets(model_or_run, console)
+    targets = eval_targets(model_or_run, console, runtime)
     if stage is None:
         return targets[-1]
     for t in targets:
@@ -36,9 +37,19 @@ def pick_target(model_or_run: str, stage: str | None = None, console: Console | 
     raise FactlabError(f"{model_or_run} has no finished stage '{stage}'; choose one of: {names}")
 
 
-def _turn(model, tokenizer, history: list[dict], *, temperature: float, max_new_tokens: int, out: IO[str]) -> str:
+def _turn(model, tokenizer, history: list[dict], *, temperature: float, max_new_tokens: int, out: IO[str],
+          seed: int = 0) -> str:
     """Generate one assistant answer to `history`, streaming it to `out`; return its text."""
     from transformers import TextStreamer
+
+    if hasattr(model, "chat_stream"):  # a GGUF in llama.cpp (models.llama_cpp_lm.LlamaCppLM): its own template and sampler
+        pieces = []
+        for piece in model.chat_stream(history, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed):
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        return "".join(pieces).strip()
 
     enc = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     enc = {k: v.to(next(model.parameters()).device) for k, v in enc.items()}  # where the model is
@@ -99,27 +110,29 @@ def chat_loop(models: list[tuple[str, object, object]], *, temperature: float = 
             history.append({"role": "user", "content": text})
             out.write(f"{label}> ")
             out.flush()
-            answer = _turn(model, tok, history, temperature=temperature, max_new_tokens=max_new_tokens, out=out)
+            answer = _turn(model, tok, history, temperature=temperature, max_new_tokens=max_new_tokens, out=out,
+                           seed=seed + answered)
             history.append({"role": "assistant", "content": answer})
         answered += 1
     return answered
 
 
 def load_chat_models(model_or_run: str, stage: str | None = None, compare: bool = False,
-                     console: Console | None = None, device="cpu") -> list[tuple[str, object, object]]:
-    """[(label, model, tokenizer)] for chat, on `device`: the chosen stage's model, preceded by the base
-    model with `compare` (for a run folder: its base model; for a model: itself, no comparison)."""
+                     console: Console | None = None, device="cpu", runtime: str = "transformers") -> list[tuple[str, object, object]]:
+    """[(label, model, tokenizer)] for chat, on `device` (or a .gguf file in llama.cpp with runtime
+    "llama.cpp"): the chosen stage's model, preceded by the base model with `compare` (for a run
+    folder: its base model; for a model: itself, no comparison)."""
     from factlab.experiment.evaluation import eval_targets, load_target
 
-    target = pick_target(model_or_run, stage, console)
+    target = pick_target(model_or_run, stage, console, runtime)
     chosen = [target]
     if compare:
-        base = eval_targets(model_or_run, console)[0]
+        base = eval_targets(model_or_run, console, runtime)[0]
         if base[0] == target[0] or (len(base) == 2 and len(target) == 2 and Path(base[1]) == Path(target[1])):
             raise FactlabError(f"--compare needs a run folder with a trained stage; {model_or_run} has only its base model")
         chosen = [base, target]
     loaded = []
     for t in chosen:
-        model, tok = load_target(t, device)
+        model, tok = load_target(t, device, runtime)
         loaded.append((t[0], model, tok))
     return loaded

@@ -143,6 +143,7 @@ def _note_new_folders(root: Path):
 
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (a GPU when torch sees one), cpu, cuda or mps.")]
+RuntimeOpt = Annotated[str, typer.Option("--runtime", help="transformers (default), or llama.cpp: run a .gguf file in llama.cpp itself (xllamacpp).")]
 
 
 def _one_process(command: str) -> None:
@@ -452,11 +453,17 @@ def eval_(
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the summaries as JSON here.")] = None,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = "transformers",
 ) -> None:
     """Evaluate a model, or every stage of a run, on probes without training."""
     _quiet_libraries()
     _one_process("eval")
     import json
+
+    from factlab.models.llama_cpp_lm import check_gguf_target, check_runtime
+
+    if check_runtime(runtime) == "llama.cpp":
+        check_gguf_target(Path(model_or_run))
 
     from factlab.config import EvalSpec
     from factlab.data.corpus import load_documents
@@ -499,14 +506,15 @@ def eval_(
         loc = str(e.errors()[0]["loc"][-1])
         raise FactlabError(f"bad option {flags.get(loc, loc)}: {e.errors()[0]['msg']}") from None
     context = "\n\n".join(load_documents(in_context)) if in_context else None
-    targets = eval_targets(model_or_run, err)
-    from factlab.experiment.preflight import ModelShape, check_probe_lengths
+    targets = eval_targets(model_or_run, err, runtime)
+    if runtime == "transformers":  # llama.cpp refuses a request longer than its context itself, in one line
+        from factlab.experiment.preflight import ModelShape, check_probe_lengths
 
-    _, tokenizer, shape = ModelShape(err).get(str(targets[0][1]))
-    check_probe_lengths(probe_list, tokenizer, shape)
+        _, tokenizer, shape = ModelShape(err).get(str(targets[0][1]))
+        check_probe_lengths(probe_list, tokenizer, shape)
     if output is not None:
         on_interrupt(lambda: "nothing was written (the scores were not saved)")
-    results = evaluate_models(targets, spec, context=context, seed=seed, console=err, device=torch_device)
+    results = evaluate_models(targets, spec, context=context, seed=seed, console=err, device=torch_device, runtime=runtime)
     first = next(iter(results["summaries"]), None)
     out = Console()
     if first is not None:
@@ -538,10 +546,12 @@ def models() -> None:
 @app.command()
 def export(
     model_or_run: Annotated[str, typer.Argument(help="A run folder (exports its last stage, or --stage), a model folder or an alias.")],
-    gguf: Annotated[Path, typer.Option("--gguf", help="Output .gguf file.")],
+    gguf: Annotated[Optional[Path], typer.Option("--gguf", help="Output .gguf file.")] = None,
+    survival: Annotated[Optional[Path], typer.Option("--survival", help="Output folder: export f16, q8_0 and q4_0 files there, score each in llama.cpp (and the fp32 model in transformers) on the run's probes, write survival.json and survival.md (which facts survive quantization).")] = None,
+    ollama: Annotated[Optional[Path], typer.Option("--ollama", help="Output folder for Ollama: model.gguf and a Modelfile (chat template, stop tokens, parameters) for `ollama create NAME -f DIR/Modelfile`.")] = None,
     stage: Annotated[Optional[str], typer.Option("--stage", help="Stage to export (default: the last).")] = None,
-    type_: Annotated[str, typer.Option("--type", help="f16 (half precision) or q8_0 (8-bit blocks).")] = "f16",
-    verify: Annotated[bool, typer.Option("--verify", help="Load the file in llama.cpp (xllamacpp) and compare its tokens and greedy answers with the model's on the run's probes; then read it back with transformers and compare log-probs.")] = False,
+    type_: Annotated[str, typer.Option("--type", help="f16 (half precision), q8_0 (8-bit blocks) or q4_0 (4-bit blocks; the logits' matrix 8-bit).")] = "f16",
+    verify: Annotated[bool, typer.Option("--verify", help="Load the file in llama.cpp (xllamacpp) and compare it with the transformers model on the run's probes: tokens, greedy answers, every candidate token's log-prob and every verdict (f16: within 0.02, all kept, else exit 1; quantized: the share kept).")] = False,
     probes: Annotated[Optional[list[Path]], typer.Option("--probes", "-p", help="Probe JSONL for --verify (default for a run folder: its own).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
 ) -> None:
@@ -552,21 +562,44 @@ def export(
 
     if type_ not in GGUF_TYPES:
         raise FactlabError(f"--type must be one of {', '.join(GGUF_TYPES)}, got '{type_}'")
-    if gguf.suffix.lower() != ".gguf":
+    if sum(x is not None for x in (gguf, ollama, survival)) != 1:
+        raise FactlabError("give one output: --gguf FILE.gguf, --ollama DIR or --survival DIR")
+    if survival is not None:
+        _export_survival(model_or_run, stage, survival, probes, force)
+        return
+    if ollama is not None:
+        from factlab.models.ollama import export_ollama
+
+        _check_out_dir(ollama, "--ollama")
+        if (ollama / "Modelfile").exists() and not force:
+            raise FactlabError(f"{ollama / 'Modelfile'} exists; choose another folder or pass --force to overwrite")
+        target = pick_target(model_or_run, stage, err)
+        if len(target) > 2:
+            raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); export needs a merged/ model")
+        mf = export_ollama(Path(target[1]), ollama, type_, console=err)
+        err.print(f"exported {target[0]} to {mf.parent} (model.gguf, {type_}, and Modelfile); then: ollama create NAME -f {mf}",
+                  markup=False)
+        if not verify:
+            return
+        gguf = ollama / "model.gguf"
+    elif gguf.suffix.lower() != ".gguf":
         raise FactlabError(f"--gguf {gguf}: give a file name ending in .gguf")
-    if gguf.exists() and not force:
+    elif gguf.exists() and not force:
         raise FactlabError(f"{gguf} exists; choose another path or pass --force to overwrite")
-    target = pick_target(model_or_run, stage, err)
-    if len(target) > 2:
-        raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); GGUF export needs a merged/ model: "
-                           "run the stage with merge: true and a mergeable method")
-    path = export_gguf(Path(target[1]), gguf, type_, console=err)
-    err.print(f"exported {target[0]} ({target[1]}) to {path} ({path.stat().st_size / 1e6:.1f} MB, {type_})")
+    if ollama is None:
+        target = pick_target(model_or_run, stage, err)
+        if len(target) > 2:
+            raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); GGUF export needs a merged/ model: "
+                               "run the stage with merge: true and a mergeable method")
+        path = export_gguf(Path(target[1]), gguf, type_, console=err)
+        err.print(f"exported {target[0]} ({target[1]}) to {path} ({path.stat().st_size / 1e6:.1f} MB, {type_})")
+    else:
+        path = gguf
     if verify:
         import yaml
 
         from factlab.experiment.evaluation import load_probe_files
-        from factlab.models.gguf_export import verify_gguf, verify_in_llama_cpp
+        from factlab.models.gguf_export import F16_LOGPROB_TOL, verify_in_llama_cpp
 
         run_cfg = Path(model_or_run) / "config.yaml"
         if not probes and run_cfg.is_file():
@@ -575,16 +608,53 @@ def export(
             raise FactlabError("--verify needs probes; give --probes FILE (JSONL)")
         probe_list = load_probe_files([str(p) for p in probes])
         c = verify_in_llama_cpp(Path(target[1]), path, probe_list)
-        Console(soft_wrap=True).print(
-            f"llama.cpp loads {path.name}: tokenization same as transformers on {c['tokens_same']}/{c['prompts']} probes, "
+        say = Console(soft_wrap=True).print
+        say(f"llama.cpp loads {path.name}: tokenization same as transformers on {c['tokens_same']}/{c['prompts']} probes, "
             f"greedy continuation ({c['n_tokens']} tokens) same on {c['greedy_same']}/{c['prompts']} (first token on {c['first_token_same']}/{c['prompts']})")
         for prompt, a, b in c["examples"]:
-            Console(soft_wrap=True).print(f"  {prompt!r}: transformers {a!r}, llama.cpp {b!r}", markup=False)
-        v = verify_gguf(Path(target[1]), path, probe_list)
-        Console(soft_wrap=True).print(f"round trip through transformers on {v['probes']} probes: next-token log-prob max |diff| "
-                        f"{v['next_token_max_abs']:.2e}, candidate log-prob/token max |diff| {v['candidate_max_abs']:.2e}, "
-                        f"candidate verdict same on {v['correct_same']}/{v['probes']} (correct {v['correct_before']} -> {v['correct_after']}), "
-                        f"greedy continuation same on {v['greedy_same']}/{v['probes']}")
+            say(f"  {prompt!r}: transformers {a!r}, llama.cpp {b!r}", markup=False)
+        say(f"scored in llama.cpp against the transformers model on {c['probes']} probes: candidate token log-prob max |diff| "
+            f"{c['token_max_abs']:.2e} over {c['tokens_scored']} tokens, candidate verdict same on {c['correct_same']}/{c['probes']} "
+            f"(correct {c['correct_before']} -> {c['correct_after']}), greedy-answer match same on {c['greedy_match_same']}/{c['probes']}")
+        if type_ == "f16":
+            ok = c["token_max_abs"] <= F16_LOGPROB_TOL and c["correct_same"] == c["probes"]
+            say(f"f16 check (log-probs within {F16_LOGPROB_TOL} per token, every verdict kept): {'passed' if ok else 'FAILED'}")
+            if not ok:
+                raise typer.Exit(1)
+        else:
+            say(f"{type_}: {c['correct_same']}/{c['probes']} verdicts kept ({100 * c['correct_same'] / c['probes']:.0f}%)")
+
+
+def _export_survival(model_or_run: str, stage: Optional[str], out: Path, probes: Optional[list[Path]], force: bool) -> None:
+    """`factlab export --survival DIR` (experiment.survival)."""
+    import yaml
+
+    from factlab.chat import pick_target
+    from factlab.config import EvalSpec
+    from factlab.experiment.evaluation import load_probe_files
+    from factlab.experiment.survival import quantization_survival
+
+    _check_out_dir(out, "--survival")
+    if (out / "survival.json").exists() and not force:
+        raise FactlabError(f"{out / 'survival.json'} exists; choose another folder or pass --force to overwrite")
+    run_cfg = Path(model_or_run) / "config.yaml"
+    cfg_eval = ((yaml.safe_load(run_cfg.read_text()) or {}).get("eval") or {}) if run_cfg.is_file() else {}
+    probes = probes or [Path(p) for p in cfg_eval.get("probes") or []]
+    if not probes:
+        raise FactlabError("--survival needs probes; give --probes FILE (JSONL)")
+    load_probe_files([str(p) for p in probes])  # bad probe files fail before anything is exported
+    target = pick_target(model_or_run, stage, err)
+    if len(target) > 2:
+        raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); export needs a merged/ model")
+    # The run's own held-out texts; no samples (a fresh llama.cpp draw is not the question here), no
+    # priming prompts (not in the table).
+    spec = EvalSpec(probes=[str(p) for p in probes], general_text=cfg_eval.get("general_text") or [],
+                    builtin_general_text=cfg_eval.get("builtin_general_text", True), sampling={"n": 0}, priming=False)
+    rows = quantization_survival(Path(target[1]), out, spec, console=err)
+    from factlab.experiment.survival import markdown_table
+
+    Console(soft_wrap=True).print(markdown_table([{k: v for k, v in r.items() if k != "MB"} for r in rows]), markup=False)
+    err.print(f"survival table: {out / 'survival.md'} (and survival.json)", markup=False)
 
 
 @app.command()
@@ -596,16 +666,20 @@ def chat(
     compare: Annotated[bool, typer.Option("--compare", help="Answer each question with the base model too, before the tuned one.")] = False,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     device: DeviceOpt = "auto",
+    runtime: RuntimeOpt = "transformers",
 ) -> None:
     """Talk to a model in the terminal (chat template, streamed answers, /reset, /quit)."""
     _quiet_libraries()
     _one_process("chat")
     from factlab.chat import chat_loop, load_chat_models
     from factlab.models.device import resolve_device
+    from factlab.models.llama_cpp_lm import check_gguf_target, check_runtime
 
     if temperature < 0 or max_new_tokens < 1:  # before loading any model
         raise FactlabError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {temperature} and {max_new_tokens}")
-    models = load_chat_models(model_or_run, stage, compare, console=err, device=resolve_device(device))
+    if check_runtime(runtime) == "llama.cpp":
+        check_gguf_target(Path(model_or_run))
+    models = load_chat_models(model_or_run, stage, compare, console=err, device=resolve_device(device), runtime=runtime)
     chat_loop(models, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
 
 

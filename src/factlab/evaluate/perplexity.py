@@ -56,7 +56,9 @@ def perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, text:
     """
     if not text.strip():
         raise FactlabError("cannot measure perplexity on empty text; give some plain text")
-    (scored,) = LM(model, tokenizer, batch_size=batch_size).loglikelihood_rolling([text], seq_len, stride)
+    # A model that answers LM's requests itself (models.llama_cpp_lm.LlamaCppLM) scores as it is.
+    lm = model if hasattr(model, "loglikelihood_rolling") else LM(model, tokenizer, batch_size=batch_size)
+    (scored,) = lm.loglikelihood_rolling([text], seq_len, stride)
     nll = -scored.logprob / scored.n_tokens
     # A wrecked model (a tuning trial at a huge learning rate) can exceed exp's range: inf, not a crash.
     return {"nll_per_token": nll, "perplexity": _exp(nll), "n_tokens": scored.n_tokens,

@@ -83,7 +83,10 @@ class Evaluator:
         t0 = time.perf_counter()
         out = EvalRecord(label)
         spec, s = self.spec, self.spec.sampling
-        lm = LM(model, self.tokenizer, batch_size=spec.batch_size)
+        # A model that answers LM's requests itself (a GGUF in llama.cpp, models.llama_cpp_lm) is used as it is.
+        from factlab.models.llama_cpp_lm import LlamaCppLM
+
+        lm = model if isinstance(model, LlamaCppLM) else LM(model, self.tokenizer, batch_size=spec.batch_size)
         requests = probe_requests(lm, self.probes, greedy_tokens=spec.greedy_tokens, qa_tokens=spec.qa_tokens,
                                   samples=0 if context else s.n, context=context)
         prompts = self.style_prompts if context is None else []
@@ -148,14 +151,19 @@ def forgetting(base: EvalRecord, after: EvalRecord) -> dict:
     return forgetting_summary(view(base), view(after))
 
 
-def eval_targets(model_or_run: str, console: Console | None = None) -> list[tuple]:
+def eval_targets(model_or_run: str, console: Console | None = None, runtime: str = "transformers") -> list[tuple]:
     """What `factlab eval` scores: a run folder gives its base model and every finished
     stage: its merged model, or for a stage that was not merged (a prompt method, or
     `merge: false`) the model it trained on plus its adapter, as (label, model, adapter);
-    anything else is one model (alias, folder or hub id), as (label, model)."""
+    anything else is one model (alias, folder or hub id), as (label, model). With runtime
+    "llama.cpp" the model is a .gguf file, run as it is (label, file)."""
     from factlab.models.loading import resolve_model
 
     path = Path(model_or_run)
+    if runtime == "llama.cpp":
+        from factlab.models.llama_cpp_lm import check_gguf_target
+
+        return [(path.name, check_gguf_target(path))]
     if RunFolder.is_run(path) and RunFolder(path).config_path.is_file():
         run = RunFolder(path)
         model = run.read_config().get("model")
@@ -174,11 +182,18 @@ def eval_targets(model_or_run: str, console: Console | None = None) -> list[tupl
     return [(path.name if path.is_dir() else model_or_run, resolve_model(model_or_run, console))]
 
 
-def load_target(target: tuple, device="cpu"):
+def load_target(target: tuple, device="cpu", runtime: str = "transformers"):
     """(model, tokenizer) for an eval target, on `device`: a model folder, or a model folder
-    plus a PEFT adapter (prompt methods get their logits aligned with the input ids, as in a run)."""
+    plus a PEFT adapter (prompt methods get their logits aligned with the input ids, as in a run).
+    With runtime "llama.cpp": the GGUF file loaded in llama.cpp (models.llama_cpp_lm.LlamaCppLM,
+    which answers LM's requests itself) and its llama.cpp tokenizer."""
     from factlab.models.loading import load_model
 
+    if runtime == "llama.cpp":
+        from factlab.models.llama_cpp_lm import LlamaCppLM
+
+        lm = LlamaCppLM(Path(target[1]))
+        return lm, lm.tokenizer
     model, tokenizer = load_model(target[1], device=device)
     if len(target) > 2 and target[2] is not None:
         from peft import PeftModel
@@ -193,11 +208,12 @@ def load_target(target: tuple, device="cpu"):
 
 def evaluate_models(targets: list[tuple], spec: EvalSpec, *, context: str | None = None,
                     seed: int = 0, folder: RunFolder | None = None, console: Console | None = None,
-                    device="cpu") -> dict:
+                    device="cpu", runtime: str = "transformers") -> dict:
     """Evaluate each (label, model folder[, adapter folder]) with the same probes and texts; the first is the
     baseline for forgetting. With `context`, the first model is also scored with the source
     text in the prompt (label "<first>+context"). Returns {"summaries", "perplexity",
-    "forgetting"}, each by label (what `factlab eval -o` saves). Models are loaded on `device`."""
+    "forgetting"}, each by label (what `factlab eval -o` saves). Models are loaded on `device`, or
+    in llama.cpp with runtime "llama.cpp" (targets are then GGUF files)."""
     from factlab.data.sft import require_chat_template
 
     console = console or Console(stderr=True)
@@ -206,7 +222,7 @@ def evaluate_models(targets: list[tuple], spec: EvalSpec, *, context: str | None
     evaluator = base = None
     for i, target in enumerate(targets):
         label = target[0]
-        model, tokenizer = load_target(target, device)
+        model, tokenizer = load_target(target, device, runtime)
         if i == 0:
             if any(p.kind == "qa" for p in probes):
                 require_chat_template(tokenizer, "qa probes")
@@ -220,5 +236,7 @@ def evaluate_models(targets: list[tuple], spec: EvalSpec, *, context: str | None
                 results["summaries"][ctx.label] = ctx.summaries
         else:
             results["forgetting"][label] = forgetting(base, ev)
+        if hasattr(model, "close"):  # llama.cpp: stop its server now, not whenever it is collected
+            model.close()
         del model
     return results

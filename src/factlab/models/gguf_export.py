@@ -11,8 +11,13 @@ with xllamacpp, see llama_cpp.py) and transformers' GGUF loader (`modeling_gguf_
   transformers' `LlamaTensorProcessor` undoes the same permutation. Qwen2 is stored unpermuted;
 - no `output` tensor when the embeddings are tied (transformers reads its absence as
   `tie_word_embeddings=True`);
-- 1-D tensors (norms, biases) stay f32 as llama.cpp keeps them; 2-D weights are f16 or Q8_0
-  (blocks of 32 along a row; a row length not divisible by 32 stays f16);
+- 1-D tensors (norms, biases) stay f32 as llama.cpp keeps them; 2-D weights are f16, Q8_0 or
+  Q4_0 (blocks of 32 along a row; a row length not divisible by 32 stays f16), quantized by the
+  `gguf` package (`gguf.quants`: numpy ports of llama.cpp's reference `quantize_row_q8_0_ref` /
+  `quantize_row_q4_0_ref`, which gguf-py's own tests compare with libggml). In a Q4_0 file the
+  matrix that makes the logits (`output`, or the tied `token_embd`) is Q8_0, as llama.cpp's
+  quantizer gives it a higher-precision type (Q6_K there, which the `gguf` package cannot
+  quantize);
 - the byte-level BPE tokenizer as `tokenizer.ggml.model = gpt2` with tokens, token types,
   merges, special ids and the chat template (`gguf.SpecialVocab` reads the last three from the
   folder the way llama.cpp's converter does), `tokenizer.ggml.pre` identified by llama.cpp's own
@@ -33,7 +38,7 @@ from rich.console import Console
 
 from factlab.errors import FactlabError
 
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "q4_0")
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,8 @@ def _add_tokenizer(writer, model_dir: Path, tokenizer, vocab: _Vocab, n_vocab: i
 def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Console | None = None) -> Path:
     """Write the model folder `model_dir` (config.json, safetensors, tokenizer) as a GGUF file.
 
-    `gguf_type`: "f16" (2-D weights in half precision) or "q8_0" (8-bit blocks of 32).
+    `gguf_type`: "f16" (2-D weights in half precision), "q8_0" (8-bit blocks of 32) or "q4_0"
+    (4-bit blocks of 32; the logits' matrix 8-bit).
     Returns `out`. Written to a temporary sibling and renamed, so a failure leaves no partial file.
     """
     import gguf
@@ -215,7 +221,8 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Con
             raise FactlabError(f"{model_dir} uses rope scaling '{rope.get('rope_type')}', which the GGUF export does not write yet")
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
         writer.add_vocab_size(n_vocab)
-        ftype = gguf.LlamaFileType.MOSTLY_F16 if gguf_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+        ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                 "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[gguf_type]
         writer.add_file_type(ftype)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_tokenizer(writer, model_dir, tokenizer, vocab, n_vocab)
@@ -230,11 +237,15 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Con
             elif arch.permute_qk and base.endswith("self_attn.k_proj") and suffix == "weight":
                 w = _permute(w, n_head, n_kv)
             name = f"{gguf_name}.{suffix}"
+            qtype = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}.get(gguf_type)
+            makes_logits = gguf_name == "output" or (tied and gguf_name == "token_embd")
+            if qtype == gguf.GGMLQuantizationType.Q4_0 and makes_logits:
+                qtype = gguf.GGMLQuantizationType.Q8_0
             if w.ndim == 1:
                 writer.add_tensor(name, w.astype(np.float32))
-            elif gguf_type == "q8_0" and w.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0] == 0:
-                q = gguf.quants.quantize(w.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
-                writer.add_tensor(name, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            elif qtype is not None and w.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+                q = gguf.quants.quantize(w.astype(np.float32), qtype)
+                writer.add_tensor(name, q, raw_dtype=qtype)
             else:
                 writer.add_tensor(name, w.astype(np.float16))
         with console.status(f"writing {out.name} ({gguf_type}) ..."):
@@ -260,64 +271,56 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
     return model, tok
 
 
-def verify_gguf(model_dir: Path, gguf_path: Path, probes, batch_size: int = 16) -> dict:
-    """Compare a model folder with its GGUF export read back by transformers, on probes.
+F16_LOGPROB_TOL = 0.02
+"""What an f16 file must keep in llama.cpp: every candidate token's log-prob within this of the
+fp32 transformers model's (and every probe's verdict)."""
 
-    Returns {"probes", "next_token_max_abs", "candidate_max_abs", "correct_same",
-    "correct_before", "correct_after", "greedy_same"}: the largest absolute difference of the
-    next-token log-probs (whole vocabulary, at the end of every probe's prompt) and of the
-    candidates' per-token log-probs, and how many probes keep their candidate verdict and greedy
-    continuation. f16 should differ by rounding only; q8_0 should keep every verdict.
+
+def verify_in_llama_cpp(model_dir: Path, gguf_path: Path, probes, n_tokens: int = 8, lora: Path | None = None) -> dict:
+    """Load a GGUF export in llama.cpp (xllamacpp) and compare it with the transformers model it
+    was exported from, on probes. Returns compare_with_llama_cpp's keys (tokenization and greedy
+    continuations of every probe's prompt, `n_tokens` tokens from the same ids) and:
+
+    - "tokens_scored", "token_max_abs": how many candidate tokens were scored and the largest
+      |llama.cpp - transformers| of their log-probs, both given the same token ids (the ones
+      transformers' tokenizer gives), so it is the weights and the kernels that differ;
+    - "correct_before", "correct_after", "correct_same", "greedy_match_same": the probes'
+      candidate verdicts and greedy-answer matches, transformers (every probe kind through
+      ``LM``) and llama.cpp (every probe kind through ``LlamaCppLM``: its own tokenizer and chat
+      template), and on how many probes they are the same.
+
+    With `lora`, llama.cpp runs `gguf_path` plus that adapter GGUF, and `model_dir` should be the
+    merged model it must equal.
     """
-    from factlab.evaluate.facts import probe_context, score_probes
-    from factlab.models.loading import load_model
-
-    probes = list(probes)
-    if not probes:
-        raise FactlabError("no probes to verify the GGUF export on; give probes (JSONL)")
-    ref, tok = load_model(Path(model_dir))
-    back, tok_back = load_gguf(Path(gguf_path))
-    if tok_back.pad_token_id is None:
-        tok_back.pad_token = tok_back.eos_token
-    out: dict = {"probes": len(probes)}
-    # Next-token distribution at the end of each prompt: (vocab,) per probe, one prompt at a time
-    # (no padding, so any difference is the weights', not the batching's).
-    worst = 0.0
-    for p in probes:
-        text = probe_context(p, tok)
-        ids_ref = tok(text, return_tensors="pt").input_ids
-        ids_back = tok_back(text, return_tensors="pt").input_ids
-        if not torch.equal(ids_ref, ids_back):
-            raise FactlabError(f"the exported tokenizer splits probe {p.id!r} differently from the model folder's")
-        with torch.no_grad():
-            a = ref(ids_ref).logits[0, -1].log_softmax(-1)
-            b = back(ids_back).logits[0, -1].log_softmax(-1)
-        worst = max(worst, (a - b).abs().max().item())
-    out["next_token_max_abs"] = worst
-    rows_a = score_probes(ref, tok, probes, batch_size=batch_size)
-    rows_b = score_probes(back, tok_back, probes, batch_size=batch_size)
-    cand = [abs(x - y) for ra, rb in zip(rows_a, rows_b)
-            for x, y in zip([ra["target_mean_logprob"], *ra["distractor_mean_logprobs"]],
-                            [rb["target_mean_logprob"], *rb["distractor_mean_logprobs"]])]
-    out["candidate_max_abs"] = max(cand)
-    out["correct_before"] = sum(r["correct"] for r in rows_a)
-    out["correct_after"] = sum(r["correct"] for r in rows_b)
-    out["correct_same"] = sum(ra["correct"] == rb["correct"] for ra, rb in zip(rows_a, rows_b))
-    out["greedy_same"] = sum(ra["greedy"] == rb["greedy"] for ra, rb in zip(rows_a, rows_b))
-    return out
-
-
-def verify_in_llama_cpp(model_dir: Path, gguf_path: Path, probes, n_tokens: int = 8) -> dict:
-    """Load a GGUF export in llama.cpp (xllamacpp) and compare it with its model folder on probes:
-    tokenization of every probe's prompt and the greedy continuation (`n_tokens` tokens) from the
-    same token ids. See llama_cpp.compare_with_llama_cpp for the result; adds "n_tokens"."""
-    from factlab.evaluate.facts import probe_context
+    from factlab.evaluate.facts import probe_context, probe_requests, probe_rows, score_probes
+    from factlab.evaluate.lm import LM
     from factlab.models.llama_cpp import compare_with_llama_cpp
+    from factlab.models.llama_cpp_lm import LlamaCppLM
     from factlab.models.loading import load_model
 
     probes = list(probes)
     if not probes:
         raise FactlabError("no probes to verify the GGUF export on; give probes (JSONL)")
     model, tok = load_model(Path(model_dir))
-    out = compare_with_llama_cpp(model, tok, Path(gguf_path), [probe_context(p, tok) for p in probes], n_tokens)
-    return {**out, "n_tokens": n_tokens}
+    out = {"n_tokens": n_tokens}
+    if lora is None:
+        out.update(compare_with_llama_cpp(model, tok, Path(gguf_path), [probe_context(p, tok) for p in probes], n_tokens))
+    rows_ref = score_probes(model, tok, probes)
+    lm = LM(model, tok)
+    pairs = [(r.scored_context, c) for r in probe_requests(lm, probes) for c in r.continuations]
+    with LlamaCppLM(Path(gguf_path), lora=lora) as cpp:
+        worst, scored = 0.0, 0
+        for ctx, cont in lm.tokenize_pairs(pairs):
+            ids = torch.tensor([list(ctx + cont)])
+            with torch.no_grad():
+                logp = model(ids).logits[0, len(ctx) - 1:-1].float().log_softmax(-1)  # (len(cont), V)
+            ref = logp.gather(-1, torch.tensor(cont)[:, None]).squeeze(-1).tolist()
+            got = [lp for lp, _ in cpp.token_logprobs(ctx, cont)]
+            worst = max([worst] + [abs(a - b) for a, b in zip(ref, got)])
+            scored += len(cont)
+        rows = probe_rows(probes, cpp.complete(probe_requests(cpp, probes)))
+    out.update(tokens_scored=scored, token_max_abs=worst, probes=len(probes),
+               correct_before=sum(bool(r["correct"]) for r in rows_ref), correct_after=sum(bool(r["correct"]) for r in rows),
+               correct_same=sum(a["correct"] == b["correct"] for a, b in zip(rows_ref, rows)),
+               greedy_match_same=sum(a["greedy_match"] == b["greedy_match"] for a, b in zip(rows_ref, rows)))
+    return out

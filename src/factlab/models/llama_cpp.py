@@ -2,8 +2,16 @@
 Python extension) to check that an exported file works in the runtime it is made for.
 
 xllamacpp's Python methods are the OpenAI-style endpoints; token ids in and out (tokenize, a
-greedy completion from given ids) are only on the native endpoints of the server it starts on
-127.0.0.1, so those two are HTTP requests to it.
+completion from given ids, the log-probs of given tokens) are only on the native endpoints of the
+server it starts on 127.0.0.1, so those are HTTP requests to it (``LlamaCpp.post``).
+
+Log-probs of given tokens: llama.cpp's server reports, for every token it generates, the
+log-softmax of the model's raw logits at that position (``n_probs``: computed before any sampler,
+so a grammar or a logit bias that forces the token does not change the number) and the top
+token there. Forcing a continuation's tokens with a token-id grammar (``root ::= <[12]> <[34]>``)
+therefore scores all of them in one request, decoding them one after another after the context
+(see ``LlamaCpp.force``). The server has no prompt log-probs (``echo``; llama.cpp PR 15189 was
+never merged), which is why the tokens are generated rather than read off the prompt.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ def _load_error(xllamacpp, params) -> str | None:
 class LlamaCpp:
     """A GGUF file loaded by llama.cpp (CPU, one sequence). Use as a context manager."""
 
-    def __init__(self, path: Path, n_ctx: int = 512, threads: int = 2):
+    def __init__(self, path: Path, n_ctx: int = 512, threads: int = 2, lora: Path | None = None):
         try:
             import xllamacpp
         except ImportError:
@@ -65,6 +73,12 @@ class LlamaCpp:
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.warmup = False
+        params.use_jinja = True  # the GGUF's own chat template, rendered by llama.cpp's Jinja engine
+        if lora is not None:  # a LoRA adapter GGUF, applied at scale 1 (llama.cpp's --lora)
+            adapter = xllamacpp.CommonAdapterLoraInfo()
+            adapter.path = str(lora)
+            adapter.scale = 1.0
+            params.lora_adapters = [adapter]
         params.verbosity = -1  # llama.cpp's own log is hundreds of lines on stderr
         try:
             self._server = xllamacpp.Server(params)
@@ -82,7 +96,8 @@ class LlamaCpp:
     def close(self) -> None:
         self._server = None  # the server stops and frees the model when released
 
-    def _post(self, endpoint: str, body: dict) -> dict:
+    def post(self, endpoint: str, body: dict) -> dict:
+        """POST `body` as JSON to the server's native `endpoint` (e.g. "/completion"); its JSON answer."""
         req = urllib.request.Request(self._address + endpoint, data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         # the server is on 127.0.0.1: never through an http_proxy from the environment
@@ -95,11 +110,68 @@ class LlamaCpp:
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """llama.cpp's token ids for `text` (with BOS/EOS as the file's add_bos/add_eos say)."""
-        return self._post("/tokenize", {"content": text, "add_special": add_special})["tokens"]
+        return self.post("/tokenize", {"content": text, "add_special": add_special})["tokens"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids, special tokens spelled out (as llama.cpp prints them)."""
+        return self.post("/detokenize", {"tokens": list(ids)})["content"]
+
+    def apply_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The conversation rendered by the GGUF's chat template in llama.cpp (what llama-server's
+        chat endpoint feeds the model)."""
+        return self.post("/apply-template", {"messages": messages, "add_generation_prompt": add_generation_prompt})["prompt"]
+
+    def force(self, ids: list[int], tokens: list[int], special: bool = False) -> list[tuple[float, int]]:
+        """(log-prob, top token id) of each of `tokens` after `ids`, the tokens forced one after
+        another: by a token-id grammar, or for one `special` token (an end-of-generation token
+        cannot be forced by a grammar, llama.cpp then stops) by a logit bias. The log-prob is
+        llama.cpp's log-softmax of the raw logits; the top id is its argmax there."""
+        if special:
+            assert len(tokens) == 1
+            body = {"logit_bias": [[tokens[0], 1e6]]}
+        else:
+            body = {"grammar": "root ::= " + " ".join(f"<[{t}]>" for t in tokens)}
+        r = self.post("/completion", {"prompt": list(ids), "n_predict": len(tokens), "n_probs": 1, "samplers": ["top_k"],
+                                      "top_k": 1, "return_tokens": True, "cache_prompt": True, **body})
+        probs = r.get("completion_probabilities") or []
+        got = [p["id"] for p in probs]
+        if got != list(tokens):
+            raise FactlabError(f"llama.cpp did not score the tokens it was given ({got[:8]} for {list(tokens)[:8]}); "
+                               "check that the GGUF file and llama.cpp build match (xllamacpp " + XLLAMACPP_PIN + ")")
+        return [(float(p["logprob"]), int(p["top_logprobs"][0]["id"])) for p in probs]
+
+    def generate(self, ids: list[int], n_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> tuple[list[int], bool]:
+        """(new token ids, ended at an end-of-generation token) after `ids`: greedy at temperature
+        0, else sampled from softmax(logits / temperature) after top-p filtering (llama.cpp's
+        temperature then top_p samplers and nothing else: no top-k, min-p or penalties), with
+        llama.cpp's own generator seeded by `seed`. The last id is the end token when it ended."""
+        if temperature <= 0:
+            sampling = {"samplers": ["top_k"], "top_k": 1}
+        else:
+            sampling = {"samplers": ["temperature", "top_p"], "temperature": temperature, "top_p": top_p,
+                        "seed": int(seed) % 0xFFFFFFFF}  # 0xFFFFFFFF means "random" to llama.cpp
+        r = self.post("/completion", {"prompt": list(ids), "n_predict": n_tokens, "return_tokens": True,
+                                      "cache_prompt": True, **sampling})
+        return list(r["tokens"]), r.get("stop_type") == "eos"
+
+    def stream(self, ids: list[int], n_tokens: int, *, temperature: float = 0.0, seed: int = 0):
+        """`generate` as it happens: yields (text piece, token ids, stop type or None) per server event."""
+        sampling = ({"samplers": ["top_k"], "top_k": 1} if temperature <= 0 else
+                    {"samplers": ["temperature"], "temperature": temperature, "seed": int(seed) % 0xFFFFFFFF})
+        body = {"prompt": list(ids), "n_predict": n_tokens, "return_tokens": True, "cache_prompt": True, "stream": True, **sampling}
+        req = urllib.request.Request(self._address + "/completion", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=600) as r:
+            for line in r:  # server-sent events: "data: {json}" lines
+                line = line.strip()
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    yield event.get("content", ""), list(event.get("tokens") or []), (event.get("stop_type") if event.get("stop") else None)
 
     def greedy(self, ids: list[int], n_tokens: int) -> list[int]:
         """The next `n_tokens` token ids after `ids`, greedy (top-1 at every step), stopping early at EOS."""
-        r = self._post("/completion", {"prompt": list(ids), "n_predict": n_tokens, "temperature": 0.0, "top_k": 1,
+        r = self.post("/completion", {"prompt": list(ids), "n_predict": n_tokens, "temperature": 0.0, "top_k": 1,
                                        "return_tokens": True, "cache_prompt": False})
         return list(r["tokens"])
 
