@@ -280,8 +280,12 @@ def sweep(
     _check_out_dir(Path(exp.output_dir), "output_dir")
     sweep_store = _store(store, exp.output_dir)
     points = expand_sweep(exp)
+    if mlflow:  # before --dry-run returns: the dry run refuses what the run would
+        from factlab.experiment.mlflow_log import require_mlflow
+
+        require_mlflow()
     if dry_run:
-        preflight_sweep(points, err)  # every point's files, layer groups and ranges (run_sweep does it too)
+        preflight_sweep(points, err)  # the device, every point's files, layer groups and ranges (run_sweep does it too)
         table = Table(title=f"sweep {exp.name}: {len(points)} runs")
         table.add_column("#")
         table.add_column("folder")
@@ -290,10 +294,6 @@ def sweep(
             table.add_row(str(p.index), p.folder, p.label)
         Console().print(table)
         return
-    if mlflow:
-        from factlab.experiment.mlflow_log import require_mlflow
-
-        require_mlflow()
     on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
     on_stage, on_done = _presenters()
     run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done, workers=workers)
