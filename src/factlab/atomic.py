@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from factlab.errors import interrupt_pending, raise_if_interrupted
+
 
 def _new_parents(path: Path) -> list[Path]:
     """The missing ancestors of `path`, deepest first (to remove them again on failure)."""
@@ -22,6 +24,23 @@ def _new_parents(path: Path) -> list[Path]:
             break
         missing.append(parent)
     return missing
+
+
+def _commit_point(tmp: Path) -> None:
+    """Just before a finished temporary output is renamed into place: a Ctrl-C that arrived
+    (even one a finalizer swallowed, see errors.catch_interrupts) stops the commit here.
+
+    FACTLAB_TEST_HOLD_COMMIT=FILE (tests only): write the temporary path into FILE and wait
+    here, so that a test can interrupt a writer at a point it controls, not after a sleep."""
+    hold = os.environ.get("FACTLAB_TEST_HOLD_COMMIT")
+    if hold:
+        import time
+
+        Path(hold).write_text(str(tmp), encoding="utf-8")
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not interrupt_pending():
+            time.sleep(0.01)
+    raise_if_interrupted()
 
 
 def _remove(path: Path) -> None:
@@ -41,6 +60,7 @@ def staged_file(target: str | Path) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         yield tmp
+        _commit_point(tmp)
         os.replace(tmp, target)
     except BaseException:
         _remove(tmp)
@@ -72,6 +92,7 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
     try:
         tmp.mkdir()  # inside the try: an interrupt right after it still removes the folder
         yield tmp
+        _commit_point(tmp)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         if not target.exists():

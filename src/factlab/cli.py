@@ -107,11 +107,17 @@ def _check_out_dir(path: Path, flag: str) -> None:
             break
 
 
-def _check_out_file(path: Path, flag: str) -> None:
+def _check_out_file(path: Path, flag: str, example: str = "report.html") -> None:
     """An output file must not be a folder (nor sit under a file)."""
     if path.is_dir():
-        raise FactlabError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'report.html'}")
+        raise FactlabError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
     _check_out_dir(path.parent, flag)
+
+
+def _check_seed(seed: int) -> None:
+    """--seed within what torch's and numpy's generators take (as the experiment's seed:)."""
+    if not 0 <= seed <= 2**32 - 1:
+        raise FactlabError(f"--seed {seed} is out of range; give a number from 0 to {2**32 - 1}")
 
 
 def _check_run_folders(folders) -> None:
@@ -459,10 +465,11 @@ def eval_(
 
     # Options and paths first: nothing is loaded or scored before they are all right.
     for flag, value, ok, rule in (("--samples", samples, samples >= 0, "0 or more"),
-                                  ("--temperature", temperature, temperature > 0 and temperature == temperature, "above 0"),
+                                  ("--temperature", temperature, 0 < temperature < float("inf"), "above 0"),
                                   ("--batch-size", batch_size, batch_size > 0, "1 or more")):
         if not ok:
             raise FactlabError(f"{flag} {value} is out of range; give a number {rule}")
+    _check_seed(seed)
     if output is not None:
         _check_out_file(output, "--output")
     from factlab.models.device import resolve_device
@@ -547,8 +554,12 @@ def export(
         raise FactlabError(f"--type must be one of {', '.join(GGUF_TYPES)}, got '{type_}'")
     if gguf.suffix.lower() != ".gguf":
         raise FactlabError(f"--gguf {gguf}: give a file name ending in .gguf")
+    _check_out_file(gguf, "--gguf", "model.gguf")  # a folder named x.gguf: --force would not help
     if gguf.exists() and not force:
-        raise FactlabError(f"{gguf} exists; choose another path or pass --force to overwrite")
+        raise FactlabError(f"--gguf {gguf} exists; choose another path or pass --force to overwrite")
+    before = gguf.stat().st_mtime_ns if gguf.exists() else None
+    on_interrupt(lambda: f"{gguf} was written completely" if gguf.exists() and gguf.stat().st_mtime_ns != before
+                 else "nothing was written" + (f" ({gguf} is as it was)" if before is not None else ""))
     target = pick_target(model_or_run, stage, err)
     if len(target) > 2:
         raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); GGUF export needs a merged/ model: "
@@ -596,8 +607,13 @@ def chat(
     from factlab.chat import chat_loop, load_chat_models
     from factlab.models.device import resolve_device
 
-    if temperature < 0 or max_new_tokens < 1:  # before loading any model
-        raise FactlabError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {temperature} and {max_new_tokens}")
+    # Before loading any model. `not >= 0` also refuses nan, which compares false to everything
+    # (and so answered greedily); inf would sample uniformly from the whole vocabulary.
+    if not (0 <= temperature < float("inf")):
+        raise FactlabError(f"--temperature {temperature} is out of range; give a number from 0 (greedy) up, e.g. 0.7")
+    if max_new_tokens < 1:
+        raise FactlabError(f"--max-new-tokens {max_new_tokens} is out of range; give 1 or more tokens")
+    _check_seed(seed)
     models = load_chat_models(model_or_run, stage, compare, console=err, device=resolve_device(device))
     chat_loop(models, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
 
@@ -642,11 +658,14 @@ def main() -> None:
         usage_errors += (click.exceptions.ClickException,)
     except ImportError:  # pragma: no cover - click is a typer dependency in older releases only
         pass
+    from factlab.errors import catch_interrupts, interrupt_pending
+
+    restore = catch_interrupts()  # a Ctrl-C a finalizer swallows still stops the command
     try:
         # standalone_mode=False returns (not raises) a typer.Exit's code: pass it on. typer
         # turns a Ctrl-C inside a command into Exit(130).
         code = app(standalone_mode=False, prog_name="factlab")
-        if code == 130:
+        if code == 130 or interrupt_pending():
             _interrupted()
         if isinstance(code, int) and code:
             sys.exit(code)
@@ -671,4 +690,6 @@ def main() -> None:
         message = e.format_message().replace(" (Possible options: --help)", "").rstrip(".")
         _say(f"{message}{where}")
         sys.exit(getattr(e, "exit_code", 2) or 2)
+    finally:
+        restore()
 

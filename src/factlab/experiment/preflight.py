@@ -76,12 +76,13 @@ class ModelShape:
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-            from factlab.models.loading import resolve_model
+            from factlab.models.loading import model_source
 
-            path = resolve_model(name, self.console)
+            path, gguf_file = model_source(name, self.console)  # a GGUF is read, not converted
+            kw = {"gguf_file": gguf_file} if gguf_file else {}
             try:
-                config = AutoConfig.from_pretrained(path)
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                config = AutoConfig.from_pretrained(path, **kw)
+                tokenizer = AutoTokenizer.from_pretrained(path, **kw)
                 with torch.device("meta"):  # the module tree only: no weights are read or allocated
                     model = AutoModelForCausalLM.from_config(config)
             except (OSError, ValueError, KeyError) as e:
