@@ -652,8 +652,7 @@ def test_a_swallowed_ctrl_c_still_stops_the_writer(tmp_path):
     report of the swallowed interrupt is kept off stderr."""
     script = (
         "import os, signal\n"
-        "from factlab.errors import catch_interrupts\n"
-        "from factlab.atomic import write_text_atomic\n"
+        "from factlab.atomic import catch_interrupts, write_text_atomic\n"
         "catch_interrupts()\n"
         "class Finalized:\n"
         "    def __del__(self):\n"

@@ -13,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from factlab.errors import interrupt_pending, raise_if_interrupted
 
 
 def _new_parents(path: Path) -> list[Path]:
@@ -28,7 +27,7 @@ def _new_parents(path: Path) -> list[Path]:
 
 def _commit_point(tmp: Path) -> None:
     """Just before a finished temporary output is renamed into place: a Ctrl-C that arrived
-    (even one a finalizer swallowed, see errors.catch_interrupts) stops the commit here.
+    (even one a finalizer swallowed, see catch_interrupts below) stops the commit here.
 
     FACTLAB_TEST_HOLD_COMMIT=FILE (tests only): write the temporary path into FILE and wait
     here, so that a test can interrupt a writer at a point it controls, not after a sleep."""
@@ -107,3 +106,61 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
         for d in made:
             shutil.rmtree(d, ignore_errors=True)
         raise
+
+
+# --- Ctrl-C that a finalizer swallowed ------------------------------------------------------
+# Python raises KeyboardInterrupt wherever the interpreter happens to be when SIGINT arrives.
+# When that is a __del__ method or a weakref callback (a progress bar's, a writer's; the issue
+# saw `Exception ignored in ... Group.__del__`), the exception is printed as "ignored" and the
+# command carries on: `factlab export` then wrote the whole file and exited 0. So the CLI's
+# handler also latches the interrupt, and every atomic writer checks the latch before it
+# renames its temporary file into place (below), and the CLI after the command returns.
+_sigint_seen = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
+def catch_interrupts():
+    """Install the latching SIGINT handler (and keep a swallowed interrupt's "Exception
+    ignored" report off stderr); returns a function that restores what was there. Does nothing
+    off the main thread or when SIGINT is not Python's default (ignored under nohup, or a test
+    runner's own)."""
+    import signal
+    import sys
+    import threading
+
+    global _sigint_seen
+    _sigint_seen = False
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return lambda: None
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return  # latched: the next commit point (or the CLI) raises it again
+        previous_hook(unraisable)
+
+    signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = hook
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
+
+    return restore
+
+
+def interrupt_pending() -> bool:
+    """True when a Ctrl-C arrived since catch_interrupts(), even one a finalizer swallowed."""
+    return _sigint_seen
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt when a Ctrl-C arrived (see catch_interrupts): called before output is
+    committed, so an interrupt that was swallowed still leaves nothing written."""
+    if _sigint_seen:
+        raise KeyboardInterrupt

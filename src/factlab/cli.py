@@ -658,7 +658,7 @@ def main() -> None:
         usage_errors += (click.exceptions.ClickException,)
     except ImportError:  # pragma: no cover - click is a typer dependency in older releases only
         pass
-    from factlab.errors import catch_interrupts, interrupt_pending
+    from factlab.atomic import catch_interrupts, interrupt_pending
 
     restore = catch_interrupts()  # a Ctrl-C a finalizer swallows still stops the command
     try:
