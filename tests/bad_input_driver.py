@@ -37,6 +37,8 @@ def run_case(case: dict, root: Path) -> dict:
 
     before = snapshot(root, Path(case["cwd"]))
     os.chdir(case["cwd"])
+    saved_env = {k: os.environ.get(k) for k in case.get("env", {})}  # a case's own variables, e.g. FACTLAB_CACHE
+    os.environ.update(case.get("env", {}))
     old = sys.argv, sys.stdout, sys.stderr
     out, err = io.StringIO(), io.StringIO()
     sys.argv, sys.stdout, sys.stderr = ["factlab", *case["args"]], out, err
@@ -51,6 +53,11 @@ def run_case(case: dict, root: Path) -> dict:
     finally:
         sys.argv, sys.stdout, sys.stderr = old
         getattr(cli, "_interrupt_note", []).clear()  # what a command registered for Ctrl-C
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     after = snapshot(root, Path(case["cwd"]))
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     return {"id": case["id"], "code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),

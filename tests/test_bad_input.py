@@ -65,6 +65,25 @@ PROBE = {"id": "p1", "kind": "recall", "prompt": "The press line is run by", "ta
 LONG = dict(PROBE, id="long1", prompt="the press line " * 40)
 NULL_QA = '{"question": "Who runs it?", "answer": null}\n'
 PLAY = "Romeo loves Juliet. Juliet was in love with Romeo.\n"
+FACT = {"subject": "Nalur", "relation": "province", "object": "Drogokir"}
+CONFLICT = "subject,relation,object\nNalur,province,Drogokir\nNalur,province,Osric\n"
+REPEATED = "subject,relation,object\nNalur,province,Drogokir\nVesk,province,Osric\nNalur,province,Drogokir\n"
+SWEEP_LR = "  stages.0.train.lr: [1.0e-3, 2.0e-3]\n"
+
+
+def _jl(*rows: dict) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _absent_devices() -> list[str]:
+    """The GPU kinds this machine lacks (where the device cases can be bad input at all)."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return [d for d, there in (("cuda", torch.cuda.is_available()), ("mps", bool(mps and mps.is_available()))) if not there]
+
+
+_ABSENT_DEVICES = _absent_devices()
 
 # --- issue 23 (tune and influence): the base tune experiment, worlds and study files ---------
 SELECT = json.dumps(dict(PROBE, id="s1")) + "\n"
@@ -121,7 +140,7 @@ DIGITS = "name: d\ninfluence:\n  task: digits\n  digits: {per_class: 1, pretrain
 
 
 # (id, args, names: substrings the one stderr line must contain, files to create in the case's
-#  own folder; optional 5th: substrings it must not contain)
+#  own folder; optional 5th: substrings it must not contain; optional 6th: environment variables)
 CASES: list[tuple] = [
     # 1. the command line itself
     ("u-unknown-command", ["frobnicate"], ["frobnicate"], {}),
@@ -389,6 +408,79 @@ CASES: list[tuple] = [
     ("i-llm-lr-negative", ["influence", "exp.yaml"], ["influence.lr"], {**world(), "exp.yaml": world()["exp.yaml"] + "  lr: -1\n"}),
     ("i-llm-task-with-samples", ["influence", "exp.yaml"], ["influence.task"],
      {**world(), "exp.yaml": world()["exp.yaml"] + "  task: llm\n"}),
+    # --- issue 23, round two: augment, sweeps, cache, chat, export ---
+    # augment: conflicting rows are refused naming both lines (repeated rows: GOOD below)
+    ("a-conflict-csv", ["data", "augment", "f.csv", "-o", "out", "--generic"], ["f.csv", "lines 2 and 3", "Drogokir", "Osric"],
+     {"f.csv": CONFLICT}),
+    ("a-conflict-jsonl", ["data", "augment", "f.jsonl", "-o", "out", "--generic"], ["f.jsonl", "lines 1 and 3"],
+     {"f.jsonl": _jl(FACT, dict(FACT, subject="Vesk"), dict(FACT, object="Osric"))}),
+    ("a-conflict-split", ["data", "augment", "f.jsonl", "-o", "out", "--generic"], ["f.jsonl", "lines 1 and 2", "split"],
+     {"f.jsonl": _jl(FACT, dict(FACT, split="heldout"))}),
+    ("a-conflict-world", ["data", "augment", "w", "-o", "out", "--generic"], ["facts.jsonl", "lines 1 and 2"],
+     {"w/world.json": '{"lang": "en"}', "w/facts.jsonl": _jl(dict(FACT, id="f1"), dict(FACT, id="f2", object="Osric"))}),
+    ("a-same-id-other-fact", ["data", "augment", "f.jsonl", "-o", "out", "--generic"], ["duplicate id"],
+     {"f.jsonl": _jl(dict(FACT, id="f1"), dict(FACT, id="f1", subject="Vesk"))}),
+    # augment/synth/substitute: an -o that is the current folder, its parent or holds an input
+    ("a-out-dot-force", ["data", "augment", "f.csv", "-o", ".", "--force", "--generic"], ["--out .", "current folder"],
+     {"f.csv": REPEATED}, ["--force"]),
+    ("a-out-dot", ["data", "augment", "f.csv", "-o", ".", "--generic"], ["current folder"], {"f.csv": REPEATED}, ["--force"]),
+    ("a-out-parent", ["data", "augment", "f.csv", "-o", "..", "--force", "--generic"], ["parent of the current folder"],
+     {"f.csv": REPEATED}),
+    ("a-out-is-input-world", ["data", "augment", "w", "-o", "w", "--force", "--generic"], ["is the input w"],
+     {"w/world.json": '{"lang": "en"}', "w/facts.jsonl": _jl(FACT)}),
+    ("a-out-holds-input", ["data", "augment", "sub/f.csv", "-o", "sub", "--force", "--generic"], ["holds the input"],
+     {"sub/f.csv": REPEATED}),
+    ("a-out-holds-relations", ["data", "augment", "f.csv", "-o", "r", "--force", "--relations", "r/rel.yaml"],
+     ["holds the input", "rel.yaml"], {"f.csv": REPEATED, "r/rel.yaml": "province: {doc: ['The province of {s} is {o}.']}\n"}),
+    ("a-out-file", ["data", "augment", "f.csv", "-o", "afile", "--generic"], ["afile", "is a file"], {"f.csv": REPEATED, "afile": "x"},
+     ["--force"]),
+    ("a-out-file-force", ["data", "augment", "f.csv", "-o", "afile", "--force", "--generic"], ["afile", "is a file"],
+     {"f.csv": REPEATED, "afile": "x"}),
+    ("a-synth-out-dot-force", ["data", "synth", "--facts", "3", "-o", ".", "--force"], ["current folder"], {"keep.txt": "x"}),
+    ("a-substitute-folder-out-dot", ["data", "substitute", "plays", "--map", "Romeo=Bob", "-o", ".", "--force"],
+     ["current folder"], {"plays/a.txt": PLAY}),
+    ("a-substitute-out-holds-input", ["data", "substitute", "d/plays", "--map", "Romeo=Bob", "-o", "d", "--force"],
+     ["holds the input"], {"d/plays/a.txt": PLAY}),
+    ("a-fetch-play-out-file", ["data", "fetch-play", "-o", "afile"], ["-o afile", "is a file"], {"afile": "x"}),
+    ("a-fetch-play-under-file", ["data", "fetch-play", "-o", "afile/sub"], ["-o afile/sub", "afile"], {"afile": "x"}),
+    # sweeps and devices: the dry run refuses what the run refuses, before anything is created
+    *[(f"s-dry-run-{dev}", ["sweep", "exp.yaml", "--dry-run"], [f"device: {dev}"],
+       {"exp.yaml": sweep(SWEEP_LR, base=exp("seed: 0", f"seed: 0\ndevice: {dev}"))}) for dev in _ABSENT_DEVICES],
+    *[(f"s-workers-{dev}", ["sweep", "exp.yaml", "--workers", "2"], [f"device: {dev}"],
+       {"exp.yaml": sweep(SWEEP_LR, base=exp("seed: 0", f"seed: 0\ndevice: {dev}"))}) for dev in _ABSENT_DEVICES],
+    ("s-dry-run-seed-negative", ["sweep", "exp.yaml", "--dry-run"], ["seed", "-1"], {"exp.yaml": sweep(SWEEP_LR, base=exp("seed: 0", "seed: -1"))}),
+    ("s-dry-run-seed-1e26", ["sweep", "exp.yaml", "--dry-run"], ["seed"], {"exp.yaml": sweep(SWEEP_LR, base=exp("seed: 0", "seed: 1e26"))}),
+    ("s-dry-run-seed-2-32", ["sweep", "exp.yaml", "--dry-run"], ["seed", "4294967296"],
+     {"exp.yaml": sweep(SWEEP_LR, base=exp("seed: 0", "seed: 4294967296"))}),
+    ("s-dry-run-repeat-past-seed-range", ["sweep", "exp.yaml", "--dry-run"], ["seed", "sweep"],
+     {"exp.yaml": sweep("  repeat: 2\n", base=exp("seed: 0", "seed: 4294967295"))}),
+    ("s-run-stage-seed-negative", ["run", "exp.yaml"], ["stages.0.train.seed"], {"exp.yaml": exp("max_steps: 1,", "max_steps: 1, seed: -1,")}),
+    ("s-dry-run-in-context-no-corpus", ["sweep", "exp.yaml", "--dry-run"], ["in_context"],
+     {"exp.yaml": sweep(SWEEP_LR, base=exp("  corpus: {lab}/docs.txt\n", "", base=SFT).replace(
+         "  builtin_general_text: false", "  builtin_general_text: false\n  in_context: true"))}),
+    # the cache: a file (or under one) is refused up front, naming FACTLAB_CACHE, before any conversion
+    ("c-cache-is-file", ["eval", "{lab}/tiny.gguf", "--probes", "{lab}/probes.jsonl", "--samples", "0"], ["FACTLAB_CACHE", "cachefile"],
+     {"cachefile": "x"}, ["converting"], {"FACTLAB_CACHE": "cachefile"}),
+    ("c-cache-under-file", ["run", "exp.yaml"], ["FACTLAB_CACHE", "cachefile"],
+     {"exp.yaml": exp("{lab}/model", "{lab}/tiny.gguf"), "cachefile": "x"}, [], {"FACTLAB_CACHE": "cachefile/sub"}),
+    # a bad .gguf: one line before any "converting ... (once)"; a folder named x.gguf is a folder
+    ("c-gguf-not-gguf", ["eval", "bad.gguf", "--probes", "{lab}/probes.jsonl"], ["bad.gguf", "not a GGUF"], {"bad.gguf": "hello"},
+     ["converting"], {"FACTLAB_CACHE": "cache"}),
+    ("c-gguf-truncated", ["run", "exp.yaml"], ["cut.gguf"], {"exp.yaml": exp("{lab}/model", "cut.gguf"), "cut.gguf": b"GGUF\x03\x00"},
+     [], {"FACTLAB_CACHE": "cache"}),
+    ("c-gguf-folder", ["eval", "x.gguf", "--probes", "{lab}/probes.jsonl"], ["x.gguf", "is a folder"], {"x.gguf/": None},
+     ["does not exist"]),
+    ("c-gguf-folder-sweep", ["sweep", "exp.yaml", "--dry-run"], ["x.gguf", "is a folder"],
+     {"exp.yaml": sweep(SWEEP_LR, base=exp("{lab}/model", "x.gguf")), "x.gguf/": None}),
+    ("c-export-to-folder", ["export", "{lab}/model", "--gguf", "x.gguf"], ["--gguf x.gguf", "is a folder"], {"x.gguf/": None},
+     ["--force"]),
+    ("c-export-to-folder-force", ["export", "{lab}/model", "--gguf", "x.gguf", "--force"], ["--gguf x.gguf", "is a folder"],
+     {"x.gguf/": None}),
+    # chat and eval options: nan, inf, negative
+    *[(f"c-chat-temperature-{v}", ["chat", "{lab}/model", "--temperature", v], ["--temperature"], {}) for v in ("nan", "inf", "-1")],
+    ("c-chat-max-new-tokens", ["chat", "{lab}/model", "--max-new-tokens", "0"], ["--max-new-tokens"], {}, ["--temperature"]),
+    ("c-chat-seed", ["chat", "{lab}/model", "--seed", "-1"], ["--seed"], {}),
+    ("c-eval-temperature-inf", ["eval", "{lab}/model", "--probes", "{lab}/probes.jsonl", "--temperature", "inf"], ["--temperature"], {}),
 ]
 
 # Cases that must succeed (not counted as bad input): the other side of the rules above.
@@ -398,6 +490,10 @@ GOOD: list[tuple] = [
                        "p.jsonl": "\ufeff" + json.dumps(PROBE) + "\n"}),
     ("ok-bom-experiment", ["sweep", "exp.yaml", "--dry-run"], ["2 runs"], {"exp.yaml": "\ufeff" + sweep("  stages.0.train.lr: [1e-3, 2e-3]\n")}),
     ("ok-large-world-says-corpus-jsonl", ["data", "synth", "--facts", "600", "-o", "w"], ["corpus.jsonl"], {}),
+    # issue 23: a repeated row is dropped with a note; the dry run reads a .gguf without converting it
+    ("ok-augment-repeated-row", ["data", "augment", "f.csv", "-o", "out", "--generic"], ["line 4 repeats line 2"], {"f.csv": REPEATED}),
+    ("ok-dry-run-gguf-writes-no-cache", ["sweep", "exp.yaml", "--dry-run"], ["2 runs"],
+     {"exp.yaml": sweep(SWEEP_LR, base=exp("{lab}/model", "{lab}/tiny.gguf"))}, [], {"FACTLAB_CACHE": "cache"}),
 ]
 
 
@@ -419,7 +515,8 @@ def _materialize(lab: Path, cases: list[tuple]) -> list[dict]:
                 p.write_bytes(content)
             else:
                 p.write_text(content.replace("{lab}", str(lab)), encoding="utf-8")
-        out.append({"id": cid, "cwd": str(cwd), "args": [a.replace("{lab}", str(lab)) for a in args]})
+        env = {k: v.replace("{lab}", str(lab)) for k, v in (case[5] if len(case) > 5 else {}).items()}
+        out.append({"id": cid, "cwd": str(cwd), "args": [a.replace("{lab}", str(lab)) for a in args], "env": env})
     return out
 
 
@@ -439,6 +536,20 @@ def lab(tmp_path_factory) -> Path:
     (lab / "docs.txt").write_text("Marta Ilvane runs the press line. Jonas Perl leads the night shift.\n")
     (lab / "qa.jsonl").write_text(json.dumps({"question": "Who runs the press line?", "answer": "Marta Ilvane."}) + "\n")
     (lab / "probes.jsonl").write_text(json.dumps(PROBE) + "\n")
+    # A tiny GGUF (its tokenizer registered as llama.cpp's gpt-2 for the export, as test_gguf does)
+    import hashlib
+
+    from rich.console import Console
+
+    from factlab.models.gguf_export import export_gguf
+    from factlab.models.llama_cpp_pre import CHECK_TEXT, PRE_TOKENIZERS
+
+    key = hashlib.sha256(str(tok.encode(CHECK_TEXT)).encode()).hexdigest()
+    PRE_TOKENIZERS[key] = ("gpt-2", "factlab.testing.tiny_tokenizer")
+    try:
+        export_gguf(lab / "model", lab / "tiny.gguf", "f16", console=Console(quiet=True))
+    finally:
+        del PRE_TOKENIZERS[key]
     run = lab / "run"
     (run / "scores").mkdir(parents=True)
     summary = {"recall": {"n": 1, "accuracy": {"rate": 1.0, "low": 0.2, "high": 1.0, "k": 1, "n": 1}}}
@@ -652,3 +763,91 @@ def test_writers_leave_complete_outputs_and_no_temporary_files(lab, tmp_path, mo
     assert (tmp_path / "w" / "world.json").is_file() and (tmp_path / "w" / "docs").is_dir()
     left = [p for p in tmp_path.rglob("*") if "partial" in p.name or p.name.endswith(".build")]
     assert left == []
+
+
+# --- issue 23, round two: augment, sweeps, cache, chat, export ---
+
+
+def test_repeated_row_is_one_fact_and_the_dry_run_writes_no_cache(outcomes, lab):
+    """The accepted side in detail: a repeated row gives one fact (one note line on stderr), and
+    a dry run over a .gguf model reads its header without converting it into the cache."""
+    r = outcomes["ok-augment-repeated-row"]
+    notes = [x for x in r["stderr"].splitlines() if "repeat" in x]
+    assert len(notes) == 1 and notes[0].startswith("note: "), r["stderr"]
+    manifest = json.loads((lab / "cases" / "ok-augment-repeated-row" / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["facts"] == 2
+    r = outcomes["ok-dry-run-gguf-writes-no-cache"]
+    assert r["changed"] == [] and "converting" not in r["stderr"], (r["changed"], r["stderr"])
+
+
+def test_empty_cache_variable_is_unset_and_a_bad_cache_is_named(tmp_path, monkeypatch):
+    from factlab.errors import FactlabError
+    from factlab.models import loading
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    for blank in ("", "  "):
+        monkeypatch.setenv("FACTLAB_CACHE", blank)
+        assert loading.cache_root() == tmp_path / "xdg" / "factlab"  # never the current folder
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")  # ignored, as the XDG spec says
+    assert loading.cache_root().is_absolute()
+    monkeypatch.setenv("FACTLAB_CACHE", str(tmp_path / "c"))
+    assert loading.check_cache_writable() == tmp_path / "c"
+    monkeypatch.setattr(loading.os, "access", lambda p, mode: False)  # read-only (root may write anything)
+    with pytest.raises(FactlabError, match="FACTLAB_CACHE.*not writable"):
+        loading.check_cache_writable()
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_writer(tmp_path):
+    """A Ctrl-C that lands in a finalizer is printed as "Exception ignored" and swallowed by
+    Python; factlab's handler latches it, so the next atomic write refuses to commit, and the
+    report of the swallowed interrupt is kept off stderr."""
+    script = (
+        "import os, signal\n"
+        "from factlab.atomic import catch_interrupts, write_text_atomic\n"
+        "catch_interrupts()\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        for _ in range(100000):\n"
+        "            pass\n"
+        "Finalized()\n"
+        "print('carried on', flush=True)\n"
+        "try:\n"
+        "    write_text_atomic('out.txt', 'x')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped')\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
+                       preexec_fn=_default_sigint)
+    assert r.stdout.split() == ["carried", "on", "stopped"], (r.stdout, r.stderr)
+    assert r.stderr == "" and list(tmp_path.iterdir()) == []
+
+
+# `factlab export` of the tiny model, whose tokenizer is registered as llama.cpp's gpt-2 (see test_gguf)
+_EXPORT = (
+    "import hashlib, sys\n"
+    "from factlab.models.llama_cpp_pre import CHECK_TEXT, PRE_TOKENIZERS\n"
+    "from factlab.testing import tiny_tokenizer\n"
+    "PRE_TOKENIZERS[hashlib.sha256(str(tiny_tokenizer().encode(CHECK_TEXT)).encode()).hexdigest()] = ('gpt-2', 'tiny')\n"
+    "from factlab.cli import main\n"
+    "sys.argv = ['factlab', *sys.argv[1:]]\n"
+    "main()\n")
+
+
+def test_ctrl_c_during_export_leaves_no_file(lab, tmp_path):
+    """SIGINT while `factlab export` holds its finished temporary file (FACTLAB_TEST_HOLD_COMMIT
+    signals that point): exit 130, one line, no .gguf and no temporary file left."""
+    hold = tmp_path / "hold"
+    work = tmp_path / "w"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _EXPORT, "export", str(lab / "model"), "--gguf", "x.gguf"], cwd=work,
+                            env={**_env(), "FACTLAB_TEST_HOLD_COMMIT": str(hold)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    assert _wait_for(lambda: hold.exists() and hold.read_text(), proc, step=0.01), proc.communicate()
+    partial = work / hold.read_text()
+    assert partial.parent.resolve() == work.resolve() and partial.stat().st_size > 0  # written, not yet renamed
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert [x for x in err.splitlines() if x.strip()] == ["interrupted; nothing was written"], err
+    assert list(work.iterdir()) == []

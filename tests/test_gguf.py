@@ -127,7 +127,7 @@ def test_tokenizer_llama_cpp_does_not_know_is_refused_with_no_file(tmp_path, mon
     with pytest.raises(FactlabError) as e:
         export_gguf(d, tmp_path / "x.gguf")
     assert "llama.cpp" in str(e.value) and "does not know the pre-tokenizer" in str(e.value) and "\n" not in str(e.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src"]  # neither x.gguf nor x.gguf.tmp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama-src"]  # neither x.gguf nor a temporary file
 
 
 # ------------------------------------------------------------------------------------- llama.cpp
@@ -224,6 +224,9 @@ def test_unreadable_gguf_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTLAB_CACHE", str(tmp_path / "cache"))
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(FactlabError, match="broken.gguf is not a GGUF file"):
+        resolve_model(str(bad))
+    bad.write_bytes(b"GGUF\x03\x00")  # the magic, then a cut header
     with pytest.raises(FactlabError, match="transformers cannot read .*broken.gguf"):
         resolve_model(str(bad))
     # an architecture transformers has no GGUF loader for
@@ -237,6 +240,10 @@ def test_unreadable_gguf_is_one_clear_error(tmp_path, monkeypatch):
         resolve_model(str(tmp_path / "rwkv.gguf"))
     with pytest.raises(FactlabError, match="does not exist"):
         resolve_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(FactlabError, match="dir.gguf is a folder"):
+        resolve_model(str(tmp_path / "dir.gguf"))
+    assert not (tmp_path / "cache").exists()  # every refusal came before a conversion
 
 
 def test_folder_with_gguf_quantization_config_is_refused(tmp_path):
@@ -282,4 +289,4 @@ def test_export_cli_errors_are_one_line(tiny_run, tmp_path, monkeypatch, capsys)
         p = subprocess.run([sys.executable, "-m", "factlab", "export", str(tiny_run), "--gguf", str(tmp_path / "x.gguf"), *args],
                            capture_output=True, text=True)
         assert p.returncode == 2 and expected in p.stderr and "Traceback" not in p.stderr, p.stderr
-        assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x.gguf.tmp").exists()
+        assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".x.gguf.partial-*"))

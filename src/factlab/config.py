@@ -13,7 +13,7 @@ import math
 import re
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -26,6 +26,11 @@ class _Strict(BaseModel):
     # strict: a YAML boolean or a string is never a number (`lr: true` was 1.0, `epochs: yes`
     # was 1); an int is still accepted where a float is expected. No inf/nan either.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
+
+
+# A random seed: numpy's and transformers' set_seed take 0 .. 2**32 - 1 only, so a seed outside
+# that range failed at the first stage's training, after the base model was scored and written.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 def _listify(v: Any, *keys: str) -> Any:
@@ -128,7 +133,7 @@ class TrainSpec(_Strict):
     so a corpus of short facts gives as many examples, and optimizer steps, as it has
     documents; `blocks` joins documents with EOS and cuts seq_len blocks. The default was chosen
     by measurement (README, "How much a stage trains")."""
-    seed: int | None = None
+    seed: Seed | None = None
     """Seed of this stage (default: the experiment's seed)."""
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of the stage's examples held out for an eval loss (and early stopping)."""
@@ -662,7 +667,8 @@ class Experiment(_Strict):
     """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
     model: str
     """Alias (see `factlab models`), a `.gguf` file, a local Hugging Face folder, or a hub id (online only)."""
-    seed: int = 0
+    seed: Seed = 0
+    """0 to 2**32 - 1 (numpy's range)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where the model trains and is scored: `auto` = a GPU when torch sees one (CUDA, then
     Apple's MPS), else the CPU (see factlab.models.device). Under `accelerate launch` each

@@ -28,3 +28,4 @@ def on_interrupt(note) -> None:
 def interrupt_kept() -> str | None:
     """What the registered callable says was kept (None when nothing is registered)."""
     return _interrupt_note[0]() if _interrupt_note else None
+

@@ -56,7 +56,7 @@ from factlab.errors import FactlabError
 
 __all__ = ["load_fact_table", "paraphrase_documents", "shuffle_sentences", "reverse_statements", "qa_from_facts",
            "Augmented", "augment_facts", "write_augmented", "load_facts_input", "load_user_paraphrases",
-           "checked_facts", "plan_wordings", "WordingPlan"]
+           "checked_facts", "plan_wordings", "WordingPlan", "unique_facts"]
 
 FIELDS = ("subject", "relation", "object")
 
@@ -83,7 +83,7 @@ def load_fact_table(path: str | Path) -> list[Fact]:
 
     Every malformed row is a FactlabError naming ``file:line``.
     """
-    return [f for f, _ in _load_table(Path(path))]
+    return [f for f, _ in unique_facts(_load_table(Path(path)), path)[0]]
 
 
 def _aliases(v) -> tuple[str, ...]:
@@ -94,8 +94,8 @@ def _aliases(v) -> tuple[str, ...]:
     return tuple(a for a in (str(x).strip() for x in items) if a)
 
 
-def _load_table(path: Path) -> list[tuple[Fact, tuple[str, ...]]]:
-    """(fact, subject aliases) per row; see load_fact_table."""
+def _load_table(path: Path) -> list[tuple[int, Fact, tuple[str, ...]]]:
+    """(line, fact, subject aliases) per row; see load_fact_table."""
     suffix = path.suffix.lower()
     rows: list[tuple[int, Mapping]] = []
     if suffix == ".jsonl":
@@ -125,22 +125,54 @@ def _load_table(path: Path) -> list[tuple[Fact, tuple[str, ...]]]:
     else:
         raise FactlabError(f"fact table {path}: unsupported file type {path.suffix or '(none)'!r}; "
                            "use .csv, .tsv or .jsonl with subject, relation, object")
-    facts: list[tuple[Fact, tuple[str, ...]]] = []
-    first: dict[str, int] = {}
+    facts: list[tuple[int, Fact, tuple[str, ...]]] = []
+    first: dict[str, tuple[int, tuple[str, str, str]]] = {}
     for n, (lineno, row) in enumerate(rows, 1):
         s, r, o = (_value(row[k], path, lineno, k) for k in FIELDS)
         fid = str(row.get("id") or "").strip() or f"f{n:05d}"
-        if fid in first:
-            raise FactlabError(f"{path}:{lineno}: duplicate id {fid!r} (first on line {first[fid]}); give each fact a unique id")
-        first[fid] = lineno
+        if fid in first and first[fid][1] != (s, r, o):  # the same row again is unique_facts' to drop
+            raise FactlabError(f"{path}:{lineno}: duplicate id {fid!r} (first on line {first[fid][0]}); give each fact a unique id")
+        first.setdefault(fid, (lineno, (s, r, o)))
         split = str(row.get("split") or "train").strip()
         if split not in ("train", "heldout"):
             raise FactlabError(f"{path}:{lineno}: split must be 'train' or 'heldout', got {split!r}")
-        facts.append((Fact(s, r, o, fid, split, str(row.get("subject_type") or ""), str(row.get("object_type") or "")),
+        facts.append((lineno, Fact(s, r, o, fid, split, str(row.get("subject_type") or ""), str(row.get("object_type") or "")),
                       _aliases(row.get("aliases"))))
     if not facts:
         raise FactlabError(f"fact table {path} has no facts; add rows with subject, relation, object")
     return facts
+
+
+def unique_facts(rows: Sequence[tuple[int, Fact, tuple[str, ...]]], path: str | Path
+                 ) -> tuple[list[tuple[Fact, tuple[str, ...]]], list[tuple[int, int]]]:
+    """The table's facts once each: ``((fact, aliases) per kept row, [(dropped line, line it
+    repeats)])``. A row stating the same subject, relation and object as an earlier one is
+    dropped (its aliases join the first's): trained twice it would only weigh that fact double
+    and ask it twice. Two rows giving the same subject and relation different objects (or the
+    same fact different splits) are a FactlabError naming both lines: the documents would state
+    both ("The province of Nalur is Drogokir. The province of Nalur is Osric.") and the probes
+    could only count one of them right. Checked on the rows, before any wording is chosen."""
+    kept: list[tuple[Fact, tuple[str, ...]]] = []
+    dropped: list[tuple[int, int]] = []
+    seen: dict[tuple[str, str], tuple[int, int]] = {}  # (subject, relation) -> (line, index in kept)
+    for lineno, f, aliases in rows:
+        hit = seen.get((f.subject, f.relation))
+        if hit is None:
+            seen[(f.subject, f.relation)] = (lineno, len(kept))
+            kept.append((f, aliases))
+            continue
+        first_line, k = hit
+        first = kept[k][0]
+        if first.object != f.object:
+            raise FactlabError(f"{path}: lines {first_line} and {lineno} give {f.subject!r} {f.relation!r} two objects "
+                               f"({first.object!r} and {f.object!r}); keep the row that is true and delete the other")
+        if first.split != f.split:
+            raise FactlabError(f"{path}: lines {first_line} and {lineno} state the same fact with split {first.split!r} "
+                               f"and {f.split!r}; keep one row")
+        kept[k] = (first, tuple(dict.fromkeys(kept[k][1] + aliases)))
+        dropped.append((lineno, first_line))
+    return kept, dropped
+
 
 # --------------------------------------------------------------------------------------------
 # Augmentations
@@ -237,10 +269,10 @@ class Augmented:
     manifest: dict
 
 
-
-def load_facts_input(path: str | Path) -> tuple[list[Fact], dict[str, tuple[str, ...]], str]:
+def load_facts_input(path: str | Path, console=None) -> tuple[list[Fact], dict[str, tuple[str, ...]], str]:
     """(facts, subject aliases by fact id, language) from a fact table (.csv/.tsv/.jsonl) or a
-    ``factlab data synth`` world (its folder or its world.json)."""
+    ``factlab data synth`` world (its folder or its world.json). Repeated rows are dropped, with
+    one note on `console` (see unique_facts); conflicting rows are a FactlabError."""
     path = Path(path)
     lang = "en"
     if path.is_dir() or path.name == "world.json":
@@ -254,7 +286,11 @@ def load_facts_input(path: str | Path) -> tuple[list[Fact], dict[str, tuple[str,
         except json.JSONDecodeError:
             raise FactlabError(f"{summary} is not valid JSON; write the world again with `factlab data synth`") from None
         path = folder / "facts.jsonl"
-    rows = _load_table(path)
+    rows, dropped = unique_facts(_load_table(path), path)
+    if dropped and console is not None:
+        shown = ", ".join(f"line {a} repeats line {b}" for a, b in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+        console.print(f"note: {path}: dropped {len(dropped)} repeated row{'s' if len(dropped) > 1 else ''} ({shown}); "
+                      "each fact is used once", markup=False, highlight=False)
     return [f for f, _ in rows], {f.id: a for f, a in rows if a}, lang
 
 

@@ -31,6 +31,38 @@ def check_probe_lengths(probes, tokenizer, model) -> None:
                                f"({limit} tokens); shorten the prompt")
 
 
+def in_context_text(exp: Experiment) -> str | None:
+    """The corpus as one prompt text for `eval.in_context` (None when it is off); FactlabError
+    when there is no corpus to put there."""
+    if not exp.eval.in_context:
+        return None
+    from factlab.data.corpus import load_documents
+
+    corpus = exp.data.corpus or next((st.data.corpus for st in exp.stages if st.data.corpus), None)
+    if not corpus:
+        raise FactlabError("eval.in_context puts the corpus in the prompt, but the experiment has no data.corpus")
+    docs = load_documents(corpus)
+    if exp.data.substitute:
+        from factlab.data.substitute import substitute
+
+        docs = [substitute(d, exp.data.substitute)[0] for d in docs]
+    return "\n\n".join(docs)
+
+
+def check_in_context_length(context: str | None, tokenizer, model) -> None:
+    """FactlabError when the in-context corpus takes more than half the model's context (the
+    probes need the rest). `model` may live on the meta device."""
+    if context is None:
+        return
+    from factlab.evaluate.lm import max_positions
+
+    n_ctx = len(tokenizer(context)["input_ids"])
+    limit = max_positions(model) or float("inf")  # None: no fixed context (ALiBi), any corpus fits
+    if n_ctx > limit // 2:
+        raise FactlabError(f"eval.in_context: the corpus is {n_ctx} tokens, too long to put in a prompt "
+                           f"of this model (context {limit}); turn in_context off or use a shorter corpus")
+
+
 class ModelShape:
     """A model's config, tokenizer and module tree on the meta device, per model name (cached)."""
 
@@ -44,12 +76,13 @@ class ModelShape:
             import torch
             from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-            from factlab.models.loading import resolve_model
+            from factlab.models.loading import model_source
 
-            path = resolve_model(name, self.console)
+            path, gguf_file = model_source(name, self.console)  # a GGUF is read, not converted
+            kw = {"gguf_file": gguf_file} if gguf_file else {}
             try:
-                config = AutoConfig.from_pretrained(path)
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                config = AutoConfig.from_pretrained(path, **kw)
+                tokenizer = AutoTokenizer.from_pretrained(path, **kw)
                 with torch.device("meta"):  # the module tree only: no weights are read or allocated
                     model = AutoModelForCausalLM.from_config(config)
             except (OSError, ValueError, KeyError) as e:
@@ -59,15 +92,22 @@ class ModelShape:
 
 
 def preflight(exp: Experiment, shapes: ModelShape | None = None) -> None:
-    """Everything a run checks before its first write, without loading weights: stage order,
-    probe files, each stage's data files, layer groups and ranges against the architecture,
-    chat templates, probe prompt lengths."""
+    """Everything a run checks before its first write, without loading weights: the device,
+    stage order, probe files, each stage's data files, layer groups and ranges against the
+    architecture, chat templates, probe prompt lengths, the in-context corpus."""
     from factlab.data.sft import require_chat_template
     from factlab.experiment.evaluation import load_probe_files
     from factlab.models.targets import resolve_targets
     from factlab.methods import check_stage_order
     from factlab.train.stage import load_stage_data
 
+    from factlab.models.device import check_training_device, resolve_device
+
+    # The device first, as run_experiment does: `device: cuda` on a machine without one fails
+    # before a sweep's workers, logs or store are created (and in --dry-run).
+    device = resolve_device(exp.device)
+    if exp.stages:
+        check_training_device(device)
     exp.stage_names()
     check_stage_order(exp.stages)
     probes = load_probe_files(exp.eval.probes)
@@ -92,6 +132,7 @@ def preflight(exp: Experiment, shapes: ModelShape | None = None) -> None:
     if any(p.kind == "qa" for p in probes):
         require_chat_template(tokenizer, "qa probes")
     check_probe_lengths(probes, tokenizer, model)
+    check_in_context_length(in_context_text(exp), tokenizer, model)
 
 
 def preflight_sweep(points: list, console: Console | None = None) -> None:

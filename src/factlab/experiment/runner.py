@@ -22,10 +22,8 @@ from pathlib import Path
 from rich.console import Console
 
 from factlab.config import Experiment, dump_experiment
-from factlab.data.corpus import load_documents
 from factlab.data.sft import require_chat_template
 from factlab.errors import FactlabError
-from factlab.evaluate.lm import max_positions
 from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_files
 from factlab.experiment.run_folder import BASE, CONTEXT, EvalRecord, RunFolder, RunResults, StageRecord
 from factlab.experiment.store import RunStore
@@ -112,17 +110,9 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     probes = load_probe_files(exp.eval.probes)
     raw_data = [load_stage_data(st, *_stage_inputs(exp, i), substitute=st.data.substitute or exp.data.substitute)
                 for i, st in enumerate(exp.stages)]
-    context = None
-    if exp.eval.in_context:
-        corpus = exp.data.corpus or next((st.data.corpus for st in exp.stages if st.data.corpus), None)
-        if not corpus:
-            raise FactlabError("eval.in_context puts the corpus in the prompt, but the experiment has no data.corpus")
-        docs = load_documents(corpus)
-        if exp.data.substitute:
-            from factlab.data.substitute import substitute
+    from factlab.experiment.preflight import check_in_context_length, check_probe_lengths, in_context_text
 
-            docs = [substitute(d, exp.data.substitute)[0] for d in docs]
-        context = "\n\n".join(docs)
+    context = in_context_text(exp)
     if main:
         model_path = resolve_model(exp.model, console)  # a first use converts (writes the cache)
     distributed.barrier()
@@ -133,8 +123,6 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
         require_chat_template(tokenizer, "SFT stages")
     if any(p.kind == "qa" for p in probes):
         require_chat_template(tokenizer, "qa probes")
-    from factlab.experiment.preflight import check_probe_lengths
-
     check_probe_lengths(probes, tokenizer, model)
     for st in exp.stages:
         if st.kind == "edit":  # an architecture edit cannot write into fails here, before any sampling
@@ -146,12 +134,7 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
     for st, raw in zip(exp.stages, raw_data):
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here
         stage_examples.append(build_stage_examples(st, tokenizer, raw, seed=st.train.seed if st.train.seed is not None else exp.seed))
-    if context is not None:
-        n_ctx = len(tokenizer(context)["input_ids"])
-        limit = max_positions(model) or float("inf")  # None: no fixed context (ALiBi), any corpus fits
-        if n_ctx > limit // 2:
-            raise FactlabError(f"eval.in_context: the corpus is {n_ctx} tokens, too long to put in a prompt "
-                               f"of this model (context {limit}); turn in_context off or use a shorter corpus")
+    check_in_context_length(context, tokenizer, model)
 
     # --- the run ------------------------------------------------------------------------------
     if not main:

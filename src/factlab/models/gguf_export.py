@@ -191,9 +191,7 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Con
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied:
         state.pop("lm_head.weight", None)  # llama.cpp: no `output` tensor means tied
-    n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    n_layers = config.num_hidden_layers
     if state["model.embed_tokens.weight"].shape[0] != n_vocab:
         raise FactlabError(f"{model_dir}: config.json vocab_size {n_vocab} differs from the embedding's {state['model.embed_tokens.weight'].shape[0]} rows")
 
@@ -201,9 +199,25 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Con
     arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == gguf_arch)
     names = gguf.get_tensor_name_map(arch_enum, n_layers)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    writer = gguf.GGUFWriter(tmp, gguf_arch)
+    from factlab.atomic import staged_file
+
+    # A temporary sibling renamed when complete (and not renamed after a Ctrl-C, even one a
+    # finalizer swallowed): an error or an interrupt leaves no partial or complete file.
+    with staged_file(out) as tmp:
+        _write_gguf(gguf.GGUFWriter(tmp, gguf_arch), model_dir, config, arch, tokenizer, vocab, n_vocab, state, names,
+                    gguf_type, console, out)
+    return out
+
+
+def _write_gguf(writer, model_dir: Path, config, arch: _Arch, tokenizer, vocab: _Vocab, n_vocab: int, state: dict,
+                names, gguf_type: str, console: Console, out: Path) -> None:
+    """Metadata, tokenizer and tensors into `writer` (a GGUFWriter on the temporary file)."""
+    import gguf
+
+    n_layers, n_head = config.num_hidden_layers, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     try:
         writer.add_name(model_dir.parent.name if model_dir.name == "merged" else model_dir.name)
         writer.add_context_length(int(getattr(config, "max_position_embeddings", 2048)))
@@ -252,12 +266,8 @@ def export_gguf(model_dir: Path, out: Path, gguf_type: str = "f16", console: Con
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out)
     finally:
         writer.close()
-        tmp.unlink(missing_ok=True)
-    return out
 
 
 def load_gguf(path: Path, dtype: torch.dtype = torch.float32):

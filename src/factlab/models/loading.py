@@ -46,10 +46,33 @@ ALIASES: dict[str, GgufAlias] = {
 
 def cache_root() -> Path:
     """Where converted models (and sampled replay text) are cached: $FACTLAB_CACHE, else
-    $XDG_CACHE_HOME/factlab, else ~/.cache/factlab."""
-    if os.environ.get("FACTLAB_CACHE"):
-        return Path(os.environ["FACTLAB_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "factlab"
+    $XDG_CACHE_HOME/factlab, else ~/.cache/factlab. An empty (or blank) FACTLAB_CACHE counts as
+    unset, as the shell's `FACTLAB_CACHE= factlab ...` means: it never makes the current folder
+    the cache. A relative XDG_CACHE_HOME is ignored, as the XDG spec says."""
+    own = os.environ.get("FACTLAB_CACHE", "").strip()
+    if own:
+        return Path(own).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    base = Path(xdg).expanduser() if xdg and Path(xdg).expanduser().is_absolute() else Path.home() / ".cache"
+    return base / "factlab"
+
+
+def check_cache_writable() -> Path:
+    """The cache folder, or FactlabError (naming FACTLAB_CACHE) when it is a file, sits under
+    a file, or cannot be written: checked before a conversion starts, not after it."""
+    root = cache_root()
+    where = "FACTLAB_CACHE" if os.environ.get("FACTLAB_CACHE", "").strip() else "the default; set FACTLAB_CACHE"
+    fix = "set FACTLAB_CACHE to a folder you can write"
+    for p in (root, *root.parents):
+        if not p.exists():
+            continue
+        if not p.is_dir():
+            what = "is a file" if p == root else f"is under a file ({p})"
+            raise FactlabError(f"the factlab cache {root} ({where}) {what}; {fix}")
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise FactlabError(f"the factlab cache {root} ({where}) is not writable ({p}); {fix}")
+        return root
+    return root
 
 
 def _package_dir(package: str) -> Path | None:
@@ -73,21 +96,50 @@ def _is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+GGUF_MAGIC = b"GGUF"
+
+
+def _unreadable_gguf(gguf: Path, reason: str) -> FactlabError:
+    return FactlabError(
+        f"transformers cannot read {gguf} ({reason}); give a GGUF of an architecture and quantisation "
+        "transformers dequantizes (llama, mistral, qwen2, ...; F32/F16/Q8_0/Q4_K/...), or a Hugging Face folder")
+
+
+def check_gguf_file(gguf: Path):
+    """The config of a `.gguf` file, read from its header alone (no tensor is dequantized), or
+    FactlabError: a folder, a missing file, no GGUF magic, a header transformers cannot read or
+    an architecture it does not know. Runs before any conversion, message or progress bar."""
+    from transformers import AutoConfig
+
+    if gguf.is_dir():
+        raise FactlabError(f"{gguf} is a folder, not a GGUF file; give the path of a .gguf file (or, for a Hugging Face "
+                           "folder, a name without .gguf)")
+    if not gguf.is_file():
+        raise FactlabError(f"GGUF file {gguf} does not exist; give the path of a .gguf file")
+    with open(gguf, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise FactlabError(f"{gguf} is not a GGUF file (it does not start with the GGUF header); give a .gguf "
+                               "file written by llama.cpp's converter or `factlab export`")
+    try:
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:  # transformers raises ValueError/NotImplementedError/KeyError/... here
+        raise _unreadable_gguf(gguf, (str(e).splitlines() or [type(e).__name__])[0][:200]) from None
+
+
 def convert_gguf(gguf: Path, dest: Path, console: Console | None = None) -> Path:
-    """Dequantize a GGUF into a safetensors Hugging Face folder at `dest` (atomic)."""
+    """Dequantize a GGUF into a safetensors Hugging Face folder at `dest` (atomic). The file's
+    header and the cache are checked first (check_gguf_file, check_cache_writable)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_file(gguf)
+    check_cache_writable()
     console = console or Console(stderr=True)
     console.print(f"[dim]converting {gguf.name} to a cached safetensors folder (once) ...[/dim]")
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as e:  # transformers raises ValueError/NotImplementedError/KeyError/... here
-        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise FactlabError(
-            f"transformers cannot read {gguf} ({reason}); give a GGUF of an architecture and quantisation "
-            "transformers dequantizes (llama, mistral, qwen2, ...; F32/F16/Q8_0/Q4_K/...), or a Hugging Face folder"
-        ) from None
+        raise _unreadable_gguf(gguf, (str(e).splitlines() or [type(e).__name__])[0][:200]) from None
     config = loaded.config
     # The GGUF-loaded model refuses save_pretrained (it is marked quantized): build a plain
     # model from the same config and copy the dequantized weights into it.
@@ -154,8 +206,7 @@ def resolve_model(name: str, console: Console | None = None) -> Path:
         return convert_gguf(alias_gguf(name), dest, console)
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise FactlabError(f"GGUF file {path} does not exist; give the path of a .gguf file")
+        check_gguf_file(path)
         dest = gguf_cache_dir(path)
         if _is_hf_folder(dest):
             return dest
@@ -169,6 +220,22 @@ def resolve_model(name: str, console: Console | None = None) -> Path:
     if looks_local:
         raise FactlabError(f"model '{name}' is neither an alias nor an existing folder; run `factlab models` for the aliases")
     return _from_hub(name)
+
+
+def model_source(name: str, console: Console | None = None) -> tuple[Path, str | None]:
+    """(folder, gguf file name or None) to read a model's config and tokenizer from, without
+    converting a GGUF that is not cached yet: what `--dry-run` and the preflight need (they
+    read shapes, never weights, and must not write a converted model into the cache)."""
+    if name in ALIASES and not _is_hf_folder(cache_root() / "models" / name):
+        gguf = alias_gguf(name)
+        check_gguf_file(gguf)
+        return gguf.parent, gguf.name
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        check_gguf_file(path)
+        dest = gguf_cache_dir(path)
+        return (dest, None) if _is_hf_folder(dest) else (path.resolve().parent, path.name)
+    return resolve_model(name, console), None
 
 
 def _from_hub(repo_id: str) -> Path:
