@@ -9,7 +9,9 @@ experiment and its data can be moved together.
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -337,6 +339,13 @@ class EvalSpec(_Strict):
         return _listify(v, "probes", "general_text")
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as config values: `true` is not 1 (Python's True == 1), 1 is 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
 class TuneParam(_Strict):
     """One dimension of a `tune:` search space (Optuna distributions)."""
 
@@ -351,17 +360,65 @@ class TuneParam(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TuneParam":
+        # The rules of Optuna's distributions (FloatDistribution, IntDistribution,
+        # CategoricalDistribution), stated here so that a bad space is a config error naming its
+        # key; experiment.tune_guard also builds the distributions themselves before a study exists.
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("a categorical dimension needs choices: [...]")
-        else:
-            if self.low is None or self.high is None or not self.low < self.high:
-                raise ValueError(f"a {self.type} dimension needs low < high, got low={self.low}, high={self.high}")
-            if self.log and self.low <= 0:
-                raise ValueError("log: true needs low > 0")
-            if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
-                raise ValueError("an int dimension needs whole-number low and high")
+            given = [k for k in ("low", "high", "step") if getattr(self, k) is not None] + (["log"] if self.log else [])
+            if given:
+                raise ValueError(f"a categorical dimension takes only choices, not {', '.join(given)}; remove "
+                                 f"{'it' if len(given) == 1 else 'them'} or use type: float / int")
+            seen: list = []
+            for c in self.choices:
+                if any(_same_value(c, x) for x in seen):
+                    raise ValueError(f"choice {c!r} is listed twice; list each choice once")
+                seen.append(c)
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} dimension takes low and high, not choices; use type: categorical for a list of values")
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension needs low < high, got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("an int dimension needs whole-number low and high")
+        if self.step is not None:
+            if self.log and not (self.type == "int" and self.step == 1):
+                raise ValueError("log: true cannot be combined with step (a log scale is sampled without a grid); "
+                                 "remove step or log")
+            if not self.step > 0:
+                raise ValueError(f"step must be above 0, got {self.step}")
+            if self.type == "int" and self.step != int(self.step):
+                raise ValueError(f"an int dimension needs a whole-number step, got {self.step}")
+            k = (self.high - self.low) / self.step
+            if abs(k - round(k)) > 1e-9 * max(1.0, abs(k)) or round(k) < 1:
+                raise ValueError(f"high - low = {self.high - self.low:g} is not a whole multiple of step {self.step:g}; "
+                                 f"make high = low + k * step (e.g. {self.low + self.step * max(1, math.floor(k)):g})")
         return self
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is a point of this dimension (an enqueued starting point must be)."""
+        if self.type == "categorical":
+            return any(_same_value(value, c) for c in self.choices or [])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is not None:
+            k = (value - self.low) / self.step
+            return abs(k - round(k)) <= 1e-9 * max(1.0, abs(k))
+        return True
+
+    def describe(self) -> str:
+        """The dimension in words, for messages: `1e-05..0.001 (log)`, `one of [8, 16]`."""
+        if self.type == "categorical":
+            return f"one of {self.choices}"
+        extra = " (log)" if self.log else f" in steps of {self.step:g}" if self.step is not None else ""
+        return f"{self.low:g}..{self.high:g}{extra}"
 
 
 class TuneObjective(_Strict):
@@ -401,8 +458,8 @@ class TuneSpec(_Strict):
     """The median rule starts pruning after this many finished trials."""
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     """Points to try first, e.g. the current recipe: [{stages.0.train.lr: 5.0e-4}]."""
-    seed: int | None = None
-    """Sampler seed (default: the experiment's seed)."""
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    """Sampler seed (default: the experiment's seed); 0 to 2**32 - 1, as numpy's generators take."""
 
     @model_validator(mode="before")
     @classmethod
@@ -417,6 +474,13 @@ class TuneSpec(_Strict):
             unknown = set(point) - set(self.space)
             if unknown:
                 raise ValueError(f"tune.enqueue names {sorted(unknown)[0]!r}, which is not in tune.space")
+        # Optuna would only warn and train at a point outside the space (lr 5.0 in 1e-4..1e-3)
+        for i, point in enumerate(self.enqueue):
+            for key, value in point.items():
+                dim = self.space[key]
+                if not dim.contains(value):
+                    raise ValueError(f"tune.enqueue.{i}: {key} = {value!r} is outside its tune.space ({dim.describe()}); "
+                                     "move the point inside the space or widen the space")
         return self
 
 
@@ -508,6 +572,14 @@ class InfluenceSpec(_Strict):
         return self
 
 
+def check_run_name(v: str) -> str:
+    """A run name names a folder: letters, digits, dots, underscores and hyphens (ValueError otherwise)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+        raise ValueError(f"the run name {v!r} may contain only letters, digits, dots, underscores and hyphens "
+                         "(it names the run folder); rename it")
+    return v
+
+
 class Experiment(_Strict):
     name: str = Field(..., min_length=1)
     """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
@@ -540,10 +612,7 @@ class Experiment(_Strict):
     @field_validator("name")
     @classmethod
     def _name_rule(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
-            raise ValueError(f"the run name {v!r} may contain only letters, digits, dots, underscores and hyphens "
-                             "(it names the run folder); rename it")
-        return v
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _check(self) -> "Experiment":
@@ -588,7 +657,18 @@ class Experiment(_Strict):
 # Loading
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def non_ascii_letter(key: str) -> str | None:
+    """`the non-ASCII letter 'а' (U+0430 CYRILLIC SMALL LETTER A)` for the first character of
+    `key` outside ASCII (keys are ASCII: a look-alike letter pasted from elsewhere is the usual
+    reason an apparently right key is unknown), else None."""
+    for ch in key:
+        if ord(ch) > 127:
+            kind = "letter" if ch.isalpha() else "character"
+            return f"the non-ASCII {kind} {ch!r} (U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')})"
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
     """One line naming the first offending key, e.g. `stages.0.train.lrr: unknown key`."""
     # A misspelt key shows up twice (unknown key + missing key): name the typo first.
     e = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
@@ -597,6 +677,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
                    for p in e["loc"]) or "(top level)"
     if e["type"] == "extra_forbidden":
         what = "unknown key; check its spelling against the documented keys"
+        odd = non_ascii_letter(str(e["loc"][-1]) if e["loc"] else "")
+        if odd:
+            what = f"unknown key: it holds {odd}; config keys are plain ASCII, retype the key"
     elif e["type"] == "missing":
         what = "required key is missing"
     elif e["type"] == "value_error":
@@ -759,7 +842,7 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = 
         loc = ".".join(str(p) for p in first["loc"])
         blame = next((item for key, item in (overridden or {}).items()
                       if loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")), None)
-        raise FactlabError(_format_validation_error(e, f"--set {blame}" if blame else source)) from None
+        raise FactlabError(format_validation_error(e, f"--set {blame}" if blame else source)) from None
     exp = _resolve_paths(exp, (base or Path.cwd()).resolve())
     exp._base = (base or Path.cwd()).resolve()
     exp.stage_names()  # fail early on duplicate names

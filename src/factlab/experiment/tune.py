@@ -195,12 +195,14 @@ def trial_experiment(exp: Experiment, values: dict[str, Any]) -> Experiment:
     raw.pop("sweep", None)
     raw.pop("tune", None)
     for key, value in values.items():
-        apply_override(raw, key.split("."), value)
+        # the keys come from tune.space (and tune.enqueue), not from a --set: say so when one is wrong
+        apply_override(raw, key.split("."), value, what="tune.space")
     raw["eval"]["probes"] = list(exp.tune.select_probes) + list(exp.eval.probes)
+    shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
     try:
-        return experiment_from_dict(raw, source=f"tune trial {values}", base=exp._base)
+        return experiment_from_dict(raw, source=f"the tune: block ({shown})" if values else "the tune: block", base=exp._base)
     except FactlabError as e:
-        raise FactlabError(f"{e} (check the tune: block)") from None
+        raise FactlabError(f"{e}; fix tune.space or tune.enqueue") from None
 
 
 def _label(exp: Experiment, number: int, values: dict) -> str:
@@ -251,16 +253,6 @@ def check_tune(exp: Experiment) -> tuple[set[str], set[str]]:
     for point in t.enqueue:
         trial_experiment(exp, point)
     return sel_ids, rep_ids
-
-
-def _preflight_data_and_model(exp: Experiment, console: Console) -> None:
-    """Everything a run checks before its first write (data files, probes, the model, layer
-    groups, chat template, probe lengths: experiment.preflight), on the experiment as written,
-    before the study's storage is created, so that bad input leaves nothing behind (each
-    trial's runner checks its own settings again)."""
-    from factlab.experiment.preflight import ModelShape, preflight
-
-    preflight(trial_experiment(exp, {}), ModelShape(console))
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,10 +386,10 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
 
     console = console or Console(stderr=True)
     t = exp.tune
-    if storage is not None:
-        check_storage_url(storage)
-    sel_ids, rep_ids = check_tune(exp)
-    _preflight_data_and_model(exp, console)
+    from factlab.experiment.tune_guard import discard_interrupted_trial, preflight_tune
+
+    # before the study's storage, the run store or any run folder exists (see tune_guard)
+    sel_ids, rep_ids = preflight_tune(exp, store, storage, study_name, console)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or exp.name
     directions = [o.direction for o in t.objectives]
@@ -512,9 +504,11 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
             pstudy.tell(shadow, state=TrialState.PRUNED)
             console.print(f"[yellow]trial {trial.number} pruned {e}[/yellow]")
             raise
-        except BaseException:
+        except BaseException as e:
             if shadow is not None:
                 pstudy.tell(shadow, state=TrialState.FAIL)
+            if isinstance(e, KeyboardInterrupt):
+                discard_interrupted_trial(study, trial, run_dir, store)
             raise
         folder = RunFolder(run_dir)
         results = folder.read_results().to_json()
