@@ -46,7 +46,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -354,9 +354,9 @@ class InfluenceTiming:
 
     @classmethod
     def from_json(cls, data: dict, source: str) -> InfluenceTiming:
-        return cls(**{k: _typed(data, k, (int,) if k == "threads" else _NUM, None, source,
-                                "an integer" if k == "threads" else "a number")
-                      for k in cls.__dataclass_fields__})
+        return cls(**{f.name: _typed(data, f.name, (int,) if f.name == "threads" else _NUM, None, source,
+                                     "an integer" if f.name == "threads" else "a number")
+                      for f in fields(cls)})
 
 
 Interval = dict
@@ -427,8 +427,6 @@ class InfluenceResults:
 
     def to_json(self) -> dict:
         """results.json's content: the layout every version has written."""
-        from dataclasses import asdict
-
         return {"kind": INFLUENCE, "name": self.name, "model": self.model, "sample_set": self.sample_set,
                 "n_rows": self.n_rows, "n_clean_rows": self.n_clean_rows, "n_columns": self.n_columns,
                 "seeds": self.seeds, "schedule": asdict(self.schedule), "peft": self.peft,
