@@ -13,7 +13,9 @@ package (train.stage from train.merge); modules of one layer do not import each 
                   model loading, layer-group targets (and i15-local's GGUF export, which
                   scores probes to check the export); tiny models for the tests
   5  data         reading, packing, synthesising and checking data (data.checks matches
-                  leaked wording with evaluate.metrics' text normalisation)
+                  leaked wording with evaluate.metrics' text normalisation); inside it,
+                  data.templates (wordings) <- data.render (facts -> documents, Q&A, probes;
+                  uses evaluate.probes' kind order) and data.writer <- data.synth, data.augment
   6  train        PEFT builders, the stage (prepare, fit, save), merging, regularizers
   7  experiment   the runner, evaluation of a run, sweeps, the run folder and the run store
   8  influence    i13-influence's influence studies (which train and score, like a run, and

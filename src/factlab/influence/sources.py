@@ -124,7 +124,7 @@ def probe_columns(paths: list[str]) -> list[Sample]:
 
 
 def _statement(relation: str, lang: str, s: str, o: str, pid: str, fact: str, **meta) -> Sample:
-    from factlab.data.synth import prefix, relation_templates
+    from factlab.data.templates import prefix, relation_templates
     from factlab.evaluate.probes import Probe
 
     template = relation_templates(relation, lang).doc[0]
@@ -210,10 +210,10 @@ def _world(folder: str, kinds: list[str]) -> SampleSet:
                 structure.append(_statement("causes", lang, nodes[v], nodes[u], f"chain:{v}>{u}", None,
                                             direction="backward", path=path, u=u, v=v))
     elif kind == "containment":
-        from factlab.data.synth import relation_templates
+        from factlab.data.templates import relation_templates
 
         rev = relation_templates("is_in", lang).reverse_probe  # "{o} contains {s}."
-        from factlab.data.synth import prefix
+        from factlab.data.templates import prefix
         from factlab.evaluate.probes import Probe
 
         def contains(container: str, member: str, pid: str, fid: str, **meta) -> Sample:
