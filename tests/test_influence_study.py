@@ -14,7 +14,8 @@ from factlab.data.synth import synth_chain, synth_containment, write_world
 from factlab.influence.noise import noised_copies
 from factlab.influence.samples import Sample
 from factlab.influence.sources import load_sample_set, select_rows
-from factlab.influence.study import desiderata, prepare, run_influence
+from factlab.influence.study import desiderata, prepare
+from cli_helpers import run_cli
 
 
 def _exp(tmp_path, tiny_dir, samples, **influence):
@@ -24,12 +25,21 @@ def _exp(tmp_path, tiny_dir, samples, **influence):
     return raw
 
 
-def test_chain_world_run_folder(tmp_path, tiny_dir):
+def test_chain_world_run_folder(tmp_path, tiny_dir, monkeypatch, capsys):
+    """`factlab influence` end to end: the run folder, the desiderata table printed by the CLI
+    (run_influence hands it the results), and the run in the store, listed by `factlab runs`."""
     write_world(synth_chain(4, seed=1), tmp_path / "chain")
     raw = _exp(tmp_path, tiny_dir, {"world": str(tmp_path / "chain"), "kinds": ["recall", "reverse"]},
                train=["kind:recall"], noise={"levels": [0.1, 0.5], "kind": "char"})
-    run = run_influence(experiment_from_dict(raw))
-    assert run.is_dir() and not list(run.parent.glob("*.partial"))
+    code, out, err = _cli(tmp_path, raw, monkeypatch, capsys)
+    assert code == 0, err
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.is_dir()]
+    assert "influence-" in run.name and not run.name.endswith(".partial")
+    assert "influence desiderata" in out and "symmetry" in out and "s per row" in err
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, err = run_cli(monkeypatch, capsys, "runs")  # the default store, runs/factlab.db
+    (line,) = [x for x in out.splitlines() if run.name in x]
+    assert code == 0 and "│ influence │" in line and "│ done " in line
     names = {p.name for p in run.iterdir()}
     assert {"config.yaml", "samples.jsonl", "eif.npz", "eif.csv", "eif.jsonl", "eif_ctx.csv", "eif_ctx.jsonl",
             "heatmap.png", "heatmap_ctx.png", "results.json"} <= names
@@ -134,8 +144,6 @@ def test_select_rows():
 
 def _cli(tmp_path, raw, monkeypatch, capsys):
     """`factlab influence exp.yaml` through the entry point in this process, from tmp_path."""
-    from cli_helpers import run_cli
-
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)

@@ -17,14 +17,14 @@ package (train.stage from train.merge); modules of one layer do not import each 
                   data.templates (wordings) <- data.render (facts -> documents, Q&A, probes;
                   uses evaluate.probes' kind order) and data.writer <- data.synth, data.augment
   6  train        PEFT builders, the stage (prepare, fit, save), merging, regularizers
-  7  experiment, influence
-                  the runner, evaluation of a run, sweeps, the run store; i13-influence's
-                  influence studies (which train and score, like a run)
-  8  report       tables, plots and reports of saved runs
-  9  chat         i15-local's `factlab chat` (loads a run's model through experiment)
- 10  cli_data     the `factlab data` commands
- 11  cli          the `factlab` commands (adds cli_data's sub-app)
- 12  __main__     `python -m factlab`
+  7  experiment   the runner, evaluation of a run, sweeps, the run folder and the run store
+  8  influence    i13-influence's influence studies (which train and score, like a run, and
+                  write their run folder and store entry through experiment's run folder)
+  9  report       tables, plots and reports of saved runs
+ 10  chat         i15-local's `factlab chat` (loads a run's model through experiment)
+ 11  cli_data     the `factlab data` commands
+ 12  cli          the `factlab` commands (adds cli_data's sub-app)
+ 13  __main__     `python -m factlab`
 
 Imports inside functions and under TYPE_CHECKING count as well: a lazy import is still an
 edge of the graph.
@@ -50,7 +50,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "testing"),
     ("data",),
     ("train",),
-    ("experiment", "influence"),
+    ("experiment",),
+    ("influence",),
     ("report",),
     ("chat",),
     ("cli_data",),

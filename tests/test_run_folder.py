@@ -5,6 +5,7 @@ report hides exactly the untrained model's evaluations."""
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +229,128 @@ def test_a_cut_short_score_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(FactlabError, match=r"cpt\.jsonl:2: malformed JSON") as e:
         folder.read_scores("cpt")
     assert "\n" not in str(e.value)
+
+
+# --- influence runs ---------------------------------------------------------------------
+
+
+def _influence_record():
+    from factlab.experiment.run_folder import InfluenceDesiderata, InfluenceResults, InfluenceSchedule, InfluenceTiming
+
+    iv = {"n": 4, "value": -0.0123, "ci_low": -0.02, "ci_high": -0.004}
+    return InfluenceResults(
+        name="toy", model="tiny", sample_set="chain", n_rows=3, n_clean_rows=2, n_columns=3, seeds=[0, 1],
+        schedule=InfluenceSchedule(steps=1, lr=1e-3, optimizer="adamw", weight_decay=0.0, max_grad_norm=None),
+        peft={"method": "lora", "targets": ["attention"], "r": 4}, trainable_params=2048, sparsity_k=1,
+        timing=InfluenceTiming(finetune_seconds=1.5, finetune_seconds_per_row=0.5, finetune_cpu_seconds=1.2, threads=2),
+        desiderata=InfluenceDesiderata(finetune={"symmetry": iv, "transitive": None},
+                                       finetune_per_seed={"symmetry": [-0.01, None], "transitive": [None, None]},
+                                       finetune_over_seeds={"symmetry": iv, "transitive": {"n": 0, "value": None,
+                                                                                           "ci_low": None, "ci_high": None}},
+                                       in_context={"symmetry": {**iv, "value": 0.5}, "transitive": None}))
+
+
+def test_an_influence_record_round_trips_in_the_layout_it_always_had(tmp_path):
+    import numpy as np
+
+    from factlab.experiment.run_folder import InfluenceMatrices
+
+    results = _influence_record()
+    folder = RunFolder(tmp_path)
+    folder.write_influence(results)
+    assert folder.read_influence() == results and folder.read_record() == results and folder.is_influence()
+    # the key order influence.study wrote before the record existed (readers of the JSON see no change)
+    assert list(json.loads(folder.results_path.read_text())) == [
+        "kind", "name", "model", "sample_set", "n_rows", "n_clean_rows", "n_columns", "seeds", "schedule", "peft",
+        "trainable_params", "sparsity_k", "timing", "desiderata"]
+    assert list(results.to_json()["desiderata"]) == ["finetune", "finetune_per_seed", "finetune_over_seeds", "in_context"]
+    with pytest.raises(FactlabError, match="an influence run's results"):
+        folder.read_results()  # not a training run: one line, not an empty RunResults
+    rng = np.random.default_rng(0)
+    eif = rng.normal(size=(2, 3, 3))
+    m = InfluenceMatrices(eif_mean=eif.mean(0), row_ids=["a", "b", "c"], col_ids=["a", "b", "x"], eif=eif,
+                          base_loss=rng.normal(size=(2, 3)), train_loss=rng.normal(size=(2, 3, 1)),
+                          row_seconds=rng.random((2, 3)), seeds=[0, 1], eif_ctx=rng.normal(size=(3, 3)))
+    folder.write_matrices(m)
+    back = folder.read_matrices()
+    for k, v in m.arrays().items():
+        assert np.array_equal(m.arrays()[k], back.arrays()[k]), k
+    assert (back.row_ids, back.col_ids, back.seeds) == (m.row_ids, m.col_ids, m.seeds)
+    csv_rows = (tmp_path / "eif.csv").read_text().splitlines()
+    assert csv_rows[0] == "row,a,b,x" and [float(x) for x in csv_rows[1].split(",")[1:]] == list(m.eif_mean[0])
+    lines = [json.loads(x) for x in (tmp_path / "eif.jsonl").read_text().splitlines()]
+    assert len(lines) == 6 and lines[4] == {"seed": 1, "row": "b", "values": dict(zip(m.col_ids, eif[1, 1]))}
+    assert "seed" not in json.loads((tmp_path / "eif_ctx.jsonl").read_text().splitlines()[0])
+
+
+def test_an_early_influence_run_reads_and_a_bad_one_is_one_line(tmp_path):
+    """Fields early influence runs did not record read as their defaults; a wrong shape names the file."""
+    res = {"kind": "influence", "name": "toy", "model": "tiny", "seeds": [0], "schedule": {"steps": 1, "lr": 1e-3},
+           "peft": {"method": "lora"}, "timing": {"finetune_seconds": 1.5},
+           "desiderata": {"finetune": {"symmetry": None}}}
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    back = RunFolder(tmp_path).read_influence()
+    assert back.schedule.lr == 1e-3 and back.schedule.optimizer is None and back.timing.in_context_seconds is None
+    assert back.trainable_params is None and back.desiderata.in_context is None
+    for bad, expected in (({**res, "n_rows": "3"}, "'n_rows' must be an integer"),
+                          ({**res, "desiderata": {"in_context": {}}}, "'finetune' object"),
+                          ({**res, "timing": {"threads": 1.5}}, "'threads' must be an integer"),
+                          ({**res, "kind": None}, "not an influence run's results")):
+        (tmp_path / "results.json").write_text(json.dumps(bad))
+        with pytest.raises(FactlabError, match=expected) as e:
+            RunFolder(tmp_path).read_influence()
+        assert str(tmp_path / "results.json") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_staged_run_folder_appears_only_when_complete(tmp_path):
+    """RunFolder.staged (influence runs): an error or Ctrl-C part-way leaves no folder and no
+    results; on success the folder has its final name and nothing .partial is left."""
+    for exc in (RuntimeError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(exc)):
+            with RunFolder.staged(tmp_path / "runs", "toy-influence") as folder:
+                assert folder.path.name.endswith(".partial")
+                folder.write_influence(_influence_record())
+                raise exc
+        assert not list((tmp_path / "runs").rglob("*")), "a failed run left files behind"
+    with RunFolder.staged(tmp_path / "runs", "toy-influence") as a:
+        a.write_influence(_influence_record())
+    with RunFolder.staged(tmp_path / "runs", "toy-influence") as b:  # same second: numbered, not merged into a
+        b.write_influence(_influence_record())
+    assert a.path != b.path and a.is_influence() and b.is_influence()
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted([a.path.name, b.path.name])
+
+
+def test_influence_runs_are_in_the_store_and_an_old_store_migrates(tmp_path, monkeypatch, capsys):
+    import sqlite3
+
+    from factlab.experiment.store import SCHEMA, RunStore
+
+    db = tmp_path / "runs" / "factlab.db"
+    db.parent.mkdir()
+    with sqlite3.connect(db) as con:  # a store written before influence runs were indexed (no `kind`)
+        con.executescript(SCHEMA.replace(",\n    kind         TEXT NOT NULL DEFAULT 'run'   -- run | influence", ""))
+        con.execute("INSERT INTO runs (run_dir, name, config_hash, config, status, started) "
+                    "VALUES ('runs/old', 'old', 'h', '{}', 'done', 0)")
+    con.close()
+    store = RunStore(db)
+    folder = RunFolder(tmp_path / "runs" / "toy-influence-1")
+    folder.path.mkdir()
+    folder.write_influence(_influence_record())
+    started = time.time() - 90  # the study ran before its folder was complete and indexed
+    store.start(folder.path, "toy", {"name": "toy"}, kind="influence", started=started)
+    store.finish(folder.path, folder.read_record())
+    old, inf = store.runs()
+    assert old["kind"] == "run" and (inf["kind"], inf["status"], inf["started"]) == ("influence", "done", started)
+    assert inf["seconds"] >= 90
+    assert store.runs(kind="influence") == [inf]
+    metrics = {(m["stage"], m["kind"], m["metric"]): m for m in store.metrics(str(folder.path))}
+    assert metrics[("finetune", "desiderata", "symmetry")]["ci_low"] == -0.02
+    assert metrics[("in_context", "desiderata", "symmetry")]["value"] == 0.5
+    assert metrics[("finetune", "timing", "seconds_per_row")]["value"] == 0.5
+    assert ("finetune", "desiderata", "transitive") not in metrics  # no such structure: not a metric
+    monkeypatch.setenv("COLUMNS", "250")  # the table's run folder column whole
+    code, out, err = run_cli(monkeypatch, capsys, "runs", "--store", db)
+    assert code == 0, err
+    (line,) = [x for x in out.splitlines() if "toy-influence-1" in x]
+    cells = [c.strip() for c in line.split("│")]
+    assert cells[2:6] == ["influence", "", "", "done"] and float(cells[6]) >= 1.5  # kind, sweep, point, status; minutes

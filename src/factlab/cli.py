@@ -121,18 +121,14 @@ def _check_seed(seed: int) -> None:
 
 
 def _check_run_folders(folders) -> None:
-    """Each folder is a finished run whose results.json reads (RunFolder names the problem in
-    one line), or an influence run (whose results.json has no per-stage summaries)."""
+    """Each folder is a finished run (a training or an influence run) whose results read
+    (RunFolder names the problem in one line)."""
     from factlab.experiment.run_folder import RunFolder
-    from factlab.report.influence import is_influence_run
 
     for folder in map(Path, folders):
         if not folder.exists():
             raise FactlabError(f"run folder {folder} does not exist; check the path (see `factlab runs`)")
-        if not (folder / "results.json").is_file():
-            raise FactlabError(f"{folder} is not a finished run folder (no results.json); give a folder under runs/")
-        if not is_influence_run(folder):
-            RunFolder(folder).read_results()
+        RunFolder(folder).read_record()
 
 
 def _note_new_folders(root: Path):
@@ -237,6 +233,7 @@ def influence(
     experiment: Annotated[Path, typer.Argument(help="Experiment YAML file with an `influence:` section.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key: influence.lr=1e-3 (repeatable).")] = None,
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Folder for run folders (default: the experiment's output_dir, runs/).")] = None,
+    store: StoreOpt = None,
 ) -> None:
     """Empirical influence: fine-tune on each sample alone, score every sample; write the matrices,
     heatmaps and the desiderata (symmetry, sparsity, distance, noise, causality, containment).
@@ -254,10 +251,21 @@ def influence(
         return
     from factlab.influence.study import run_influence
 
+    from factlab.report.influence import desiderata_table
+
     exp = _load(experiment, set_, output_dir)
     _check_out_dir(Path(exp.output_dir), "output_dir")
+    run_store = _store(store, exp.output_dir)
+
+    def on_done(folder, results) -> None:
+        Console().print(desiderata_table(results))
+        t = results.timing
+        err.print(f"fine-tuning: {t.finetune_seconds_per_row:.2f} s per row, {t.finetune_seconds:.1f} s for the "
+                  f"{results.n_rows}x{results.n_columns} matrix"
+                  + (f"; in-context: {t.in_context_seconds:.1f} s" if t.in_context_seconds is not None else ""))
+
     on_interrupt(lambda: "nothing was kept (an influence run folder appears only when complete)")
-    run_influence(exp, console=err)
+    run_influence(exp, console=err, store=run_store, on_done=on_done)
 
 
 @app.command()
@@ -360,10 +368,10 @@ def runs(
         raise FactlabError(f"--status {status!r} is not a run status; use one of {', '.join(RUN_STATUSES)}")
     rows = _store(store, "runs", must_exist=store is not None).runs(name=name, sweep=sweep_name, status=status)
     table = Table(title=f"{len(rows)} runs")
-    for col in ("run folder", "sweep", "point", "status", "minutes", "tok/s"):
+    for col in ("run folder", "kind", "sweep", "point", "status", "minutes", "tok/s"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["run_dir"], r["sweep"] or "", r["label"] or "", r["status"],
+        table.add_row(r["run_dir"], r["kind"], r["sweep"] or "", r["label"] or "", r["status"],
                       f"{r['seconds'] / 60:.1f}" if r["seconds"] else "", f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "")
     Console().print(table)
 
@@ -607,14 +615,13 @@ def export(
     else:
         path = gguf
     if verify:
-        import yaml
-
         from factlab.experiment.evaluation import load_probe_files
+        from factlab.experiment.run_folder import RunFolder
         from factlab.models.gguf_export import F16_LOGPROB_TOL, verify_in_llama_cpp
 
-        run_cfg = Path(model_or_run) / "config.yaml"
-        if not probes and run_cfg.is_file():
-            probes = [Path(p) for p in (yaml.safe_load(run_cfg.read_text()).get("eval", {}) or {}).get("probes", [])]
+        run = RunFolder(model_or_run)
+        if not probes and run.config_path.is_file():
+            probes = [Path(p) for p in (run.read_config().get("eval", {}) or {}).get("probes", [])]
         if not probes:
             raise FactlabError("--verify needs probes; give --probes FILE (JSONL)")
         probe_list = load_probe_files([str(p) for p in probes])
@@ -638,18 +645,16 @@ def export(
 
 def _export_survival(model_or_run: str, stage: Optional[str], out: Path, probes: Optional[list[Path]], force: bool) -> None:
     """`factlab export --survival DIR` (experiment.survival)."""
-    import yaml
-
     from factlab.chat import pick_target
     from factlab.config import EvalSpec
     from factlab.experiment.evaluation import load_probe_files
+    from factlab.experiment.run_folder import RunFolder
     from factlab.experiment.survival import quantization_survival
 
     _check_out_dir(out, "--survival")
     if (out / "survival.json").exists() and not force:
         raise FactlabError(f"{out / 'survival.json'} exists; choose another folder or pass --force to overwrite")
-    run_cfg = Path(model_or_run) / "config.yaml"
-    cfg_eval = ((yaml.safe_load(run_cfg.read_text()) or {}).get("eval") or {}) if run_cfg.is_file() else {}
+    cfg_eval = RunFolder(model_or_run).read_config().get("eval") or {}
     probes = probes or [Path(p) for p in cfg_eval.get("probes") or []]
     if not probes:
         raise FactlabError("--survival needs probes; give --probes FILE (JSONL)")

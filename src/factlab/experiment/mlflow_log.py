@@ -38,7 +38,7 @@ def _flat(d, prefix=""):
 
 def log_run(run_dir: Path, config: dict, results: RunResults | dict, experiment: str, label: str | None = None) -> str:
     """One MLflow run per factlab run (so one per sweep point): the resolved config as params,
-    every indexed metric (`stage/kind/metric`), and results.json, config.yaml and the loss curves
+    every indexed metric (`stage/kind/metric`), and the run folder's results, config and loss curves
     as artifacts. `label` (a sweep point's overrides) is a tag. Returns the MLflow run id; the
     CLI adds the run's report to it (`log_artifact`): the report lives a layer above this one."""
     mlflow = require_mlflow()

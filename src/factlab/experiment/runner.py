@@ -198,7 +198,7 @@ def _reuse_or_evaluate(cache: SweepCache | None, key: str | None, label: str, fo
 
 def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
          cache: SweepCache | None = None, on_stage: StageCallback | None = None) -> RunResults:
-    """The run proper, after preflight: evaluations and stages, each recorded in results.json
+    """The run proper, after preflight: evaluations and stages, each recorded in the results
     as soon as it is done; returns the complete RunResults.
 
     With a sweep's `cache`, work the points share is reused (see SweepCache): a reused

@@ -1,10 +1,13 @@
 """The run store: an embedded SQLite database indexing every run and its metrics.
 
-Each run keeps its own folder (the source of truth: config.yaml, results.json, scores/); the
+Each run keeps its own folder (the source of truth, experiment.run_folder owns it); the
 store indexes them so that sweeps can resume and runs can be listed, filtered and compared
 without opening every folder. SQLite gives atomic transactions for free: a run's status moves
 from `running` to `done` (with its metrics) in one commit, so a sweep killed with SIGKILL leaves
 either a finished run or one marked `running`, which the next start redoes.
+
+Both kinds of run are indexed: training runs (`factlab run`, sweep points, tune trials; kind
+`run`) and influence runs (`factlab influence`; kind `influence`, indexed once complete).
 
 Several processes may write at once (`factlab sweep --workers N`): every write is one short
 transaction, and a writer that finds the database locked waits for it (up to 30 s).
@@ -19,7 +22,7 @@ import time
 from contextlib import closing
 from pathlib import Path
 
-from factlab.experiment.run_folder import RunFolder, RunResults
+from factlab.experiment.run_folder import INFLUENCE, InfluenceResults, RunFolder, RunResults
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -36,13 +39,15 @@ CREATE TABLE IF NOT EXISTS runs (
     finished     REAL,
     seconds      REAL,
     tokens_per_s REAL,
-    peak_rss_mb  REAL
+    peak_rss_mb  REAL,
+    kind         TEXT NOT NULL DEFAULT 'run'   -- run | influence
 );
 CREATE INDEX IF NOT EXISTS runs_sweep ON runs (sweep, config_hash);
 CREATE TABLE IF NOT EXISTS metrics (
     run_dir  TEXT NOT NULL REFERENCES runs (run_dir) ON DELETE CASCADE,
-    stage    TEXT NOT NULL,     -- base, base+context, or a stage name
-    kind     TEXT NOT NULL,     -- probe kind, "all", or "forgetting" / "style" / "priming" / "priming_leaked"
+    stage    TEXT NOT NULL,     -- base, base+context, or a stage name; influence: finetune, in_context, ...
+    kind     TEXT NOT NULL,     -- probe kind, "all", or "forgetting" / "style" / "priming" / "priming_leaked";
+                                -- influence: "desiderata" / "timing"
     metric   TEXT NOT NULL,
     value    REAL,
     ci_low   REAL,
@@ -83,15 +88,47 @@ def _input_paths(x) -> set[str]:
     return set()
 
 
-def flatten_metrics(results: RunResults | dict) -> list[tuple]:
+def parse_results(results: RunResults | InfluenceResults | dict) -> RunResults | InfluenceResults:
+    """Records as they are; a results file's content parsed as the kind of run it is."""
+    if isinstance(results, dict) and results.get("kind") == INFLUENCE:
+        return InfluenceResults.from_json(results, "results")
+    return results if isinstance(results, InfluenceResults) else RunResults.coerce(results)
+
+
+def influence_metrics(results: InfluenceResults) -> list[tuple]:
+    """(stage, kind, metric, value, ci_low, ci_high, n) rows of an influence run: each
+    desideratum as (finetune | finetune_over_seeds | in_context, "desiderata", name) with its
+    interval, and the timing as (finetune | in_context, "timing", seconds | seconds_per_row |
+    cpu_seconds); a desideratum the sample set has no structure for is left out."""
+    rows: list[tuple] = []
+    des = results.desiderata
+    for stage, section in (("finetune", des.finetune), ("finetune_over_seeds", des.finetune_over_seeds),
+                           ("in_context", des.in_context)):
+        for name, x in (section or {}).items():
+            if x is not None:
+                rows.append((stage, "desiderata", name, x.get("value"), x.get("ci_low"), x.get("ci_high"), x.get("n")))
+    t = results.timing
+    for stage, values in (("finetune", (t.finetune_seconds, t.finetune_seconds_per_row, t.finetune_cpu_seconds)),
+                          ("in_context", (t.in_context_seconds, t.in_context_seconds_per_row, t.in_context_cpu_seconds))):
+        for metric, v in zip(("seconds", "seconds_per_row", "cpu_seconds"), values):
+            if v is not None:
+                rows.append((stage, "timing", metric, float(v), None, None, None))
+    if results.trainable_params is not None:
+        rows.append(("finetune", "train", "trainable_params", float(results.trainable_params), None, None, None))
+    return rows
+
+
+def flatten_metrics(results: RunResults | InfluenceResults | dict) -> list[tuple]:
     """(stage, kind, metric, value, ci_low, ci_high, n) rows from a run's results (records, or
-    results.json's content).
+    a results file's content); an influence run's are `influence_metrics`.
 
     Priming (evaluate.priming): per evaluation `priming/rate` (share of answers with a trained
     name, raw: the base model's is the figure's `before`); per stage `forgetting/priming` (the
     figure: answers with a name the base answer did not have), `forgetting/priming_locality`
     and `forgetting/priming_general`, and `priming_leaked/<name>` = how many answers leaked it."""
-    results = RunResults.coerce(results)
+    results = parse_results(results)
+    if isinstance(results, InfluenceResults):
+        return influence_metrics(results)
     rows: list[tuple] = []
 
     def add(stage, kind, metric, x):
@@ -153,6 +190,13 @@ class RunStore:
         # filled; CREATE ... IF NOT EXISTS under SQLite's lock makes the second a no-op.
         if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='metrics'").fetchone() is None:
             db.executescript(SCHEMA)
+        if "kind" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+            # a store made before influence runs were indexed: every run in it is a training run
+            try:
+                db.execute("ALTER TABLE runs ADD COLUMN kind TEXT NOT NULL DEFAULT 'run'")
+            except sqlite3.OperationalError as e:  # another process added it first
+                if "duplicate column" not in str(e):
+                    raise
         db.execute("PRAGMA foreign_keys = ON")
         db.row_factory = sqlite3.Row
         return db
@@ -163,19 +207,21 @@ class RunStore:
             pass
 
     def start(self, run_dir: Path, name: str, config: dict, sweep: str | None = None, point: dict | None = None,
-              label: str | None = None) -> None:
+              label: str | None = None, kind: str = "run", started: float | None = None) -> None:
+        """Index a run as `running` (`kind`: run or influence; `started`: when it began, default now)."""
         with closing(self._connect()) as db, db:
             db.execute(
-                "INSERT OR REPLACE INTO runs (run_dir, name, sweep, point, label, config_hash, config, status, started) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?)",
-                (str(run_dir), name, sweep, json.dumps(point or {}), label, config_hash(config), json.dumps(config), time.time()),
+                "INSERT OR REPLACE INTO runs (run_dir, name, sweep, point, label, config_hash, config, status, started, kind) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+                (str(run_dir), name, sweep, json.dumps(point or {}), label, config_hash(config), json.dumps(config),
+                 time.time() if started is None else started, kind),
             )
             db.execute("DELETE FROM metrics WHERE run_dir = ?", (str(run_dir),))
 
-    def finish(self, run_dir: Path, results: RunResults | dict) -> None:
+    def finish(self, run_dir: Path, results: RunResults | InfluenceResults | dict) -> None:
         """Mark a run done and index its metrics, in one transaction."""
-        results = RunResults.coerce(results)
-        stages = results.stages
+        results = parse_results(results)
+        stages = results.stages if isinstance(results, RunResults) else []
         tps = [s.get("tokens_per_second") for s in stages if s.get("tokens_per_second")]
         with closing(self._connect()) as db, db:
             started = db.execute("SELECT started FROM runs WHERE run_dir = ?", (str(run_dir),)).fetchone()["started"]
@@ -210,11 +256,12 @@ class RunStore:
                     return row["run_dir"]
         return None
 
-    def runs(self, name: str | None = None, sweep: str | None = None, status: str | None = None) -> list[dict]:
+    def runs(self, name: str | None = None, sweep: str | None = None, status: str | None = None,
+             kind: str | None = None) -> list[dict]:
         if not self.path.exists():
             return []
         query, args = "SELECT * FROM runs WHERE 1=1", []
-        for col, val in (("name", name), ("sweep", sweep), ("status", status)):
+        for col, val in (("name", name), ("sweep", sweep), ("status", status), ("kind", kind)):
             if val is not None:
                 query += f" AND {col} = ?"
                 args.append(val)

@@ -62,7 +62,7 @@ from factlab.experiment.sweep import SweepCache
 
 RATE_STATS = ("accuracy", "greedy_match", "sample_hit", "eos")
 STAGE_METRICS = ("damage", "priming")
-"""Objectives that results.json records per stage (forgetting.<stage>), not per probe; both are minimized."""
+"""Objectives that a run's results record per stage (forgetting.<stage>), not per probe; both are minimized."""
 
 
 def storage_path(store: RunStore, study: str) -> Path:
@@ -122,7 +122,7 @@ def _host() -> str:
 
 
 def metric_value(metric: str, rows: list[dict], results: dict, stage: str) -> float | None:
-    """An objective's value after `stage`: `damage` as results.json recorded it for the stage
+    """An objective's value after `stage`: `damage` as the run's results recorded it for the stage
     (forgetting.<stage>.damage: the mean over the general texts of evaluate.metrics.damage),
     `priming` likewise (forgetting.<stage>.priming.after.rate: the share of answers to locality
     probes and general prompts with a trained name the base model did not say there, see
@@ -529,7 +529,7 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
         if any(v is None for v in chosen):
             missing = [o.metric for o, v in zip(t.objectives, chosen) if v is None]
             raise FactlabError(f"trial {trial.number}: {', '.join(missing)} could not be computed on the selection probes "
-                               f"(see {run_dir / 'results.json'})")
+                               f"(see {RunFolder(run_dir).results_path})")
         return tuple(chosen) if len(chosen) > 1 else chosen[0]
 
     if remaining == 0:

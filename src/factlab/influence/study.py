@@ -3,46 +3,35 @@ the desiderata → a run folder.
 
 Everything that can be wrong with the input (the sample set, the rows, the probe files, a
 sample with nothing to score, the model, a chat template) is checked before the matrices are
-computed, and the run folder is written only at the end, under ``<name>.partial`` and renamed
-when complete: a failed or interrupted run leaves nothing behind.
-
-The run folder (``runs/<name>-influence-<timestamp>/``):
-
-    config.yaml        the resolved experiment
-    samples.jsonl      every row and column sample: id, role (row / column / both), prompt,
-                       target, group, meta
-    eif.npz            eif (S, R, C) per seed, eif_mean (R, C), base_loss (S, C), train_loss
-                       (S, R, steps), row_seconds (S, R), row_ids, col_ids, seeds; with
-                       in_context also eif_ctx (R, C)
-    eif.csv            the seed-mean matrix: first column the row id, one column per column id
-    eif.jsonl          one line per seed and row: {"seed", "row", "values": {col id: EIF}}
-    eif_ctx.csv/.jsonl the in-context matrix, same layout (no seed)
-    heatmap.png        the fine-tuning matrix (blue: training on the row lowered the column's
-                       loss); heatmap_ctx.png the in-context one
-    results.json       kind "influence", settings, timing, and the desiderata for fine-tuning
-                       and in-context side by side, each {n, value, ci_low, ci_high}
+computed, and the run folder is written only at the end, through
+``experiment.run_folder.RunFolder.staged`` (under ``<name>.partial``, renamed when complete): a
+failed or interrupted run leaves nothing behind. RunFolder owns the folder's layout
+(``runs/<name>-influence-<timestamp>/``: config.yaml, samples.jsonl, eif.npz, eif.csv/.jsonl,
+eif_ctx.csv/.jsonl, heatmap.png, heatmap_ctx.png and the results) and its records
+(InfluenceResults, InfluenceMatrices); this module computes them and draws the heatmaps.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from factlab.errors import FactlabError
+from factlab.experiment.run_folder import (
+    INFLUENCE, InfluenceDesiderata, InfluenceMatrices, InfluenceResults, InfluenceSchedule, InfluenceTiming, RunFolder,
+)
 from factlab.influence import desiderata as D
 from factlab.influence.samples import Sample
 
 if TYPE_CHECKING:
     from rich.console import Console
-    from rich.table import Table
 
     from factlab.config import Experiment
+    from factlab.experiment.store import RunStore
     from factlab.influence.sources import SampleSet
 
 
@@ -187,41 +176,8 @@ def fmt_interval(x: dict | None) -> str:
     return f"{x['value']:.3g}{ci} ({x['n']})"
 
 
-def desiderata_table(results: dict) -> Table:
-    """The console table: one desideratum per line, fine-tuning and in-context side by side."""
-    from rich.table import Table
-
-    des = results["desiderata"]
-    table = Table(title=f"influence desiderata, mean [95% bootstrap interval] (n): {results['name']}")
-    table.add_column("desideratum")
-    table.add_column("fine-tuning")
-    table.add_column("in-context")
-    for key in des["finetune"]:
-        table.add_row(label_of(key), fmt_interval(des["finetune"][key]), fmt_interval((des.get("in_context") or {}).get(key)))
-    return table
-
-
 # ---------------------------------------------------------------------------------------
-# Files
-
-
-def _matrix_csv(path: Path, M: np.ndarray, row_ids: list[str], col_ids: list[str]) -> None:
-    import csv
-
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["row"] + col_ids)
-        for rid, vals in zip(row_ids, M):
-            w.writerow([rid] + [repr(float(v)) for v in vals])
-
-
-def _matrix_jsonl(path: Path, mats: list[tuple[int | None, np.ndarray]], row_ids: list[str], col_ids: list[str]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for seed, M in mats:
-            for rid, vals in zip(row_ids, M):
-                obj = ({"seed": seed} if seed is not None else {}) | {"row": rid,
-                                                                      "values": dict(zip(col_ids, map(float, vals)))}
-                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+# Heatmaps
 
 
 def heatmap_figure(M: np.ndarray, row_ids: list[str], col_ids: list[str], title: str):
@@ -257,15 +213,6 @@ def heatmap(path: Path, M: np.ndarray, row_ids: list[str], col_ids: list[str], t
     plt.close(fig)
 
 
-def _new_run_path(root: Path, name: str) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i in range(1000):
-        d = root / (f"{name}-influence-{stamp}" + (f"-{i}" if i else ""))
-        if not d.exists() and not d.with_name(d.name + ".partial").exists():
-            return d
-    raise FactlabError(f"cannot choose a run folder name under {root}")
-
-
 # ---------------------------------------------------------------------------------------
 # The command
 
@@ -297,8 +244,32 @@ def prepare(exp: Experiment) -> tuple[SampleSet, list[Sample], list[Sample], int
     return sset, rows + noisy, cols, len(rows)
 
 
-def run_influence(exp: Experiment, console: Console | None = None) -> Path:
-    """Run the influence study of ``exp.influence`` and write its run folder; returns its path."""
+def _sample_rows(rows: list[Sample], cols: list[Sample]) -> list[dict]:
+    """samples.jsonl's rows: each sample once (rows first), with its role."""
+    col_ids, row_ids = {c.id for c in cols}, {r.id for r in rows}
+    out: list[dict] = []
+    seen: set[str] = set()
+    for s in rows + cols:
+        if s.id in seen:
+            continue
+        seen.add(s.id)
+        role = "both" if s.id in col_ids and s.id in row_ids else ("row" if s.id in row_ids else "column")
+        out.append({"id": s.id, "role": role, "prompt": s.prompt, "target": s.target, "group": s.group, "meta": s.meta})
+    return out
+
+
+InfluenceCallback = Callable[[RunFolder, InfluenceResults], None]
+
+
+def run_influence(exp: Experiment, console: Console | None = None, store: RunStore | None = None,
+                  on_done: InfluenceCallback | None = None) -> Path:
+    """Run the influence study of ``exp.influence`` and write its run folder; returns its path.
+
+    `console` shows progress (the rows' bar, one status line before and one after). The
+    results are presented by the caller: `on_done(folder, results)` is called once the folder
+    is complete (the CLI prints the desiderata table there). With a `store`, the finished run
+    is indexed there (kind `influence`, its desiderata and timing as metrics), after the
+    folder is in place: a failed run leaves no trace in either."""
     import torch
     from rich.console import Console as RichConsole
 
@@ -309,6 +280,7 @@ def run_influence(exp: Experiment, console: Console | None = None) -> Path:
     from factlab.models.loading import load_model, resolve_model
 
     console = console or RichConsole(stderr=True)
+    started = time.time()
     spec = exp.influence
     sset, rows, cols, n_clean = prepare(exp)
     schedule = Schedule(steps=spec.steps, lr=spec.lr, optimizer=spec.optimizer, weight_decay=spec.weight_decay,
@@ -341,82 +313,53 @@ def run_influence(exp: Experiment, console: Console | None = None) -> Path:
         cpu_ctx = time.process_time() - cpu0
 
     M = res.mean()
-    des = {"finetune": desiderata(M, rows, cols, n_clean, sset.kind, spec.top_k, spec.bootstrap, exp.seed)}
+    des = InfluenceDesiderata(finetune=desiderata(M, rows, cols, n_clean, sset.kind, spec.top_k, spec.bootstrap, exp.seed))
     if len(seeds) > 1:  # the same numbers per seed: how much the adapter's initialisation moves them
         per_seed = [desiderata(res.eif[s], rows, cols, n_clean, sset.kind, spec.top_k, 200, exp.seed)
                     for s in range(len(seeds))]
-        des["finetune_per_seed"] = {k: [p[k]["value"] if p[k] else None for p in per_seed] for k in des["finetune"]}
+        des.finetune_per_seed = {k: [p[k]["value"] if p[k] else None for p in per_seed] for k in des.finetune}
         # the interval over seeds: mean of the per-seed values, bootstrap over seeds
-        des["finetune_over_seeds"] = {k: D.mean_interval([v for v in vals if v is not None], spec.bootstrap, exp.seed)
-                                      for k, vals in des["finetune_per_seed"].items()}
+        des.finetune_over_seeds = {k: D.mean_interval([v for v in vals if v is not None], spec.bootstrap, exp.seed)
+                                   for k, vals in des.finetune_per_seed.items()}
     if ctx is not None:
-        des["in_context"] = desiderata(ctx.eif, rows, cols, n_clean, sset.kind, spec.top_k, spec.bootstrap, exp.seed)
-    results = {
-        "kind": "influence",
-        "name": exp.name,
-        "model": exp.model,
-        "sample_set": sset.kind,
-        "n_rows": len(rows), "n_clean_rows": n_clean, "n_columns": len(cols), "seeds": seeds,
-        "schedule": {"steps": spec.steps, "lr": spec.lr, "optimizer": spec.optimizer,
-                     "weight_decay": spec.weight_decay, "max_grad_norm": spec.max_grad_norm},
-        "peft": spec.peft.model_dump(mode="json"),
-        "trainable_params": res.trainable_params,
-        "sparsity_k": sparsity_k(spec.top_k, sum(1 for r in rows[:n_clean] if r.id in {c.id for c in cols})),
-        "timing": {
-            "finetune_seconds": round(res.seconds, 2),
-            "finetune_seconds_per_row": round(float(res.row_seconds.mean()), 3),
-            "finetune_cpu_seconds": round(cpu_exact, 2),
-            "in_context_seconds": round(ctx.seconds, 2) if ctx else None,
-            "in_context_seconds_per_row": round(float(ctx.row_seconds.mean()), 3) if ctx else None,
-            "in_context_cpu_seconds": round(cpu_ctx, 2) if ctx else None,
-            "threads": torch.get_num_threads(),
-        },
-        "desiderata": des,
-    }
+        des.in_context = desiderata(ctx.eif, rows, cols, n_clean, sset.kind, spec.top_k, spec.bootstrap, exp.seed)
+    results = InfluenceResults(
+        name=exp.name, model=exp.model, sample_set=sset.kind,
+        n_rows=len(rows), n_clean_rows=n_clean, n_columns=len(cols), seeds=seeds,
+        schedule=InfluenceSchedule(steps=spec.steps, lr=spec.lr, optimizer=spec.optimizer,
+                                   weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm),
+        peft=spec.peft.model_dump(mode="json"),
+        trainable_params=res.trainable_params,
+        sparsity_k=sparsity_k(spec.top_k, sum(1 for r in rows[:n_clean] if r.id in {c.id for c in cols})),
+        timing=InfluenceTiming(
+            finetune_seconds=round(res.seconds, 2),
+            finetune_seconds_per_row=round(float(res.row_seconds.mean()), 3),
+            finetune_cpu_seconds=round(cpu_exact, 2),
+            in_context_seconds=round(ctx.seconds, 2) if ctx else None,
+            in_context_seconds_per_row=round(float(ctx.row_seconds.mean()), 3) if ctx else None,
+            in_context_cpu_seconds=round(cpu_ctx, 2) if ctx else None,
+            threads=torch.get_num_threads(),
+        ),
+        desiderata=des,
+    )
+    matrices = InfluenceMatrices(eif_mean=M, row_ids=res.row_ids, col_ids=res.col_ids, eif=res.eif,
+                                 base_loss=res.base_loss, train_loss=res.train_loss, row_seconds=res.row_seconds,
+                                 seeds=seeds, eif_ctx=ctx.eif if ctx is not None else None)
 
-    # --- write: everything under .partial, renamed at the end -----------------------------
-    root = Path(exp.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = _new_run_path(root, exp.name)
-    partial = final.with_name(final.name + ".partial")
-    partial.mkdir()
-    try:
-        (partial / "config.yaml").write_text(dump_experiment(exp), encoding="utf-8")
-        col_ids_set = {c.id for c in cols}
-        row_ids_set = {r.id for r in rows}
-        with (partial / "samples.jsonl").open("w", encoding="utf-8") as f:
-            seen: set[str] = set()
-            for s in rows + cols:
-                if s.id in seen:
-                    continue
-                seen.add(s.id)
-                role = "both" if s.id in col_ids_set and s.id in row_ids_set else ("row" if s.id in row_ids_set else "column")
-                f.write(json.dumps({"id": s.id, "role": role, "prompt": s.prompt, "target": s.target,
-                                    "group": s.group, "meta": s.meta}, ensure_ascii=False) + "\n")
-        arrays = dict(eif=res.eif, eif_mean=M, base_loss=res.base_loss, train_loss=res.train_loss,
-                      row_seconds=res.row_seconds, row_ids=np.array(res.row_ids), col_ids=np.array(res.col_ids),
-                      seeds=np.array(seeds))
-        if ctx is not None:
-            arrays["eif_ctx"] = ctx.eif
-        np.savez_compressed(partial / "eif.npz", **arrays)
-        _matrix_csv(partial / "eif.csv", M, res.row_ids, res.col_ids)
-        _matrix_jsonl(partial / "eif.jsonl", list(zip(seeds, res.eif)), res.row_ids, res.col_ids)
-        heatmap(partial / "heatmap.png", M, res.row_ids, res.col_ids,
+    # --- write: the whole folder, staged and renamed when complete (the results last) -------
+    with RunFolder.staged(Path(exp.output_dir), f"{exp.name}-influence") as folder:
+        folder.write_config(dump_experiment(exp))
+        folder.write_samples(_sample_rows(rows, cols))
+        folder.write_matrices(matrices)
+        heatmap(folder.heatmap_path(), M, res.row_ids, res.col_ids,
                 f"{exp.name}: fine-tuning EIF ({spec.peft.method}, {spec.steps} step(s), lr {spec.lr:g})")
         if ctx is not None:
-            _matrix_csv(partial / "eif_ctx.csv", ctx.eif, ctx.row_ids, ctx.col_ids)
-            _matrix_jsonl(partial / "eif_ctx.jsonl", [(None, ctx.eif)], ctx.row_ids, ctx.col_ids)
-            heatmap(partial / "heatmap_ctx.png", ctx.eif, ctx.row_ids, ctx.col_ids, f"{exp.name}: in-context EIF")
-        (partial / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(partial, final)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    from rich.console import Console as Out
-
-    Out().print(desiderata_table(results))
-    t = results["timing"]
-    console.print(f"fine-tuning: {t['finetune_seconds_per_row']:.2f} s per row, {t['finetune_seconds']:.1f} s for the "
-                  f"{len(rows)}x{len(cols)} matrix" + (f"; in-context: {t['in_context_seconds']:.1f} s" if ctx else ""))
-    console.print(f"run folder: {final}")
-    return final
+            heatmap(folder.heatmap_path(in_context=True), ctx.eif, ctx.row_ids, ctx.col_ids, f"{exp.name}: in-context EIF")
+        folder.write_influence(results)
+    if store is not None:
+        store.start(folder.path, exp.name, exp.model_dump(mode="json"), kind=INFLUENCE, started=started)
+        store.finish(folder.path, results)
+    if on_done is not None:
+        on_done(folder, results)
+    console.print(f"run folder: {folder.path}")
+    return folder.path

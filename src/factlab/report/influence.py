@@ -1,32 +1,34 @@
 """Influence runs (`factlab influence`) in the report: the heatmaps and the desiderata table.
 
-An influence run folder has a results.json with ``"kind": "influence"`` (see
-factlab.influence.study). ``influence_sections`` turns such folders into report sections in the
+An influence run folder is read through experiment.run_folder (`RunFolder.read_influence`,
+`read_matrices`). ``influence_sections`` turns such folders into report sections in the
 same ("table", title, note, header, rows) / ("figure", title, matplotlib figure) form the report
 builder renders; ``build_influence_report`` writes a report of influence runs alone (HTML with
-the plots embedded, or Markdown with PNGs beside it). Nothing here loads a model.
+the plots embedded, or Markdown with PNGs beside it); ``desiderata_table`` is the console's
+table. Nothing here loads a model.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from factlab.errors import FactlabError
+from factlab.experiment.run_folder import InfluenceResults, RunFolder
 from factlab.report.plots import png
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 def is_influence_run(folder: Path) -> bool:
-    """Whether ``folder`` holds an influence run (results.json of kind influence)."""
-    try:
-        return json.loads(Path(folder, "results.json").read_text(encoding="utf-8")).get("kind") == "influence"
-    except (OSError, ValueError, AttributeError):
-        return False
+    """Whether ``folder`` holds an influence run."""
+    return RunFolder(folder).is_influence()
 
 
 def split_influence_runs(sources: list[tuple[Path, str]]) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]]]:
@@ -35,10 +37,30 @@ def split_influence_runs(sources: list[tuple[Path, str]]) -> tuple[list[tuple[Pa
     return [s for s in sources if s not in inf], inf
 
 
+def desiderata_table(results: InfluenceResults) -> Table:
+    """The console table: one desideratum per line, fine-tuning and in-context side by side."""
+    from rich.table import Table
+
+    from factlab.influence.study import fmt_interval, label_of
+
+    des = results.desiderata
+    table = Table(title=f"influence desiderata, mean [95% bootstrap interval] (n): {results.name}")
+    table.add_column("desideratum")
+    table.add_column("fine-tuning")
+    table.add_column("in-context")
+    for key in des.finetune:
+        table.add_row(label_of(key), fmt_interval(des.finetune[key]), fmt_interval((des.in_context or {}).get(key)))
+    return table
+
+
 def _matrix_figure(M: np.ndarray, row_ids: list[str], col_ids: list[str], title: str):
     from factlab.influence.study import heatmap_figure
 
     return heatmap_figure(M, row_ids, col_ids, title)
+
+
+def _g(x: float | None) -> str:
+    return "?" if x is None else f"{x:g}"
 
 
 def influence_sections(sources: list[tuple[Path, str]]) -> list[tuple]:
@@ -48,26 +70,27 @@ def influence_sections(sources: list[tuple[Path, str]]) -> list[tuple]:
 
     sections: list[tuple] = []
     for folder, label in sources:
-        res = json.loads(Path(folder, "results.json").read_text(encoding="utf-8"))
-        des = res["desiderata"]
-        ctx = des.get("in_context") or {}
-        rows = [[label_of(k), fmt_interval(v), fmt_interval(ctx.get(k))] for k, v in des["finetune"].items()]
-        sched, t = res["schedule"], res["timing"]
-        note = (f"{res['n_rows']} rows ({res['n_clean_rows']} samples, the rest noised copies) x {res['n_columns']} "
-                f"columns on {res['model']}; {res['peft']['method']} on {', '.join(res['peft']['targets'])}, "
-                f"{sched['steps']} {sched['optimizer']} step(s) at lr {sched['lr']:g} per sample, seeds {res['seeds']}. "
+        run = RunFolder(folder)
+        res = run.read_influence()
+        des = res.desiderata
+        ctx = des.in_context or {}
+        rows = [[label_of(k), fmt_interval(v), fmt_interval(ctx.get(k))] for k, v in des.finetune.items()]
+        sched, t = res.schedule, res.timing
+        note = (f"{res.n_rows} rows ({res.n_clean_rows} samples, the rest noised copies) x {res.n_columns} "
+                f"columns on {res.model}; {res.peft.get('method')} on {', '.join(res.peft.get('targets') or [])}, "
+                f"{sched.steps} {sched.optimizer} step(s) at lr {_g(sched.lr)} per sample, seeds {res.seeds}. "
                 f"EIF[i, j] = L_j(after training on i) − L_j(before), nats per token: negative = i helped j. "
-                f"Mean [95% bootstrap interval] (n). Fine-tuning took {t['finetune_seconds_per_row']:.2f} s per row, "
-                f"{t['finetune_seconds']:.0f} s for the matrix"
-                + (f"; in-context {t['in_context_seconds']:.0f} s." if t.get("in_context_seconds") is not None else "."))
+                f"Mean [95% bootstrap interval] (n).")
+        if t.finetune_seconds is not None and t.finetune_seconds_per_row is not None:  # not recorded by early runs
+            note += (f" Fine-tuning took {t.finetune_seconds_per_row:.2f} s per row, {t.finetune_seconds:.0f} s for the matrix"
+                     + (f"; in-context {t.in_context_seconds:.0f} s." if t.in_context_seconds is not None else "."))
         sections.append(("table", f"Influence desiderata: {label}", note, ["desideratum", "fine-tuning", "in-context"], rows))
-        z = np.load(Path(folder, "eif.npz"))
-        row_ids, col_ids = [str(x) for x in z["row_ids"]], [str(x) for x in z["col_ids"]]
+        z = run.read_matrices()
         sections.append(("figure", f"Fine-tuning influence: {label} (blue: training on the row lowered the column's loss)",
-                         _matrix_figure(z["eif_mean"], row_ids, col_ids, f"{res['name']}: fine-tuning EIF")))
-        if "eif_ctx" in z:
+                         _matrix_figure(z.eif_mean, z.row_ids, z.col_ids, f"{res.name}: fine-tuning EIF")))
+        if z.eif_ctx is not None:
             sections.append(("figure", f"In-context influence: {label} (the row's text in the prompt)",
-                             _matrix_figure(z["eif_ctx"], row_ids, col_ids, f"{res['name']}: in-context EIF")))
+                             _matrix_figure(z.eif_ctx, z.row_ids, z.col_ids, f"{res.name}: in-context EIF")))
     return sections
 
 
