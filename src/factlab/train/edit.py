@@ -61,6 +61,7 @@ from rich.console import Console
 
 from factlab.config import EditSpec, StageSpec
 from factlab.errors import FactlabError
+from factlab.progress import progress_bar
 from factlab.evaluate.tokens import TokenCache
 
 SUPPORTED = ("gemma", "gemma2", "gemma3_text", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3", "smollm3")
@@ -613,6 +614,19 @@ def apply_edits(model, tokenizer, requests: list[dict], spec: EditSpec, target: 
             kp_cov[m] = torch.zeros_like(projectors[m])
         record["nullspace_dims"] = dims
     model.eval()
+    bar = progress_bar(console)
+    task = bar.add_task(f"edit ({spec.method}): target values", total=len(requests))
+    bar.start()
+    try:
+        return _apply_batches(model, tokenizer, requests, spec, target, covs, contexts, console, cache, block, mods, L,
+                              record, projectors, kp_cov, lambda: bar.advance(task))
+    finally:
+        bar.stop()
+
+
+def _apply_batches(model, tokenizer, requests, spec, target, covs, contexts, console, cache, block, mods, L, record,
+                   projectors, kp_cov, advance) -> dict:
+    """apply_edits' loop over the batches of edits; `advance()` after each subject's value."""
     for b in sorted({q["batch"] for q in requests}):
         batch = [q for q in requests if q["batch"] == b]
         t0 = time.perf_counter()
@@ -621,6 +635,7 @@ def apply_edits(model, tokenizer, requests: list[dict], spec: EditSpec, target: 
             d, st = optimise_value(model, tokenizer, q, contexts, block, spec)
             deltas.append(d.cpu().double())
             stats.append(st)
+            advance()
         t_values = time.perf_counter() - t0
         owner, seqs, idx = _columns(cache, batch, contexts)
         _, h_orig = _keys_and_outputs(model, tokenizer, seqs, idx, mods[0], block)
