@@ -35,7 +35,8 @@ from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
 from factlab.methods import check_stage_order
 from factlab.train import distributed
-from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
+from factlab.train.data import build_stage_examples, load_stage_data
+from factlab.train.stage import train_stage
 
 
 StageCallback = Callable[[RunFolder, StageRecord], None]
