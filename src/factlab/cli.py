@@ -207,7 +207,8 @@ def run(
     mlflow: MlflowOpt = False,
 ) -> None:
     """Run an experiment: score, train each stage, merge, score again; write a run folder."""
-    from factlab.experiment.runner import run_experiment
+    from factlab.experiment.events import RunEvents
+    from factlab.experiment.runner import RunOptions, run_experiment
 
     if output_dir is not None:
         _check_out_dir(output_dir, "--output-dir")
@@ -219,7 +220,7 @@ def run(
     from factlab.train import distributed
 
     try:
-        run_experiment(exp, console=err, store=run_store, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
+        run_experiment(exp, RunOptions(store=run_store, mlflow=mlflow), RunEvents(err, on_stage, on_done))
     finally:
         distributed.stop()
 
@@ -267,7 +268,8 @@ def sweep(
     skips finished points, and an earlier stage shared by several points is trained once
     (once per worker with --workers)."""
     from factlab.experiment.preflight import preflight_sweep
-    from factlab.experiment.sweep import expand_sweep, run_sweep
+    from factlab.experiment.events import SweepEvents
+    from factlab.experiment.sweep import SweepOptions, expand_sweep, run_sweep
 
     _one_process("sweep")
     if workers < 1:
@@ -296,7 +298,7 @@ def sweep(
         require_mlflow()
     on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
     on_stage, on_done = _presenters()
-    run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done, workers=workers)
+    run_sweep(exp, sweep_store, SweepOptions(workers=workers, mlflow=mlflow), SweepEvents(err, on_stage, on_done))
     Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
 
 
@@ -313,6 +315,7 @@ def tune(
     """Search the `tune:` space with Optuna (multi-objective TPE or NSGA-II); every trial is a
     run in the store; a killed study resumes; prints the Pareto front. With --storage, start
     it on several machines (or once per GPU) to share one study."""
+    from factlab.experiment.events import TuneEvents
     from factlab.experiment.tune import check_storage_url, front_table, run_tune
 
     _one_process("tune")
@@ -328,7 +331,7 @@ def tune(
     again = f"factlab tune {experiment}" + (" --storage URL" if storage else "") + (f" --study-name {name}" if study_name else "")
     on_interrupt(lambda: f"finished trials are kept in the study's storage; run `{again}` again to resume")
     on_stage, on_done = _presenters()
-    study = run_tune(exp, _store(store, exp.output_dir), console=err, on_stage=on_stage, on_done=on_done,
+    study = run_tune(exp, _store(store, exp.output_dir), TuneEvents(err, on_stage, on_done),
                      storage=storage, study_name=study_name, heartbeat=heartbeat)
     Console().print(front_table(study))
     Console().print(f"report with: factlab report {name} -o report.html" + (" --storage URL" if storage else ""))
