@@ -31,8 +31,10 @@ demo: $(STAMP)
 play: $(STAMP)
 	$(BIN)/factlab data fetch-play -o examples/data/romeo-juliet
 
+# Two test processes on two cores (pytest-xdist), each test file kept in one process so that its
+# module fixtures are built once; tests/conftest.py gives each worker one torch thread.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

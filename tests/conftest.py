@@ -3,8 +3,17 @@ and the one load of the real embedded model that the few `real_model` tests shar
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (`-n 2`, the Makefile's default) each worker is one process; two torch
+# processes with two threads each on two cores spin against each other (10-25x slower), so a
+# worker computes on one thread, and the processes it starts inherit that.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 from factlab.testing import tiny_model, tiny_tokenizer  # noqa: F401  (re-exported helpers)
 

@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 
 from factlab.data.augment import (
-    Fact,
     load_fact_table,
     paraphrase_documents,
     qa_from_facts,
@@ -17,6 +16,7 @@ from factlab.data.augment import (
     shuffle_sentences,
     split_sentences,
 )
+from factlab.data.render import Fact
 from factlab.data.sft import load_conversations
 from factlab.data.synth import synth_world, write_world
 from factlab.errors import FactlabError

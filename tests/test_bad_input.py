@@ -66,6 +66,60 @@ LONG = dict(PROBE, id="long1", prompt="the press line " * 40)
 NULL_QA = '{"question": "Who runs it?", "answer": null}\n'
 PLAY = "Romeo loves Juliet. Juliet was in love with Romeo.\n"
 
+# --- issue 23 (tune and influence): the base tune experiment, worlds and study files ---------
+SELECT = json.dumps(dict(PROBE, id="s1")) + "\n"
+TUNE_LR = "    stages.0.train.lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true}\n"
+TARGETS = "stages.0.peft.targets"
+
+
+def tune(space: str = TUNE_LR, extra: str = "", base: str = EXP, **files) -> dict:
+    """The files of a tune case: the base experiment with a tune: block (`space` lines under
+    tune.space, `extra` lines after it) and its selection probes."""
+    block = ("tune:\n  space:\n" + space + "  objectives: [{metric: recall.accuracy}]\n  trials: 1\n"
+             "  select_probes: select.jsonl\n" + extra)
+    return {"exp.yaml": base + block, "select.jsonl": SELECT, **files}
+
+
+def optuna_study(choices: list, directions: tuple = ("maximize",)):
+    """A builder of study `t` in a SQLite file, with one finished trial whose categorical
+    tune.space.stages.0.peft.targets had `choices` (encoded as experiment.tune does: JSON text)."""
+
+    def build(path: Path) -> None:
+        import optuna
+        from optuna.distributions import CategoricalDistribution
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(storage=f"sqlite:///{path}", study_name="t", directions=list(directions))
+        dist = CategoricalDistribution([json.dumps(c) for c in choices])
+        study.add_trial(optuna.trial.create_trial(params={TARGETS: json.dumps(choices[0])}, distributions={TARGETS: dist},
+                                                  values=[0.5] * len(directions)))
+
+    return build
+
+
+def other_sqlite(path: Path) -> None:
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE notes (text TEXT)")
+    db.close()
+
+
+def world(summary: str = '{"kind": "world", "lang": "en"}', facts: str | None = None, **extra) -> dict:
+    """An LLM influence experiment over a synth world folder `w` (files as given)."""
+    probes = "".join(json.dumps({"id": f"f{i}-recall", "fact": f"f{i}", "kind": "recall", "prompt": f"The press line {i} is run by",
+                                 "target": "Marta Ilvane", "distractors": ["Jonas Perl"]}) + "\n" for i in (1, 2))
+    if facts is None:
+        facts = "".join(json.dumps({"id": f"f{i}", "subject": f"line {i}", "relation": "runs", "object": "Marta Ilvane"}) + "\n"
+                        for i in (1, 2))
+    exp_text = ("name: inf\nmodel: {lab}/model\noutput_dir: out\ninfluence:\n  samples: {world: w, kinds: [recall]}\n"
+                "  in_context: false\n  bootstrap: 10\n")
+    return {"exp.yaml": exp_text, "w/world.json": summary, "w/facts.jsonl": facts, "w/probes.jsonl": probes, **extra}
+
+
+DIGITS = "name: d\ninfluence:\n  task: digits\n  digits: {per_class: 1, pretrain_epochs: 1, noise: [{}]}\n"
+
+
 # (id, args, names: substrings the one stderr line must contain, files to create in the case's
 #  own folder; optional 5th: substrings it must not contain)
 CASES: list[tuple] = [
@@ -239,6 +293,102 @@ CASES: list[tuple] = [
     ("x-in-context-no-corpus", ["run", "exp.yaml"], ["in_context"],
      {"exp.yaml": exp("  corpus: {lab}/docs.txt\n", "", base=SFT).replace("  builtin_general_text: false",
                                                                          "  builtin_general_text: false\n  in_context: true")}),
+    # --- issue 23, round two: tune and influence ---
+    # the search space: what Optuna accepts, checked before the study file exists
+    ("t-log-with-step", ["tune", "exp.yaml"], ["tune.space.stages.0.train.lr", "log", "step"],
+     tune("    stages.0.train.lr: {type: float, low: 1.0e-4, high: 1.0e-3, log: true, step: 1.0e-4}\n")),
+    ("t-int-step-fraction", ["tune", "exp.yaml"], ["max_steps", "whole-number step"],
+     tune("    stages.0.train.max_steps: {type: int, low: 1, high: 3, step: 0.5}\n")),
+    ("t-step-negative", ["tune", "exp.yaml"], ["step must be above 0"],
+     tune("    stages.0.train.lr: {type: float, low: 1.0e-4, high: 1.0e-3, step: -1.0e-4}\n")),
+    ("t-step-zero", ["tune", "exp.yaml"], ["step must be above 0"],
+     tune("    stages.0.peft.r: {type: int, low: 1, high: 4, step: 0}\n")),
+    ("t-step-not-dividing", ["tune", "exp.yaml"], ["multiple of step"],
+     tune("    stages.0.train.lr: {type: float, low: 1.0e-4, high: 1.0e-3, step: 4.0e-4}\n")),
+    ("t-int-log-step", ["tune", "exp.yaml"], ["log", "step"],
+     tune("    stages.0.peft.r: {type: int, low: 1, high: 9, log: true, step: 2}\n")),
+    ("t-low-equals-high", ["tune", "exp.yaml"], ["low < high"],
+     tune("    stages.0.train.lr: {type: float, low: 1.0e-3, high: 1.0e-3}\n")),
+    ("t-categorical-with-low", ["tune", "exp.yaml"], ["categorical", "low"],
+     tune(f"    {TARGETS}: {{type: categorical, choices: [[attention]], low: 1}}\n")),
+    ("t-float-with-choices", ["tune", "exp.yaml"], ["choices", "categorical"],
+     tune("    stages.0.train.lr: {type: float, low: 1.0e-4, high: 1.0e-3, choices: [1.0e-4]}\n")),
+    ("t-choice-twice", ["tune", "exp.yaml"], ["lora", "twice"],
+     tune("    stages.0.peft.method: {type: categorical, choices: [lora, lora]}\n")),
+    # every choice against the architecture (meta device), the data files and the schema
+    ("t-choice-unknown-group", ["tune", "exp.yaml"], [f"tune.space.{TARGETS}", "attn"],
+     tune(f"    {TARGETS}: {{type: categorical, choices: [[attention], [attn]]}}\n")),
+    ("t-choice-bad-layers", ["tune", "exp.yaml"], ["tune.space.stages.0.peft.layers", "0-9"],
+     tune('    stages.0.peft.layers: {type: categorical, choices: ["0", "0-9"]}\n')),
+    ("t-choice-bad-method", ["tune", "exp.yaml"], ["lorax", "tune"],
+     tune("    stages.0.peft.method: {type: categorical, choices: [lora, lorax]}\n")),
+    ("t-choice-missing-corpus", ["tune", "exp.yaml"], ["missing.txt"],
+     tune("    data.corpus: {type: categorical, choices: [[docs.txt], [missing.txt]]}\n", **{"docs.txt": PLAY})),
+    ("t-seed-negative", ["tune", "exp.yaml"], ["tune.seed"], tune(extra="  seed: -1\n")),
+    ("t-experiment-seed-negative", ["tune", "exp.yaml"], ["seed", "-1"], tune(base=exp("seed: 0", "seed: -1"))),
+    ("t-seed-huge", ["tune", "exp.yaml"], ["tune.seed"], tune(extra="  seed: 1.0e+26\n")),
+    # enqueued starting points inside their space
+    ("t-enqueue-outside", ["tune", "exp.yaml"], ["tune.enqueue.0", "5.0", "outside"],
+     tune(extra="  enqueue: [{stages.0.train.lr: 5.0}]\n")),
+    ("t-enqueue-not-a-choice", ["tune", "exp.yaml"], ["tune.enqueue.0", "lm_head"],
+     tune(f"    {TARGETS}: {{type: categorical, choices: [[attention], [mlp]]}}\n",
+          extra=f"  enqueue: [{{{TARGETS}: [lm_head]}}]\n")),
+    ("t-enqueue-int-fraction", ["tune", "exp.yaml"], ["tune.enqueue.0", "2.5"],
+     tune("    stages.0.peft.r: {type: int, low: 1, high: 4}\n", extra="  enqueue: [{stages.0.peft.r: 2.5}]\n")),
+    # messages: a tune.space key is blamed on tune.space, not on a --set nobody gave
+    ("t-space-unknown-stage", ["tune", "exp.yaml"], ["tune.space", "stages.5"],
+     tune("    stages.5.train.lr: {type: float, low: 1.0e-4, high: 1.0e-3}\n"), ["--set"]),
+    ("t-space-key-typo", ["tune", "exp.yaml"], ["lrr", "tune"],
+     tune("    stages.0.train.lrr: {type: float, low: 1.0e-4, high: 1.0e-3}\n"), ["--set"]),
+    ("t-space-key-cyrillic", ["tune", "exp.yaml"], ["non-ASCII", "U+0430"],
+     tune("    stages.0.peft.\u0430lpha: {type: float, low: 1, high: 8}\n"), ["--set"]),
+    ("m-key-cyrillic", ["run", "exp.yaml"], ["n\u0430me", "non-ASCII letter", "U+0430"],
+     {"exp.yaml": exp("name: t", "n\u0430me: t")}),
+    ("m-nested-key-cyrillic", ["run", "exp.yaml"], ["m\u0430x_steps", "non-ASCII"],
+     {"exp.yaml": exp("max_steps: 1,", "m\u0430x_steps: 1,")}),
+    ("m-set-key-cyrillic", ["run", "exp.yaml", "--set", "stages.0.train.l\u0433=1"], ["--set", "non-ASCII"], {"exp.yaml": EXP}),
+    # the study storage: not a database, another database, or a study started with other choices
+    ("t-study-text-file", ["tune", "exp.yaml"], ["t-optuna.db", "not an Optuna study storage"],
+     tune(**{"out/t-optuna.db": "my notes"})),
+    ("t-study-folder", ["tune", "exp.yaml"], ["t-optuna.db", "folder"], tune(**{"out/t-optuna.db/": None})),
+    ("t-study-other-sqlite", ["tune", "exp.yaml"], ["another SQLite database"], tune(**{"out/t-optuna.db": other_sqlite})),
+    ("t-study-edited-choices", ["tune", "exp.yaml"], [f"tune.space.{TARGETS}", "'mlp'", "--study-name"],
+     tune(f"    {TARGETS}: {{type: categorical, choices: [[attention], [lm_head]]}}\n",
+          **{"out/t-optuna.db": optuna_study([["attention"], ["mlp"]])})),
+    ("t-study-other-objectives", ["tune", "exp.yaml"], ["objectives"],
+     tune(f"    {TARGETS}: {{type: categorical, choices: [[attention], [mlp]]}}\n",
+          **{"out/t-optuna.db": optuna_study([["attention"], ["mlp"]], ("maximize", "minimize"))})),
+    ("t-storage-text-file", ["tune", "exp.yaml", "--storage", "sqlite:///notes.txt"], ["--storage", "notes.txt"],
+     tune(**{"notes.txt": "my notes"})),
+    ("t-storage-folder", ["tune", "exp.yaml", "--storage", "sqlite:///adir"], ["--storage", "adir", "folder"],
+     tune(**{"adir/": None})),
+    ("t-storage-edited-choices", ["tune", "exp.yaml", "--storage", "sqlite:///s.db", "--study-name", "t"],
+     [f"tune.space.{TARGETS}", "s.db"],
+     tune(f"    {TARGETS}: {{type: categorical, choices: [[mlp], [attention]]}}\n",
+          **{"s.db": optuna_study([["attention"], ["mlp"]])})),
+    ("t-trials-folder-is-file", ["tune", "exp.yaml"], ["is a file", "--study-name"], tune(**{"out/t": "x"})),
+    # influence: a strict schema for the digits task, and a world that cannot be read
+    ("i-digits-unknown-top-key", ["influence", "exp.yaml"], ["modell", "unknown key"],
+     {"exp.yaml": DIGITS + "modell: x\n"}),
+    ("i-digits-influence-lr", ["influence", "exp.yaml"], ["influence.lr"],
+     {"exp.yaml": DIGITS.replace("  task: digits\n", "  task: digits\n  lr: -1\n")}),
+    ("i-digits-name-slash", ["influence", "exp.yaml"], ["a/b", "letters, digits"], {"exp.yaml": DIGITS.replace("name: d", "name: a/b")}),
+    ("i-digits-seed-negative", ["influence", "exp.yaml"], ["influence.digits.seed"],
+     {"exp.yaml": DIGITS.replace("noise: [{}]", "noise: [{}], seed: -1")}),
+    ("i-digits-seed-bool", ["influence", "exp.yaml"], ["influence.digits.seed"],
+     {"exp.yaml": DIGITS.replace("noise: [{}]", "noise: [{}], seed: true")}),
+    ("i-digits-block-list", ["influence", "exp.yaml"], ["influence.digits"],
+     {"exp.yaml": DIGITS.replace("{per_class: 1, pretrain_epochs: 1, noise: [{}]}", "[1, 2]")}),
+    ("i-task-typo", ["influence", "exp.yaml"], ["influence.task", "digit"], {"exp.yaml": DIGITS.replace("task: digits", "task: digit")}),
+    ("i-world-json-broken", ["influence", "exp.yaml"], ["world.json", "JSON"], world("{not json")),
+    ("i-world-json-list", ["influence", "exp.yaml"], ["world.json"], world("[1, 2]")),
+    ("i-world-kind-unknown", ["influence", "exp.yaml"], ["world.json", "tree"], world('{"kind": "tree"}')),
+    ("i-chain-facts-empty", ["influence", "exp.yaml"], ["facts.jsonl", "no facts"], world('{"kind": "chain"}', facts="")),
+    ("i-world-fact-no-subject", ["influence", "exp.yaml"], ["facts.jsonl", "subject"],
+     world('{"kind": "chain"}', facts='{"id": "f1", "relation": "causes", "object": "B"}\n')),
+    ("i-llm-lr-negative", ["influence", "exp.yaml"], ["influence.lr"], {**world(), "exp.yaml": world()["exp.yaml"] + "  lr: -1\n"}),
+    ("i-llm-task-with-samples", ["influence", "exp.yaml"], ["influence.task"],
+     {**world(), "exp.yaml": world()["exp.yaml"] + "  task: llm\n"}),
 ]
 
 # Cases that must succeed (not counted as bad input): the other side of the rules above.
@@ -263,7 +413,9 @@ def _materialize(lab: Path, cases: list[tuple]) -> list[dict]:
                 p.mkdir(parents=True, exist_ok=True)
                 continue
             p.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(content, bytes):
+            if callable(content):  # a file the test builds (e.g. an Optuna study database)
+                content(p)
+            elif isinstance(content, bytes):
                 p.write_bytes(content)
             else:
                 p.write_text(content.replace("{lab}", str(lab)), encoding="utf-8")

@@ -113,6 +113,7 @@ def test_tokenizer_without_chat_template(project, tiny_dir, tmp_path_factory, mo
     tok = tiny_tokenizer(chat_template=False)
     tiny_model("llama", vocab_size=len(tok)).save_pretrained(d)
     tok.save_pretrained(d)
+    capsys.readouterr()  # the save's own progress bar is not the run's output
     _edit(project, lambda e: e.update(model=str(d)))
     code, _, err = run_cli(monkeypatch, capsys, "run", project / "exp.yaml")
     assert code == 2 and "no chat template" in err and len(err.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from factlab.config import DistillSpec, StageSpec, experiment_from_dict
-from factlab.data.synth import Fact
+from factlab.data.render import Fact
 from factlab.errors import FactlabError
 from factlab.testing import tiny_model
 from factlab.train.distill import (

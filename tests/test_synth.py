@@ -10,18 +10,10 @@ from typer.testing import CliRunner
 
 from factlab.cli_data import data_app
 from factlab.data.corpus import load_documents
-from factlab.data.synth import (
-    DOCS_AS_FILES_MAX,
-    LOCALITY,
-    RELATIONS,
-    _REAL,
-    invertible_relations,
-    prefix,
-    synth_chain,
-    synth_containment,
-    synth_world,
-    write_world,
-)
+from factlab.data.render import invertible_relations
+from factlab.data.synth import _REAL, synth_chain, synth_containment, synth_world, write_world
+from factlab.data.templates import LOCALITY, RELATIONS, prefix
+from factlab.data.writer import DOCS_AS_FILES_MAX
 from factlab.errors import FactlabError
 from factlab.evaluate.metrics import normalize_text
 from factlab.evaluate.probes import load_probes
@@ -160,7 +152,9 @@ def test_sizes_exact_and_the_work_per_probe_does_not_grow_with_the_world(tmp_pat
     big = worlds[10_000]
     paths = write_world(big, tmp_path)
     assert len(big.facts) == 10_000 and len({f.id for f in big.facts}) == 10_000
-    assert paths["corpus"].name == "corpus.jsonl" and len(big.documents) > DOCS_AS_FILES_MAX
+    # one layout for every size: the corpus is docs/, here as one docs/corpus.jsonl
+    assert paths["corpus"] == tmp_path / "docs" and len(big.documents) > DOCS_AS_FILES_MAX
+    assert [p.name for p in paths["corpus"].iterdir()] == ["corpus.jsonl"]
     assert len(paths["facts"].read_text(encoding="utf-8").splitlines()) == 10_000
     assert len(load_documents([paths["corpus"]])) == len(big.documents)
 

@@ -214,3 +214,45 @@ def test_the_objective_runs_a_trial_with_typed_options_and_the_study_s_events(tm
     assert seen["events"] is not study_events and study_events.on_stage is not seen["events"].on_stage
     assert trial.user_attrs["select"] == {"damage": 0.25, "paraphrase.accuracy": None}
     assert trial.user_attrs["run_dir"] == str(options.run_dir)
+
+
+def test_ctrl_c_inside_a_trial_is_one_line_and_leaves_no_trial_folder(tmp_path, tiny_dir):
+    """SIGINT while trial 0 runs (held after its first stage by tests/tune_worker.py until the
+    test acts: no sleep decides when): exit 130, the one `interrupted; ...` line and no
+    Optuna traceback, no trial-000 folder (no half-written config.yaml), its run marked failed
+    and its parameters queued again for the resume; Optuna recorded the trial as failed."""
+    import signal
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    exp = project(tmp_path, model=str(tiny_dir), space={"stages.0.train.lr": {"type": "float", "low": 1e-6, "high": 1e-4,
+                                                                           "log": True}}, trials=1)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("tune_worker.py")), str(gate), "tune", str(exp)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    end = time.monotonic() + 600  # a bound against a hung process only
+    while not any(gate.glob("at-0-*")):
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.monotonic() < end, "trial 0 did not reach its first stage"
+        time.sleep(0.02)
+    trial_dir = tmp_path / "runs" / "st" / "trial-000"
+    assert (trial_dir / "config.yaml").is_file()  # the trial is really under way
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert lines[-1].startswith("interrupted; ") and sum(x.startswith("interrupted") for x in lines) == 1, err[-3000:]
+    for noise in ("Traceback", "KeyboardInterrupt", "failed with parameters", "error:"):
+        assert noise not in err, (noise, err[-3000:])
+    assert not trial_dir.exists()
+    assert store_rows(tmp_path / "runs" / "factlab.db")["trial-000"][0] == "failed"
+    study = optuna.load_study(study_name="st", storage=f"sqlite:///{tmp_path / 'runs' / 'st-optuna.db'}")
+    first, retry = study.trials
+    assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.system_attrs["fixed_params"] == first.params and retry.user_attrs["retry_of"] == 0

@@ -329,11 +329,18 @@ def tune(
     _check_out_dir(Path(exp.output_dir), "output_dir")
     name = study_name or exp.name
     again = f"factlab tune {experiment}" + (" --storage URL" if storage else "") + (f" --study-name {name}" if study_name else "")
-    on_interrupt(lambda: f"finished trials are kept in the study's storage; run `{again}` again to resume")
+    on_interrupt(lambda: f"finished trials are kept in the study's storage and an interrupted trial is queued again; "
+                         f"run `{again}` again to resume")
     on_stage, on_done = _presenters()
-    study = run_tune(exp, _store(store, exp.output_dir), TuneEvents(err, on_stage, on_done),
-                     storage=storage, study_name=study_name, heartbeat=heartbeat)
-    Console().print(front_table(study))
+    from factlab.experiment.tune import storage_label, storage_path
+    from factlab.experiment.tune_guard import optuna_errors
+
+    run_store = _store(store, exp.output_dir)
+    where = f"study {name} in " + (storage_label(storage) if storage else str(storage_path(run_store, name)))
+    with optuna_errors(where):  # Optuna's and SQLAlchemy's exceptions: one line
+        study = run_tune(exp, run_store, TuneEvents(err, on_stage, on_done),
+                         storage=storage, study_name=study_name, heartbeat=heartbeat)
+        Console().print(front_table(study))
     Console().print(f"report with: factlab report {name} -o report.html" + (" --storage URL" if storage else ""))
 
 

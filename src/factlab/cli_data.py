@@ -66,7 +66,9 @@ def synth(
     force: Annotated[bool, typer.Option("--force", help="Overwrite factlab's files in a non-empty folder.")] = False,
 ) -> None:
     """Generate a fictional fact world: corpus, Q&A, probes, facts and a summary."""
-    from factlab.data.synth import DOCS_AS_FILES_MAX, LANGS, MAX_FACTS, synth_chain, synth_containment, synth_world, write_world
+    from factlab.data.synth import MAX_FACTS, synth_chain, synth_containment, synth_world, write_world
+    from factlab.data.templates import LANGS
+    from factlab.data.writer import DOCS_AS_FILES_MAX
 
     makers = {"world": synth_world, "chain": synth_chain, "containment": synth_containment}
     if kind not in makers:
@@ -89,9 +91,9 @@ def synth(
 
     on_interrupt(lambda: f"the world in {out} was written completely")  # Ctrl-C from here on
     s = world.summary()
-    if paths["corpus"].is_file():  # large worlds: one JSONL file instead of a docs/ folder of .txt files
+    if s["counts"]["documents"] > DOCS_AS_FILES_MAX:  # large worlds: one JSONL file instead of .txt files
         _err().print(f"note: {s['counts']['documents']} documents (more than {DOCS_AS_FILES_MAX}) are written as one "
-                     f"file, {escape(str(paths['corpus']))} ({{\"id\", \"text\"}} per line), not as docs/*.txt")
+                     f"file, {escape(str(paths['corpus'] / 'corpus.jsonl'))} ({{\"id\", \"text\"}} per line), not as docs/*.txt")
     table = Table(title=f"{kind} ({lang}, seed {seed}): {s['n_facts']} facts")
     table.add_column("file")
     table.add_column("contents")
@@ -205,11 +207,12 @@ def augment(
     relations: Annotated[Optional[Path], typer.Option("--relations", help="YAML/JSON templates for relations factlab does not know (doc, heldout, question, reverse_doc, reverse_probe).")] = None,
     generic: Annotated[bool, typer.Option("--generic", help="Word unknown relations generically (\"The <relation> of <subject> is <object>.\") instead of refusing them.")] = False,
     lang: Annotated[Optional[str], typer.Option(help="en or ja (default: the world's language, else en).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace factlab's files in a non-empty output folder (others are kept).")] = False,
 ) -> None:
     """Write training documents (several wordings, reversed statements, shuffled order), Q&A
     and probes in held-out wordings from a fact table; no probe's wording is training text."""
-    from factlab.data.augment import augment_facts, load_facts_input, load_relations_file, load_user_paraphrases, write_augmented
+    from factlab.data.augment import augment_facts, load_facts_input, load_user_paraphrases, write_augmented
+    from factlab.data.templates import load_relations_file
 
     _refuse_non_empty(out, force)
     fact_list, aliases, world_lang = load_facts_input(facts)

@@ -9,7 +9,9 @@ experiment and its data can be moved together.
 
 from __future__ import annotations
 
+import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -254,10 +256,72 @@ class DistillSpec(_Strict):
     """Token budget of the teacher's greedy chat answers."""
 
 
+class EditSpec(_Strict):
+    """`kind: edit`: facts written into the MLP output projections of a band of early-middle
+    layers in closed form, without training (MEMIT, arXiv 2210.07229; AlphaEdit, arXiv
+    2410.02355); see factlab.train.edit. The stage's `peft` and `train` settings do not apply."""
+
+    method: Literal["memit", "alphaedit"] = "memit"
+    """`memit`: the update that maps each fact's subject key to its new value, held back by the
+    covariance of general-text keys; `alphaedit`: the same residual, with the update projected
+    onto the null space of the general-text keys (it leaves their outputs unchanged)."""
+    facts: str
+    """Fact table (.csv/.tsv/.jsonl with subject, relation, object; optional `aliases`, which are
+    edited as subjects too) or a synth world: the facts to write (`factlab data augment`'s input)."""
+    relations: str | None = None
+    """Relations file (as `factlab data augment --relations`) for relations the registry lacks;
+    without it such a relation is worded "The <relation> of <subject> is <object>."."""
+    n_facts: int | None = Field(None, gt=0)
+    """Edit only the first n facts of the table (the edit scaling curve); default: all."""
+    batch_size: int | None = Field(None, gt=0)
+    """Facts per edit; the batches are applied one after another to the edited model
+    (sequential editing). Default: all facts in one batch."""
+    layers: str | None = None
+    """Decoder layers whose MLP output projection is edited, e.g. "4-8"; default: the band from
+    1/8 to 1/4 of the depth (layers 4-8 of a 30- or 32-layer model)."""
+    wordings: int | None = Field(None, gt=0)
+    """Training wordings of the relation (its `doc` templates) used as edit prompts per fact;
+    default: all of them. Held-out wordings are never used."""
+    contexts: int = Field(2, ge=0)
+    """Short texts the model generates (greedy, from "The", "Therefore", ...) put before each
+    edit prompt while the target value is optimised and the keys are read (MEMIT uses 5; each
+    one adds a row per wording to every optimisation step, the cost of an edit on a CPU)."""
+    context_tokens: int = Field(10, gt=0)
+    """Tokens of each generated context."""
+    steps: int = Field(25, gt=0)
+    """Adam steps of each fact's target-value optimisation (stops early below 0.05 loss)."""
+    lr: float = Field(0.5, gt=0)
+    """Adam learning rate of the target-value optimisation."""
+    clamp_norm: float = Field(4.0, gt=0)
+    """Cap on ||delta|| relative to the norm of the residual it is added to."""
+    weight_decay: float = Field(1e-3, ge=0)
+    """Penalty weight_decay * ||delta|| / ||h||^2 in the target-value optimisation."""
+    kl: float = Field(0.0625, ge=0)
+    """Weight of KL(before || now) of the next-token distribution after "<subject> is a"."""
+    mom2_weight: float = Field(15000.0, gt=0)
+    """memit: lambda of the covariance term, (lambda C + K K^T)^-1 (C per token)."""
+    cov_tokens: int = Field(100_000, gt=0)
+    """General-text tokens the key covariance C = E[k k^T] is estimated from (computed once per
+    model and layer, cached by the model's fingerprint)."""
+    cov_source: list[str] = Field(default_factory=lambda: ["general"])
+    """Text of the covariance: `general` (factlab/builtin/replay.txt for SmolLM2, text sampled
+    from the model itself for other models; never the damage text), `corpus`, text files/folders."""
+    nullspace_threshold: float = Field(2e-2, gt=0)
+    """alphaedit: eigenvalues of C below this span the null space the update is projected onto."""
+    l2: float = Field(10.0, gt=0)
+    """alphaedit: the ridge term of its solve, (P (K K^T + K_p K_p^T) + l2 I)^-1."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return _listify(v, "cov_source")
+
+
 class StageSpec(_Strict):
-    kind: Literal["cpt", "sft", "distill"]
+    kind: Literal["cpt", "sft", "distill", "edit"]
     """`cpt`: raw text, packed. `sft`: chat-formatted Q&A, loss on the answer only.
-    `distill`: KL to the in-context teacher on the documents and on questions (see `distill`)."""
+    `distill`: KL to the in-context teacher on the documents and on questions (see `distill`).
+    `edit`: facts written into the weights in closed form, no training (see `edit`)."""
     name: str | None = None
     """Folder/column name of this stage (default: its kind, numbered if repeated)."""
     data: StageData = Field(default_factory=StageData)
@@ -267,9 +331,24 @@ class StageSpec(_Strict):
     """Merge the adapter into the weights after training and save the merged model."""
     distill: DistillSpec | None = None
     """Settings of a `kind: distill` stage (default: DistillSpec's defaults)."""
+    edit: EditSpec | None = None
+    """Settings of a `kind: edit` stage (required there: at least `edit.facts`)."""
 
     @model_validator(mode="after")
     def _check(self) -> "StageSpec":
+        if self.kind == "edit":
+            if self.edit is None:
+                raise ValueError("kind: edit needs its settings: add edit: {method: memit, facts: FACTS.jsonl}")
+            # Compared with the defaults, not by presence: a dumped config (the run's, a sweep
+            # point's) spells every field out.
+            for key, default in (("peft", PeftSpec()), ("train", TrainSpec())):
+                if getattr(self, key) != default:
+                    raise ValueError(f"kind: edit trains nothing, so {key} settings do not apply; remove {key} "
+                                     "(the edit's own settings go under edit:)")
+            if not self.merge:
+                raise ValueError("kind: edit changes the weights themselves (there is no adapter); remove merge: false")
+        elif self.edit is not None:
+            raise ValueError(f"edit settings apply to kind: edit, not to kind: {self.kind}; remove them")
         if self.kind == "distill" and self.distill is None:
             self.distill = DistillSpec()
         elif self.kind != "distill" and self.distill is not None:
@@ -337,6 +416,13 @@ class EvalSpec(_Strict):
         return _listify(v, "probes", "general_text")
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as config values: `true` is not 1 (Python's True == 1), 1 is 1.0."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
 class TuneParam(_Strict):
     """One dimension of a `tune:` search space (Optuna distributions)."""
 
@@ -351,17 +437,65 @@ class TuneParam(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "TuneParam":
+        # The rules of Optuna's distributions (FloatDistribution, IntDistribution,
+        # CategoricalDistribution), stated here so that a bad space is a config error naming its
+        # key; experiment.tune_guard also builds the distributions themselves before a study exists.
         if self.type == "categorical":
             if not self.choices:
                 raise ValueError("a categorical dimension needs choices: [...]")
-        else:
-            if self.low is None or self.high is None or not self.low < self.high:
-                raise ValueError(f"a {self.type} dimension needs low < high, got low={self.low}, high={self.high}")
-            if self.log and self.low <= 0:
-                raise ValueError("log: true needs low > 0")
-            if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
-                raise ValueError("an int dimension needs whole-number low and high")
+            given = [k for k in ("low", "high", "step") if getattr(self, k) is not None] + (["log"] if self.log else [])
+            if given:
+                raise ValueError(f"a categorical dimension takes only choices, not {', '.join(given)}; remove "
+                                 f"{'it' if len(given) == 1 else 'them'} or use type: float / int")
+            seen: list = []
+            for c in self.choices:
+                if any(_same_value(c, x) for x in seen):
+                    raise ValueError(f"choice {c!r} is listed twice; list each choice once")
+                seen.append(c)
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} dimension takes low and high, not choices; use type: categorical for a list of values")
+        if self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} dimension needs low < high, got low={self.low}, high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("log: true needs low > 0")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError("an int dimension needs whole-number low and high")
+        if self.step is not None:
+            if self.log and not (self.type == "int" and self.step == 1):
+                raise ValueError("log: true cannot be combined with step (a log scale is sampled without a grid); "
+                                 "remove step or log")
+            if not self.step > 0:
+                raise ValueError(f"step must be above 0, got {self.step}")
+            if self.type == "int" and self.step != int(self.step):
+                raise ValueError(f"an int dimension needs a whole-number step, got {self.step}")
+            k = (self.high - self.low) / self.step
+            if abs(k - round(k)) > 1e-9 * max(1.0, abs(k)) or round(k) < 1:
+                raise ValueError(f"high - low = {self.high - self.low:g} is not a whole multiple of step {self.step:g}; "
+                                 f"make high = low + k * step (e.g. {self.low + self.step * max(1, math.floor(k)):g})")
         return self
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is a point of this dimension (an enqueued starting point must be)."""
+        if self.type == "categorical":
+            return any(_same_value(value, c) for c in self.choices or [])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.type == "int" and value != int(value):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is not None:
+            k = (value - self.low) / self.step
+            return abs(k - round(k)) <= 1e-9 * max(1.0, abs(k))
+        return True
+
+    def describe(self) -> str:
+        """The dimension in words, for messages: `1e-05..0.001 (log)`, `one of [8, 16]`."""
+        if self.type == "categorical":
+            return f"one of {self.choices}"
+        extra = " (log)" if self.log else f" in steps of {self.step:g}" if self.step is not None else ""
+        return f"{self.low:g}..{self.high:g}{extra}"
 
 
 class TuneObjective(_Strict):
@@ -401,8 +535,8 @@ class TuneSpec(_Strict):
     """The median rule starts pruning after this many finished trials."""
     enqueue: list[dict[str, Any]] = Field(default_factory=list)
     """Points to try first, e.g. the current recipe: [{stages.0.train.lr: 5.0e-4}]."""
-    seed: int | None = None
-    """Sampler seed (default: the experiment's seed)."""
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    """Sampler seed (default: the experiment's seed); 0 to 2**32 - 1, as numpy's generators take."""
 
     @model_validator(mode="before")
     @classmethod
@@ -417,6 +551,13 @@ class TuneSpec(_Strict):
             unknown = set(point) - set(self.space)
             if unknown:
                 raise ValueError(f"tune.enqueue names {sorted(unknown)[0]!r}, which is not in tune.space")
+        # Optuna would only warn and train at a point outside the space (lr 5.0 in 1e-4..1e-3)
+        for i, point in enumerate(self.enqueue):
+            for key, value in point.items():
+                dim = self.space[key]
+                if not dim.contains(value):
+                    raise ValueError(f"tune.enqueue.{i}: {key} = {value!r} is outside its tune.space ({dim.describe()}); "
+                                     "move the point inside the space or widen the space")
         return self
 
 
@@ -508,6 +649,14 @@ class InfluenceSpec(_Strict):
         return self
 
 
+def check_run_name(v: str) -> str:
+    """A run name names a folder: letters, digits, dots, underscores and hyphens (ValueError otherwise)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
+        raise ValueError(f"the run name {v!r} may contain only letters, digits, dots, underscores and hyphens "
+                         "(it names the run folder); rename it")
+    return v
+
+
 class Experiment(_Strict):
     name: str = Field(..., min_length=1)
     """Run name; also the prefix of the run folder (letters, digits, . _ -)."""
@@ -540,10 +689,7 @@ class Experiment(_Strict):
     @field_validator("name")
     @classmethod
     def _name_rule(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", v):
-            raise ValueError(f"the run name {v!r} may contain only letters, digits, dots, underscores and hyphens "
-                             "(it names the run folder); rename it")
-        return v
+        return check_run_name(v)
 
     @model_validator(mode="after")
     def _check(self) -> "Experiment":
@@ -588,7 +734,18 @@ class Experiment(_Strict):
 # Loading
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def non_ascii_letter(key: str) -> str | None:
+    """`the non-ASCII letter 'а' (U+0430 CYRILLIC SMALL LETTER A)` for the first character of
+    `key` outside ASCII (keys are ASCII: a look-alike letter pasted from elsewhere is the usual
+    reason an apparently right key is unknown), else None."""
+    for ch in key:
+        if ord(ch) > 127:
+            kind = "letter" if ch.isalpha() else "character"
+            return f"the non-ASCII {kind} {ch!r} (U+{ord(ch):04X} {unicodedata.name(ch, 'unnamed')})"
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
     """One line naming the first offending key, e.g. `stages.0.train.lrr: unknown key`."""
     # A misspelt key shows up twice (unknown key + missing key): name the typo first.
     e = sorted(err.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
@@ -597,6 +754,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
                    for p in e["loc"]) or "(top level)"
     if e["type"] == "extra_forbidden":
         what = "unknown key; check its spelling against the documented keys"
+        odd = non_ascii_letter(str(e["loc"][-1]) if e["loc"] else "")
+        if odd:
+            what = f"unknown key: it holds {odd}; config keys are plain ASCII, retype the key"
     elif e["type"] == "missing":
         what = "required key is missing"
     elif e["type"] == "value_error":
@@ -697,6 +857,10 @@ def _resolve_paths(exp: Experiment, base: Path) -> Experiment:
     for st in exp.stages:
         if st.distill is not None:
             st.distill.facts, st.distill.relations = (fix(p) if p else None for p in (st.distill.facts, st.distill.relations))
+        if st.edit is not None:
+            st.edit.facts = fix(st.edit.facts)
+            st.edit.relations = fix(st.edit.relations) if st.edit.relations else None
+            st.edit.cov_source = [p if p in ("corpus", "general") else fix(p) for p in st.edit.cov_source]
     exp.eval.probes = [fix(p) for p in exp.eval.probes]
     if exp.tune is not None:
         exp.tune.select_probes = [fix(p) for p in exp.tune.select_probes]
@@ -759,7 +923,7 @@ def experiment_from_dict(raw: dict, source: str = "<dict>", base: Path | None = 
         loc = ".".join(str(p) for p in first["loc"])
         blame = next((item for key, item in (overridden or {}).items()
                       if loc == key or loc.startswith(key + ".") or key.startswith(loc + ".")), None)
-        raise FactlabError(_format_validation_error(e, f"--set {blame}" if blame else source)) from None
+        raise FactlabError(format_validation_error(e, f"--set {blame}" if blame else source)) from None
     exp = _resolve_paths(exp, (base or Path.cwd()).resolve())
     exp._base = (base or Path.cwd()).resolve()
     exp.stage_names()  # fail early on duplicate names

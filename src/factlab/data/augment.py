@@ -11,9 +11,10 @@ direction of a relation gives ~0% on the reverse question. So the levers are:
 - :func:`qa_from_facts`: Q&A pairs (``{"question", "answer"}``, the SFT format).
 
 A user's facts come from :func:`load_fact_table` (CSV or JSONL with ``subject``,
-``relation``, ``object``). Relations the template registry (``factlab.data.synth.RELATIONS``)
+``relation``, ``object``). Relations the template registry (``factlab.data.templates.RELATIONS``)
 knows get its wordings; any other relation gets generic ones ("The {relation} of {subject}
-is {object}.").
+is {object}."). Facts become text through ``factlab.data.render`` (the renderer synthetic
+worlds use too) and folders are written by ``factlab.data.writer``.
 """
 
 from __future__ import annotations
@@ -21,58 +22,43 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import random
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
-
-import yaml
+from typing import Callable, Iterable, Mapping, Sequence
 
 from factlab.data.checks import find_leakage
 from factlab.data.io import iter_jsonl, read_text
-from factlab.data.synth import (
-    DOCS_AS_FILES_MAX,
+from factlab.data.render import (
     N_DISTRACTORS,
-    RELATIONS,
     Fact,
+    FactIndex,
+    Renderer,
+    as_facts,
+    in_kind_order,
+    invertible_relations,
+    locality_probes,
+    render_documents,
+)
+from factlab.data.templates import (
+    ALIAS,
     RelationTemplates,
     check_lang,
     fill,
-    invertible_relations,
-    locality_probes,
     prefix,
     relation_templates,
-    render_documents,
-    sentence_joiner,
+    relation_wordings,
 )
+from factlab.data.writer import json_text, jsonl_text, write_data_folder
 from factlab.errors import FactlabError
 
-__all__ = ["Fact", "as_fact", "load_fact_table", "paraphrase_documents", "shuffle_sentences",
-           "reverse_statements", "qa_from_facts", "invertible_relations", "Augmented", "augment_facts",
-           "write_augmented", "load_facts_input", "load_relations_file", "load_user_paraphrases"]
+__all__ = ["load_fact_table", "paraphrase_documents", "shuffle_sentences", "reverse_statements", "qa_from_facts",
+           "Augmented", "augment_facts", "write_augmented", "load_facts_input", "load_user_paraphrases",
+           "checked_facts", "plan_wordings", "WordingPlan"]
 
 FIELDS = ("subject", "relation", "object")
-
-
-def as_fact(x: Fact | Mapping | tuple, i: int = 0) -> Fact:
-    """A :class:`Fact` from a Fact, a mapping with subject/relation/object (and optional id,
-    split) or a (subject, relation, object) tuple; ``i`` numbers facts without an id."""
-    if isinstance(x, Fact):
-        return x if x.id else Fact(x.subject, x.relation, x.object, f"f{i:05d}", x.split, x.subject_type, x.object_type)
-    if isinstance(x, tuple):
-        s, r, o = x
-        return Fact(str(s), str(r), str(o), f"f{i:05d}")
-    return Fact(str(x["subject"]), str(x["relation"]), str(x["object"]), str(x.get("id") or f"f{i:05d}"),
-                str(x.get("split") or "train"), str(x.get("subject_type") or ""), str(x.get("object_type") or ""))
-
-
-def _facts(facts: Iterable) -> list[Fact]:
-    return [as_fact(f, i) for i, f in enumerate(facts, 1)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +142,6 @@ def _load_table(path: Path) -> list[tuple[Fact, tuple[str, ...]]]:
         raise FactlabError(f"fact table {path} has no facts; add rows with subject, relation, object")
     return facts
 
-
 # --------------------------------------------------------------------------------------------
 # Augmentations
 # --------------------------------------------------------------------------------------------
@@ -172,7 +157,7 @@ def paraphrase_documents(facts: Iterable, k: int = 3, seed: int = 0, lang: str =
     if not isinstance(k, int) or k < 1:
         raise FactlabError(f"k (paraphrases per fact) must be a positive integer, got {k!r}")
     groups: dict[str, list[Fact]] = {}
-    for f in _facts(facts):
+    for f in as_facts(facts):
         groups.setdefault(f.subject, []).append(f)
     return [d["text"] for d in render_documents(list(groups.items()), k, seed, lang)]
 
@@ -207,7 +192,7 @@ def reverse_statements(facts: Iterable, lang: str = "en", only_invertible: bool 
     use "{object} is the {relation} of {subject}.".
     """
     check_lang(lang)
-    fs = _facts(facts)
+    fs = as_facts(facts)
     keep = invertible_relations(fs) if only_invertible else {f.relation for f in fs}
     out = []
     for f in fs:
@@ -221,12 +206,8 @@ def qa_from_facts(facts: Iterable, lang: str = "en") -> list[dict]:
     """``{"question", "answer", "fact"}`` per fact, the answer starting with the object (so
     a ``qa`` probe's target is its prefix). Writes as SFT Q&A JSONL."""
     check_lang(lang)
-    out = []
-    for f in _facts(facts):
-        spec = relation_templates(f.relation, lang)
-        out.append({"question": fill(spec.question, s=f.subject, o=f.object),
-                    "answer": fill(spec.answer, s=f.subject, o=f.object), "fact": f.id})
-    return out
+    fs = as_facts(facts)
+    return Renderer({rel: relation_templates(rel, lang) for rel in {f.relation for f in fs}}, lang).qa(fs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,6 +237,7 @@ class Augmented:
     manifest: dict
 
 
+
 def load_facts_input(path: str | Path) -> tuple[list[Fact], dict[str, tuple[str, ...]], str]:
     """(facts, subject aliases by fact id, language) from a fact table (.csv/.tsv/.jsonl) or a
     ``factlab data synth`` world (its folder or its world.json)."""
@@ -274,51 +256,6 @@ def load_facts_input(path: str | Path) -> tuple[list[Fact], dict[str, tuple[str,
         path = folder / "facts.jsonl"
     rows = _load_table(path)
     return [f for f, _ in rows], {f.id: a for f, a in rows if a}, lang
-
-
-def load_relations_file(path: str | Path) -> dict[str, RelationTemplates]:
-    """Templates for relations the registry does not know (or to replace its wordings), from a
-    YAML or JSON mapping ``relation -> {doc: [...], heldout: [...], question, answer,
-    reverse_doc: [...], reverse_probe}``. ``{s}`` is the subject, ``{o}`` the object; in
-    ``doc`` / ``heldout`` the subject comes before the object, in ``reverse_probe`` after."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(read_text(path, "relations file"))
-    except yaml.YAMLError as e:
-        raise FactlabError(f"relations file {path} is not valid YAML/JSON ({str(e).splitlines()[0]}); fix the syntax") from None
-    if not isinstance(raw, dict) or not raw:
-        raise FactlabError(f"relations file {path} must map relation names to templates, e.g. "
-                           "mascot: {doc: [\"The mascot of {s} is {o}.\"], heldout: [...], question: \"...\"}")
-    allowed = {"doc", "heldout", "question", "answer", "reverse_doc", "reverse_probe"}
-    out: dict[str, RelationTemplates] = {}
-    for name, spec in raw.items():
-        where = f"relations file {path}: relation {name!r}"
-        if not isinstance(spec, dict):
-            raise FactlabError(f"{where} must be a mapping with doc, heldout and question")
-        unknown = set(spec) - allowed
-        if unknown:
-            raise FactlabError(f"{where}: unknown key {sorted(unknown)[0]!r}; use {', '.join(sorted(allowed))}")
-        doc, heldout = spec.get("doc") or [], spec.get("heldout") or []
-        if isinstance(doc, str):
-            doc = [doc]
-        if isinstance(heldout, str):
-            heldout = [heldout]
-        reverse_doc = spec.get("reverse_doc") or []
-        reverse_doc = [reverse_doc] if isinstance(reverse_doc, str) else reverse_doc
-        question = spec.get("question") or f"What is the {str(name).replace('_', ' ')} of {{s}}?"
-        if not doc:
-            raise FactlabError(f"{where} has no doc templates; give at least one, e.g. \"The {name} of {{s}} is {{o}}.\"")
-        t = RelationTemplates(str(name), "", "", tuple(map(str, doc)), tuple(map(str, heldout)), str(question),
-                              str(spec.get("answer") or "{o}."), tuple(map(str, reverse_doc)),
-                              str(spec["reverse_probe"]) if spec.get("reverse_probe") else None)
-        for tpl in (*t.doc, *t.heldout):
-            if tpl.count("{o}") != 1 or tpl.count("{s}") != 1 or tpl.index("{s}") > tpl.index("{o}"):
-                raise FactlabError(f"{where}: template {tpl!r} needs one {{s}} before one {{o}}")
-        for tpl in (*t.reverse_doc, *([t.reverse_probe] if t.reverse_probe else [])):
-            if tpl.count("{o}") != 1 or tpl.count("{s}") != 1 or tpl.index("{o}") > tpl.index("{s}"):
-                raise FactlabError(f"{where}: reverse template {tpl!r} needs one {{o}} before one {{s}}")
-        out[str(name)] = t
-    return out
 
 
 def load_user_paraphrases(path: str | Path, facts: Sequence[Fact]) -> dict[str, list[str]]:
@@ -346,74 +283,67 @@ def load_user_paraphrases(path: str | Path, facts: Sequence[Fact]) -> dict[str, 
     return out
 
 
-GENERIC_REVERSE_PROBE = {"en": "Asked whose {r} is {o}, the answer is {s}.", "ja": "{r}が{o}であるのは{s}です。"}
-"""Held-out reverse wording for relations on generic templates (never a training sentence)."""
 
 
-def relation_wordings(relation: str, lang: str, user: Mapping[str, RelationTemplates], generic: bool) -> tuple[RelationTemplates, bool]:
-    """(templates, is_generic) for a relation: the user's, the registry's, or (only with
-    ``generic``) the generic fallbacks with a held-out reverse wording."""
-    if relation in user:
-        return user[relation], False
-    if relation in RELATIONS[lang]:
-        return RELATIONS[lang][relation], False
-    if not generic:
-        raise FactlabError(f"relation {relation!r} has no templates; give them in a relations file (--relations FILE) "
-                           f"or pass --generic to use \"The {relation.replace('_', ' ')} of {{subject}} is {{object}}.\"")
-    spec = relation_templates(relation, lang)
-    words = relation.replace("_", " ").strip()
-    return replace(spec, reverse_probe=GENERIC_REVERSE_PROBE[lang].replace("{r}", words)), True
+def _streams(seed: int) -> Callable[[str], random.Random]:
+    """One seeded random stream per purpose: a change in one phase never reshuffles another."""
+    return lambda what: random.Random(f"factlab/augment/{seed}/{what}")
 
 
-def _distractors(target: str, pool: Sequence[str], exclude: set[str], rng: random.Random, n: int = N_DISTRACTORS) -> list[str]:
-    """Up to ``n`` wrong answers from ``pool`` (same relation, same side), never in ``exclude``."""
-    cands = sorted({c for c in pool if c != target and c not in exclude})
-    rng.shuffle(cands)
-    return cands[:n]
+# -- phase 1: read and validate the facts --------------------------------------------------------
 
 
-def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = True, shuffled_docs: int = 2,
-                  qa: bool = True, heldout_phrasings: int = 1, seed: int = 0, lang: str = "en",
-                  relations: Mapping[str, RelationTemplates] | None = None, generic: bool = False,
-                  aliases: Mapping[str, Sequence[str]] | None = None,
-                  paraphrases: Mapping[str, Sequence[str]] | None = None, qa_heldout: float = 0.5,
-                  answers: str = "sentence") -> Augmented:
-    """Training documents, Q&A and probes from facts (see the section comment above).
-
-    Per relation, the wordings (the relation's doc and held-out templates) are split by the
-    seed into ``heldout_phrasings`` held-out ones (probes only) and ``phrasings`` training ones
-    (too few: an error naming the relation). Per subject: ``phrasings`` documents, document j
-    stating each fact in training wording j, plus up to ``shuffled_docs`` documents with mixed
-    wordings in shuffled sentence order (fewer when a small subject has no new order left); with ``reverse``, every fact of a relation that is
-    one-to-one in the table and has a held-out reverse wording is also stated object-first in
-    each of them and asked as a ``reverse`` probe (target: the subject). ``paraphrases``: the
-    user's own texts per fact id, split by the seed: ``heldout_phrasings`` per fact (at most all
-    but one) become paraphrase probes, the rest training documents. Q&A: facts with split
-    ``train``; when no fact is marked ``heldout``, a ``qa_heldout`` share of subjects is held
-    out by the seed and asked as ``qa`` probes instead. ``answers``: ``sentence`` (the answer
-    states the fact in the relation's first training wording, "Nalur lies in the province of
-    Drogokir.") or ``short`` (the relation's answer template, by default "{o}."); see the
-    README's recipe section for why sentence is the default. Deterministic per seed.
-    """
-    check_lang(lang)
-    for name, v, lo in (("phrasings", phrasings, 1), ("heldout_phrasings", heldout_phrasings, 1), ("shuffled_docs", shuffled_docs, 0)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise FactlabError(f"{name} must be an integer >= {lo}, got {v!r}")
-    if answers not in ("sentence", "short"):
-        raise FactlabError(f"answers must be sentence or short, got {answers!r}")
-    if not 0.0 <= qa_heldout < 1.0:
-        raise FactlabError(f"qa_heldout must be in [0, 1), got {qa_heldout!r}")
-    facts = _facts(facts)
+def checked_facts(facts: Iterable) -> list[Fact]:
+    """The input facts as :class:`Fact` (numbered ``f00001``... where they have no id), or a
+    FactlabError: no facts, or two facts with one id."""
+    facts = as_facts(facts)
     if not facts:
         raise FactlabError("no facts to augment; give a table with subject, relation, object rows")
     ids = [f.id for f in facts]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})[0]
         raise FactlabError(f"duplicate fact id {dup!r}; give each fact a unique id")
-    relations, aliases, paraphrases = dict(relations or {}), dict(aliases or {}), dict(paraphrases or {})
-    rng = lambda what: random.Random(f"factlab/augment/{seed}/{what}")  # noqa: E731  (one stream per purpose)
+    return facts
 
-    # -- wordings per relation: held-out vs training ------------------------------------------
+
+def _check_options(phrasings: int, heldout_phrasings: int, shuffled_docs: int, answers: str, qa_heldout: float,
+                   lang: str) -> None:
+    check_lang(lang)
+    for name, v, lo in (("phrasings", phrasings, 1), ("heldout_phrasings", heldout_phrasings, 1),
+                        ("shuffled_docs", shuffled_docs, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise FactlabError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if answers not in ("sentence", "short"):
+        raise FactlabError(f"answers must be sentence or short, got {answers!r}")
+    if not 0.0 <= qa_heldout < 1.0:
+        raise FactlabError(f"qa_heldout must be in [0, 1), got {qa_heldout!r}")
+
+
+# -- phase 2: plan the wordings --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WordingPlan:
+    """Which wording of each relation trains, which is held out for probes, which relations
+    are stated (and asked) in reverse."""
+
+    relations: dict[str, RelationTemplates]
+    """The renderer's plan, per relation: ``doc`` the training wordings (``phrasings`` of
+    them), ``heldout`` the held-out ones, ``answer`` the SFT answer, ``reverse_doc`` /
+    ``reverse_probe`` only for the relations in ``reversed``."""
+    generic: list[str]
+    """Relations on the generic templates."""
+    reversed: list[str]
+    not_reversed: dict[str, str]
+    """Relation -> why it is not reversed."""
+
+
+def plan_wordings(facts: Sequence[Fact], lang: str, relations: Mapping[str, RelationTemplates], generic: bool,
+                  phrasings: int, heldout_phrasings: int, reverse: bool, answers: str,
+                  rng: Callable[[str], random.Random]) -> WordingPlan:
+    """Split each relation's wordings by the seed into ``heldout_phrasings`` held-out ones and
+    ``phrasings`` training ones (too few: an error naming the relation), and decide which
+    relations are reversed (one-to-one in ``facts``, with reverse wordings, ``reverse`` on)."""
     specs: dict[str, RelationTemplates] = {}
     generic_rel: list[str] = []
     train_t: dict[str, list[str]] = {}
@@ -444,124 +374,171 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
                           "not one-to-one in the table (the reverse question has several answers)" if rel not in invertible else
                           "no reverse wordings (give reverse_doc and reverse_probe in a relations file)")
                     for rel in specs if rel not in reversed_rel}
+    plan = {rel: replace(spec, doc=tuple(train_t[rel]), heldout=tuple(held_t[rel]),
+                         answer=train_t[rel][0] if answers == "sentence" else spec.answer,
+                         reverse_doc=spec.reverse_doc if rel in reversed_rel else (),
+                         reverse_probe=spec.reverse_probe if rel in reversed_rel else None)
+            for rel, spec in specs.items()}
+    return WordingPlan(plan, generic_rel, reversed_rel, not_reversed)
 
-    # -- Q&A split -----------------------------------------------------------------------------
-    subjects = list(dict.fromkeys(f.subject for f in facts))
-    if any(f.split == "heldout" for f in facts) or not qa:
-        qa_held = {f.subject for f in facts if f.split == "heldout"}
-    else:
-        order = list(subjects)
-        rng("qa-split").shuffle(order)
-        qa_held = set(order[: round(len(order) * qa_heldout)])
 
-    # -- documents -----------------------------------------------------------------------------
-    join = sentence_joiner(lang)
-    by_subject: dict[str, list[Fact]] = {}
-    for f in facts:
-        by_subject.setdefault(f.subject, []).append(f)
-
-    def sentence(f: Fact, j: int, subject: str | None = None) -> str:
-        return fill(train_t[f.relation][j % phrasings], s=subject or f.subject, o=f.object)
-
-    def rev_sentence(f: Fact, j: int) -> list[str]:
-        # the object-first statement in reverse wording j (in turn): several wordings, as for
-        # the forward direction, so that the reverse probe's held-out wording is a paraphrase
-        # of something trained and not of one fixed sentence
-        if f.relation not in reversed_rel:
-            return []
-        words = specs[f.relation].reverse_doc
-        return [fill(words[j % len(words)], s=f.subject, o=f.object)]
-
-    documents: list[dict] = []
-    doc_rng = rng("documents")
-    user_train: dict[str, list[str]] = {}
-    user_held: dict[str, list[str]] = {}
+def _split_user_paraphrases(paraphrases: Mapping[str, Sequence[str]], heldout_phrasings: int,
+                            rng: Callable[[str], random.Random]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(training texts, held-out texts) per fact id: ``heldout_phrasings`` texts of a fact (at
+    most all but one) are held out, by the seed."""
+    train: dict[str, list[str]] = {}
+    held: dict[str, list[str]] = {}
     for fid, texts in sorted(paraphrases.items()):
         texts = list(texts)
         rng(f"paraphrases/{fid}").shuffle(texts)
         k = min(heldout_phrasings, len(texts) - 1)
-        user_held[fid], user_train[fid] = texts[:k], texts[k:]
-    for n, subject in enumerate(subjects):
-        fs = by_subject[subject]
-        al = [a for f in fs for a in aliases.get(f.id, ())]
-        al = list(dict.fromkeys(al))
-        extra = [fill("{s} is also known as {o}." if lang == "en" else "{s}は{o}とも呼ばれる。", s=subject, o=a) for a in al]
+        held[fid], train[fid] = texts[:k], texts[k:]
+    return train, held
+
+
+def _qa_heldout_subjects(facts: Sequence[Fact], qa: bool, qa_heldout: float,
+                         rng: Callable[[str], random.Random]) -> set[str]:
+    """Subjects asked as ``qa`` probes and left out of the Q&A: those of ``heldout`` facts, or
+    (none marked) a ``qa_heldout`` share drawn by the seed."""
+    if any(f.split == "heldout" for f in facts) or not qa:
+        return {f.subject for f in facts if f.split == "heldout"}
+    order = list(dict.fromkeys(f.subject for f in facts))
+    rng("qa-split").shuffle(order)
+    return set(order[: round(len(order) * qa_heldout)])
+
+
+# -- phase 3: render -----------------------------------------------------------------------------
+
+
+def _documents(r: Renderer, facts: Sequence[Fact], aliases: Mapping[str, Sequence[str]],
+               user_train: Mapping[str, list[str]], phrasings: int, shuffled_docs: int,
+               rng: Callable[[str], random.Random]) -> list[dict]:
+    """Per subject: ``phrasings`` ordered documents (document j: every fact in training
+    wording j, reversed relations also object-first, an alias as subject in turn, the aliases
+    stated in the first), up to ``shuffled_docs`` documents of mixed wordings in shuffled
+    order, and one of the user's own training texts."""
+    by_subject: dict[str, list[Fact]] = {}
+    for f in facts:
+        by_subject.setdefault(f.subject, []).append(f)
+    documents: list[dict] = []
+    doc_rng = rng("documents")
+    for n, (subject, fs) in enumerate(by_subject.items()):
+        al = list(dict.fromkeys(a for f in fs for a in aliases.get(f.id, ())))
+        extra = [fill(ALIAS[r.lang], s=subject, o=a) for a in al]
         for j in range(phrasings):
-            rev = [s for f in fs for s in rev_sentence(f, j)]
-            # ordered documents: wording j of every fact, an alias as subject in turn
             name = al[(j - 1) % len(al)] if al and j > 0 else None
-            sents = [sentence(f, j, name) for f in fs] + rev + (extra if j == 0 else [])
-            documents.append({"id": f"s{n:05d}-p{j}", "text": join.join(sents)})
+            sentences = r.statements(fs, [0] * len(fs), j, name) + (extra if j == 0 else [])
+            documents.append({"id": f"s{n:05d}-p{j}", "text": r.text(sentences)})
         seen = {d["text"] for d in documents[-phrasings:]}
         for k in range(shuffled_docs):
             # a subject with one or two facts has few distinct orders: redraw (a few times) a
             # document that repeats an earlier one, and leave it out if every draw does (a
             # duplicate would only weigh that subject double)
             for _ in range(20):
-                offsets = [doc_rng.randrange(phrasings) for _ in fs]
-                sents = [sentence(f, o + k) for f, o in zip(fs, offsets)] + [s for f, o in zip(fs, offsets) for s in rev_sentence(f, o + k)]
-                doc_rng.shuffle(sents)
-                if join.join(sents) not in seen:
-                    seen.add(join.join(sents))
-                    documents.append({"id": f"s{n:05d}-x{k}", "text": join.join(sents)})
+                text = r.shuffled(r.statements(fs, r.offsets(fs, doc_rng), k), doc_rng)
+                if text not in seen:
+                    seen.add(text)
+                    documents.append({"id": f"s{n:05d}-x{k}", "text": text})
                     break
         own = [t for f in fs for t in user_train.get(f.id, [])]
         if own:
-            doc_rng.shuffle(own)
-            documents.append({"id": f"s{n:05d}-u", "text": join.join(own)})
+            documents.append({"id": f"s{n:05d}-u", "text": r.shuffled(own, doc_rng)})
+    return documents
 
-    qa_rows = []
-    if qa:
-        for f in facts:
-            if f.subject not in qa_held:
-                spec = specs[f.relation]
-                qa_rows.append({"question": fill(spec.question, s=f.subject, o=f.object),
-                                "answer": fill(train_t[f.relation][0] if answers == "sentence" else spec.answer,
-                                               s=f.subject, o=f.object), "fact": f.id})
 
-    # -- probes --------------------------------------------------------------------------------
-    objects_of: dict[tuple[str, str], set[str]] = {}
-    subjects_of: dict[tuple[str, str], set[str]] = {}
-    for f in facts:
-        objects_of.setdefault((f.subject, f.relation), set()).add(f.object)
-        subjects_of.setdefault((f.object, f.relation), set()).add(f.subject)
-    obj_pool = {rel: [f.object for f in facts if f.relation == rel] for rel in specs}
-    subj_pool = {rel: [f.subject for f in facts if f.relation == rel] for rel in specs}
+def _distractors(target: str, pool: Sequence[str], exclude: set[str], rng: random.Random,
+                 n: int = N_DISTRACTORS) -> list[str]:
+    """Up to ``n`` wrong answers from ``pool`` (same relation, same side), never in ``exclude``."""
+    cands = sorted({c for c in pool if c != target and c not in exclude})
+    rng.shuffle(cands)
+    return cands[:n]
+
+
+def _probes(r: Renderer, facts: Sequence[Fact], aliases: Mapping[str, Sequence[str]],
+            user_held: Mapping[str, list[str]], qa_held: set[str] | None,
+            rng: Callable[[str], random.Random]) -> tuple[list[dict], list[dict]]:
+    """(probes, selection probes): recall in training wording 0; paraphrase in held-out
+    wording 1 and the first held-out user text (wordings 2.. go to the selection probes);
+    reverse; qa for the subjects in ``qa_held`` (None: no qa probes). Wrong answers are
+    other objects (subjects) of the same relation that are not right answers too."""
+    index = FactIndex(facts)
+    obj_pool = {rel: [f.object for f in facts if f.relation == rel] for rel in r.plan}
+    subj_pool = {rel: [f.subject for f in facts if f.relation == rel] for rel in r.plan}
     all_aliases = {a for v in aliases.values() for a in v}
     prng = rng("probes")
 
-    def probe(pid: str, f: Fact, kind: str, prompt: str, target: str, d: list[str]) -> dict:
-        return {"id": pid, "fact": f.id, "kind": kind, "prompt": prompt, "target": target, "distractors": d}
+    def paraphrases(f: Fact) -> list[tuple[str, str, bool]]:
+        return ([("para" + (str(m) if m > 1 else ""), prefix(t, "o", s=f.subject), m > 1)
+                 for m, t in enumerate(r.plan[f.relation].heldout, 1)]
+                + [(f"upara{m}", text[: text.find(f.object)].rstrip(), m > 1)
+                   for m, text in enumerate(user_held.get(f.id, []), 1)])
 
-    probes: list[dict] = []
-    select: list[dict] = []
-    for f in facts:
-        d = _distractors(f.object, obj_pool[f.relation], objects_of[(f.subject, f.relation)], prng)
-        probes.append(probe(f"{f.id}-recall", f, "recall", prefix(train_t[f.relation][0], "o", s=f.subject), f.object, d))
-        for m, t in enumerate(held_t[f.relation], 1):
-            (probes if m == 1 else select).append(
-                probe(f"{f.id}-para" + (str(m) if m > 1 else ""), f, "paraphrase", prefix(t, "o", s=f.subject), f.object, list(d)))
-        for m, text in enumerate(user_held.get(f.id, []), 1):
-            (probes if m == 1 else select).append(
-                probe(f"{f.id}-upara{m}", f, "paraphrase", text[: text.find(f.object)].rstrip(), f.object, list(d)))
-        if f.relation in reversed_rel:
-            rd = _distractors(f.subject, subj_pool[f.relation], subjects_of[(f.object, f.relation)] | all_aliases, prng)
-            probes.append(probe(f"{f.id}-rev", f, "reverse", prefix(specs[f.relation].reverse_probe, "s", o=f.object), f.subject, rd))
-        if qa and f.subject in qa_held:
-            probes.append(probe(f"{f.id}-qa", f, "qa", fill(specs[f.relation].question, s=f.subject, o=f.object), f.object, list(d)))
-    order = ("recall", "paraphrase", "reverse", "qa")
-    probes = sorted(probes, key=lambda p: order.index(p["kind"]))  # stable: fact order within a kind
+    return r.probes(
+        facts, {f.id: r.plan[f.relation].doc[0] for f in facts},  # document p0 states every fact in wording 0
+        forward=lambda f: _distractors(f.object, obj_pool[f.relation], index.objects_of(f.subject, f.relation), prng),
+        backward=lambda f: _distractors(f.subject, subj_pool[f.relation],
+                                        index.subjects_of(f.object, f.relation) | all_aliases, prng),
+        paraphrases=paraphrases, qa=lambda f: qa_held is not None and f.subject in qa_held)
 
-    # -- the invariant: no probe's wording is training text -------------------------------------
-    # find_leakage is the check `factlab data check` runs; here with a shorter minimum so that
-    # short prompts are searched too, and a leaking probe is dropped (and counted), not written.
+
+def _without_leaks(documents: list[dict], qa_rows: list[dict], probes: list[dict],
+                   select: list[dict]) -> tuple[list[dict], list[dict], list[str]]:
+    """The invariant: no probe's wording is training text. find_leakage is the check `factlab
+    data check` runs; here with a shorter minimum so that short prompts are searched too, and a
+    leaking probe is dropped (and its id returned), not written."""
     train_texts = [d["text"] for d in documents] + [f"{q['question']}\n{q['answer']}" for q in qa_rows]
-    leaks = find_leakage(train_texts, probes + select, min_chars=8)
-    dropped = sorted({leak["probe"] for leak in leaks})
-    probes = [p for p in probes if p["id"] not in dropped]
-    select = [p for p in select if p["id"] not in dropped]
-    probes += locality_probes(lang)
+    dropped = sorted({leak["probe"] for leak in find_leakage(train_texts, probes + select, min_chars=8)})
+    return [p for p in probes if p["id"] not in dropped], [p for p in select if p["id"] not in dropped], dropped
 
+
+# -- the whole: read -> plan -> render (written by write_augmented) --------------------------------
+
+
+def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = True, shuffled_docs: int = 2,
+                  qa: bool = True, heldout_phrasings: int = 1, seed: int = 0, lang: str = "en",
+                  relations: Mapping[str, RelationTemplates] | None = None, generic: bool = False,
+                  aliases: Mapping[str, Sequence[str]] | None = None,
+                  paraphrases: Mapping[str, Sequence[str]] | None = None, qa_heldout: float = 0.5,
+                  answers: str = "sentence") -> Augmented:
+    """Training documents, Q&A and probes from facts (see the section comment above).
+
+    Per relation, the wordings (the relation's doc and held-out templates) are split by the
+    seed into ``heldout_phrasings`` held-out ones (probes only) and ``phrasings`` training ones
+    (too few: an error naming the relation). Per subject: ``phrasings`` documents, document j
+    stating each fact in training wording j, plus up to ``shuffled_docs`` documents with mixed
+    wordings in shuffled sentence order (fewer when a small subject has no new order left);
+    with ``reverse``, every fact of a relation that is one-to-one in the table and has a
+    held-out reverse wording is also stated object-first in each of them and asked as a
+    ``reverse`` probe (target: the subject). ``paraphrases``: the
+    user's own texts per fact id, split by the seed: ``heldout_phrasings`` per fact (at most all
+    but one) become paraphrase probes, the rest training documents. Q&A: facts with split
+    ``train``; when no fact is marked ``heldout``, a ``qa_heldout`` share of subjects is held
+    out by the seed and asked as ``qa`` probes instead. ``answers``: ``sentence`` (the answer
+    states the fact in the relation's first training wording, "Nalur lies in the province of
+    Drogokir.") or ``short`` (the relation's answer template, by default "{o}."); see the
+    README's recipe section for why sentence is the default. Deterministic per seed.
+
+    The phases: :func:`checked_facts` (read / validate), :func:`plan_wordings`, then rendering
+    through ``factlab.data.render`` and the leakage filter.
+    """
+    _check_options(phrasings, heldout_phrasings, shuffled_docs, answers, qa_heldout, lang)
+    facts = checked_facts(facts)
+    aliases, paraphrases = dict(aliases or {}), dict(paraphrases or {})
+    rng = _streams(seed)
+
+    plan = plan_wordings(facts, lang, dict(relations or {}), generic, phrasings, heldout_phrasings, reverse, answers,
+                         rng)
+    user_train, user_held = _split_user_paraphrases(paraphrases, heldout_phrasings, rng)
+    qa_held = _qa_heldout_subjects(facts, qa, qa_heldout, rng)
+
+    r = Renderer(plan.relations, lang)
+    documents = _documents(r, facts, aliases, user_train, phrasings, shuffled_docs, rng)
+    qa_rows = r.qa(facts, lambda f: f.subject not in qa_held) if qa else []
+    probes, select = _probes(r, facts, aliases, user_held, qa_held if qa else None, rng)
+    probes, select, dropped = _without_leaks(documents, qa_rows, probes, select)
+    probes = in_kind_order(probes + locality_probes(lang))
+
+    subjects = dict.fromkeys(f.subject for f in facts)
     manifest = {
         "seed": seed, "lang": lang,
         "options": {"phrasings": phrasings, "heldout_phrasings": heldout_phrasings, "shuffled_docs": shuffled_docs,
@@ -571,14 +548,14 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
                    "probes": dict(sorted(Counter(p["kind"] for p in probes).items())), "select_probes": len(select),
                    "user_paraphrases": {"train": sum(map(len, user_train.values())), "heldout": sum(map(len, user_held.values()))}},
         "heldout": {
-            "templates": {rel: held_t[rel] for rel in sorted(held_t)},
-            "training_templates": {rel: train_t[rel] for rel in sorted(train_t)},
+            "templates": {rel: list(plan.relations[rel].heldout) for rel in sorted(plan.relations)},
+            "training_templates": {rel: list(plan.relations[rel].doc) for rel in sorted(plan.relations)},
             "qa_subjects": sorted(qa_held),
             "user_paraphrases": {fid: v for fid, v in sorted(user_held.items()) if v},
         },
-        "reversed_relations": reversed_rel,
-        "not_reversed": dict(sorted(not_reversed.items())),
-        "generic_relations": generic_rel,
+        "reversed_relations": plan.reversed,
+        "not_reversed": dict(sorted(plan.not_reversed.items())),
+        "generic_relations": plan.generic,
         "dropped_probes": dropped,
         "notes": [
             "paraphrase probes use held-out wordings (templates or your paraphrases) that no training text contains.",
@@ -586,53 +563,27 @@ def augment_facts(facts: Sequence[Fact], phrasings: int = 3, reverse: bool = Tru
             "documents state those facts object-first too.",
             "qa probes ask about the subjects in heldout.qa_subjects, which qa.jsonl leaves out.",
             "locality probes are well-known real facts the base model should keep.",
-        ] + ([f"relations on generic templates (\"The <relation> of <subject> is <object>.\"): {', '.join(generic_rel)}; "
-              "give better wordings in a relations file"] if generic_rel else [])
+        ] + ([f"relations on generic templates (\"The <relation> of <subject> is <object>.\"): {', '.join(plan.generic)}; "
+              "give better wordings in a relations file"] if plan.generic else [])
           + ([f"{len(dropped)} probes were dropped because their text is in the training data"] if dropped else []),
     }
     return Augmented(documents, qa_rows, probes, select, manifest)
 
 
-def _jsonl_text(rows: Iterable[Mapping]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+# -- phase 4: write --------------------------------------------------------------------------------
 
 
 def write_augmented(aug: Augmented, out: str | Path, overwrite: bool = False) -> dict[str, Path]:
     """Write ``docs/`` (one .txt per document, or ``docs/corpus.jsonl`` for many), ``qa.jsonl``,
     ``probes.jsonl``, ``select-probes.jsonl`` (when there are selection probes) and
-    ``manifest.json`` into ``out``, atomically: everything goes to a temporary sibling folder
-    that is renamed to ``out`` once complete. A non-empty ``out`` is refused unless ``overwrite``."""
+    ``manifest.json`` into ``out``, atomically (``factlab.data.writer``). A non-empty ``out``
+    is refused unless ``overwrite``; then factlab's own files are replaced and others kept."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FactlabError(f"{out} exists and is not a folder; choose another output folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FactlabError(f"output folder {out} is not empty; choose a new folder or pass --force to overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        docs = tmp / "docs"
-        docs.mkdir()
-        if len(aug.documents) <= DOCS_AS_FILES_MAX:
-            for d in aug.documents:
-                (docs / f"{d['id']}.txt").write_bytes((d["text"] + "\n").encode("utf-8"))
-        else:
-            (docs / "corpus.jsonl").write_bytes(_jsonl_text(aug.documents).encode("utf-8"))
-        names = {"qa": "qa.jsonl", "probes": "probes.jsonl"}
-        (tmp / "qa.jsonl").write_bytes(_jsonl_text(aug.qa).encode("utf-8"))
-        (tmp / "probes.jsonl").write_bytes(_jsonl_text(aug.probes).encode("utf-8"))
-        if aug.select_probes:
-            names["select_probes"] = "select-probes.jsonl"
-            (tmp / "select-probes.jsonl").write_bytes(_jsonl_text(aug.select_probes).encode("utf-8"))
-        manifest = {**aug.manifest, "files": {"docs": "docs/", **names}}
-        (tmp / "manifest.json").write_bytes((json.dumps(manifest, ensure_ascii=False, sort_keys=True, indent=2) + "\n").encode("utf-8"))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {"docs": out / "docs", **{k: out / v for k, v in names.items()}, "manifest": out / "manifest.json"}
+    names = {"qa": "qa.jsonl", "probes": "probes.jsonl"}
+    files = {"qa.jsonl": jsonl_text(aug.qa), "probes.jsonl": jsonl_text(aug.probes)}
+    if aug.select_probes:
+        names["select_probes"] = "select-probes.jsonl"
+        files["select-probes.jsonl"] = jsonl_text(aug.select_probes)
+    files["manifest.json"] = json_text({**aug.manifest, "files": {"docs": "docs/", **names}})
+    docs = write_data_folder(out, aug.documents, files, overwrite=overwrite)
+    return {"docs": docs, **{k: out / v for k, v in names.items()}, "manifest": out / "manifest.json"}

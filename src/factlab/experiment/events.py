@@ -50,11 +50,16 @@ class RunEvents:
     def stage_trained(self, name: str, res: StageResult) -> None:
         where = "" if res.device == "cpu" and res.processes == 1 else \
             f" on {res.device}" + (f" x {res.processes} processes" if res.processes > 1 else "")
-        self.console.print(
-            f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
-            f"{res.tokens_per_second:,.0f} tok/s{f' ({res.precision})' if res.precision != 'fp32' else ''}{where}, "
-            f"{res.seconds:.0f} s"
-        )
+        if res.edit is not None:
+            self.console.print(f"stage {name}: {res.method} edit of {res.edit['facts']} facts, target NLL "
+                               f"{res.first_loss:.3f} → {res.final_loss:.3f}, {res.edit['seconds_per_fact']:.1f} s per fact, "
+                               f"{res.seconds:.0f} s{where}")
+        else:
+            self.console.print(
+                f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
+                f"{res.tokens_per_second:,.0f} tok/s{f' ({res.precision})' if res.precision != 'fp32' else ''}{where}, "
+                f"{res.seconds:.0f} s"
+            )
 
     def stage_done(self, folder: RunFolder, stage: StageRecord) -> None:
         if self.on_stage is not None:

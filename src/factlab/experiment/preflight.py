@@ -81,6 +81,10 @@ def preflight(exp: Experiment, shapes: ModelShape | None = None) -> None:
     for i, st in enumerate(exp.stages):
         try:
             resolve_targets(model, list(st.peft.targets), st.peft.layers)
+            if st.kind == "edit":
+                from factlab.train.edit import edit_target
+
+                edit_target(model, st.edit)  # architecture and edit.layers
         except FactlabError as e:
             raise FactlabError(f"stages.{i}: {e}") from None
     if any(st.kind == "sft" for st in exp.stages):

@@ -92,10 +92,16 @@ def _general_replay(exp: Experiment, raw_data: list, model, tokenizer, console: 
 
     uses = [i for i, st in enumerate(exp.stages)
             if (st.data.replay and st.data.replay.ratio > 0 and "general" in st.data.replay.source)
-            or (st.train.anchor and "general" in st.train.anchor.source)]
+            or (st.train.anchor and "general" in st.train.anchor.source)
+            or (st.edit is not None and "general" in st.edit.cov_source)]
     if not uses or uses_builtin_replay(exp.model):
         return raw_data
-    general = replay_documents_for(exp.model, model, tokenizer, console=console)
+    from factlab.data.replay import DEFAULT_REPLAY_TOKENS
+
+    # an edit's key covariance asks for edit.cov_tokens of it
+    want = max([DEFAULT_REPLAY_TOKENS] + [st.edit.cov_tokens for st in exp.stages
+                                          if st.edit is not None and "general" in st.edit.cov_source])
+    general = replay_documents_for(exp.model, model, tokenizer, n_tokens=want, console=console)
     raw_data = list(raw_data)
     for i in uses:
         st = exp.stages[i]
@@ -201,6 +207,11 @@ def _preflight(exp: Experiment, options: RunOptions, console: Console, device) -
     from factlab.experiment.preflight import check_probe_lengths
 
     check_probe_lengths(probes, tokenizer, model)
+    for st in exp.stages:
+        if st.kind == "edit":  # an architecture edit cannot write into fails here, before any sampling
+            from factlab.train.edit import edit_target
+
+            edit_target(model, st.edit)
     raw_data = _general_replay(exp, raw_data, model, tokenizer, console)
     stage_examples = []
     for st, raw in zip(exp.stages, raw_data):

@@ -131,6 +131,7 @@ def flatten_metrics(results: RunResults | dict) -> list[tuple]:
                        "artifact_bytes", "peak_rss_mb", "train_peak_rss_mb", "steps", "l2_to_base_final",
                        "update_norm_capped_steps"):
             add(st.name, "train", metric, st.get(metric))
+        add(st.name, "train", "seconds_per_fact", (st.get("edit") or {}).get("seconds_per_fact"))  # kind: edit
         if "merged" in st.metrics:  # prompt methods are evaluated as base + adapter: 0 here
             add(st.name, "train", "merged", float(st.merged))
     return rows

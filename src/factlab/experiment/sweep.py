@@ -62,6 +62,10 @@ def point_label(exp: Experiment, overrides: dict) -> str:
         short = bits[-1]
         if bits[0] == "stages" and len(bits) > 2 and bits[1].isdigit() and int(bits[1]) < len(names):
             short = f"{names[int(bits[1])]}.{bits[-1]}"
+        if len(bits) == 2 and bits[0] == "stages" and bits[1].isdigit() and isinstance(value, dict):
+            # a whole stage swapped in (e.g. edit vs distill): named by the stage it replaces and its kind
+            short = names[int(bits[1])] if int(bits[1]) < len(names) else key
+            value = value.get("kind", "?")
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
         parts.append(f"{short}={text}")
     return " ".join(parts) or "default"

@@ -51,7 +51,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from factlab.config import Experiment, TuneParam, apply_override, experiment_from_dict
@@ -198,12 +197,14 @@ def trial_experiment(exp: Experiment, values: dict[str, Any]) -> Experiment:
     raw.pop("sweep", None)
     raw.pop("tune", None)
     for key, value in values.items():
-        apply_override(raw, key.split("."), value)
+        # the keys come from tune.space (and tune.enqueue), not from a --set: say so when one is wrong
+        apply_override(raw, key.split("."), value, what="tune.space")
     raw["eval"]["probes"] = list(exp.tune.select_probes) + list(exp.eval.probes)
+    shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
     try:
-        return experiment_from_dict(raw, source=f"tune trial {values}", base=exp._base)
+        return experiment_from_dict(raw, source=f"the tune: block ({shown})" if values else "the tune: block", base=exp._base)
     except FactlabError as e:
-        raise FactlabError(f"{e} (check the tune: block)") from None
+        raise FactlabError(f"{e}; fix tune.space or tune.enqueue") from None
 
 
 def _label(exp: Experiment, number: int, values: dict) -> str:
@@ -254,16 +255,6 @@ def check_tune(exp: Experiment) -> tuple[set[str], set[str]]:
     for point in t.enqueue:
         trial_experiment(exp, point)
     return sel_ids, rep_ids
-
-
-def _preflight_data_and_model(exp: Experiment, console: Console) -> None:
-    """Everything a run checks before its first write (data files, probes, the model, layer
-    groups, chat template, probe lengths: experiment.preflight), on the experiment as written,
-    before the study's storage is created, so that bad input leaves nothing behind (each
-    trial's runner checks its own settings again)."""
-    from factlab.experiment.preflight import ModelShape, preflight
-
-    preflight(trial_experiment(exp, {}), ModelShape(console))
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,10 +391,10 @@ def run_tune(exp: Experiment, store: RunStore, events: TuneEvents | None = None,
     events = events or TuneEvents()
     console = events.console
     t = exp.tune
-    if storage is not None:
-        check_storage_url(storage)
-    sel_ids, rep_ids = check_tune(exp)
-    _preflight_data_and_model(exp, console)
+    from factlab.experiment.tune_guard import preflight_tune
+
+    # before the study's storage, the run store or any run folder exists (see tune_guard)
+    sel_ids, rep_ids = preflight_tune(exp, store, storage, study_name, console)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     name = study_name or exp.name
     directions = [o.direction for o in t.objectives]
@@ -470,7 +461,7 @@ def run_tune(exp: Experiment, store: RunStore, events: TuneEvents | None = None,
     objective = TrialObjective(
         exp, store, name, events, run_experiment, sel_ids=sel_ids, rep_ids=rep_ids,
         prune_ids=set(select_order[: t.prune_probes]) if t.prune_probes else sel_ids,
-        prune_metric=prune_metric, pstudy=pstudy)
+        prune_metric=prune_metric, pstudy=pstudy, optuna_study=study)
 
     if remaining == 0:
         events.budget_taken(name, finished, running, t.trials)
@@ -492,10 +483,13 @@ class TrialObjective:
     stored as user attributes)."""
 
     def __init__(self, exp: Experiment, store: RunStore, study: str, events: RunEvents, run: Callable[..., Path], *,
-                 sel_ids: set[str], rep_ids: set[str], prune_ids: set[str], prune_metric: str, pstudy=None):
+                 sel_ids: set[str], rep_ids: set[str], prune_ids: set[str], prune_metric: str, pstudy=None,
+                 optuna_study=None):
         self.exp, self.store, self.study, self.events, self.run = exp, store, study, events, run
         self.sel_ids, self.rep_ids, self.prune_ids = sel_ids, rep_ids, prune_ids
         self.prune_metric, self.pstudy = prune_metric, pstudy
+        self.optuna_study = optuna_study
+        """The study the trials belong to (an interrupted trial is queued again there)."""
         self.root = Path(exp.output_dir) / study
         self.cache = SweepCache()  # the untrained model's evaluation is shared by every trial
 
@@ -536,9 +530,13 @@ class TrialObjective:
             pstudy.tell(shadow, state=TrialState.PRUNED)
             self.events.trial_pruned(trial.number, str(e))
             raise
-        except BaseException:
+        except BaseException as e:
             if shadow is not None:
                 pstudy.tell(shadow, state=TrialState.FAIL)
+            if isinstance(e, KeyboardInterrupt):
+                from factlab.experiment.tune_guard import discard_interrupted_trial
+
+                discard_interrupted_trial(self.optuna_study, trial, run_dir, store)
             raise
         return self.finish(trial, shadow, texp, run_dir)
 

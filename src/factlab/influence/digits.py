@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factlab.errors import FactlabError
 
@@ -44,10 +44,14 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
-class NoiseLevel(BaseModel):
+class _Strict(BaseModel):
+    # as the experiment schema (config._Strict): no unknown keys, `true` is not a number, no inf/nan
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class NoiseLevel(_Strict):
     """One noise condition of the training rows (columns are always the clean samples)."""
 
-    model_config = ConfigDict(extra="forbid")
     pixel: float = Field(0.0, ge=0.0)
     """Std of Gaussian noise added to the pixels (pixels scaled to [0, 1]; clipped back)."""
     label: float = Field(0.0, ge=0.0, le=1.0)
@@ -59,10 +63,9 @@ class NoiseLevel(BaseModel):
             "+".join(p for p in (f"pixel{self.pixel:g}" if self.pixel else "", f"label{self.label:g}" if self.label else "") if p)
 
 
-class DigitsSpec(BaseModel):
+class DigitsSpec(_Strict):
     """The digits experiment (``influence: {task: digits, digits: {...}}``)."""
 
-    model_config = ConfigDict(extra="forbid")
     pretrain_classes: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     """Digits the CNN is pretrained on (its head always has 10 outputs)."""
     classes: list[int] = Field(default_factory=lambda: list(range(10)), min_length=2)
@@ -84,7 +87,8 @@ class DigitsSpec(BaseModel):
     """Fine-tune learning rate: small enough that one step changes a column loss by a few nats at most."""
     optimizer: Literal["sgd", "adam"] = "sgd"
     """Fine-tune optimizer: plain SGD (as in the NTK picture) or Adam; fresh for every row."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)
+    """Seeds the held-out split, the pretraining and the noise (numpy takes 0 to 2**32 - 1)."""
 
     @model_validator(mode="after")
     def _check(self) -> "DigitsSpec":
@@ -381,9 +385,52 @@ def _print(result: dict, console: Console) -> None:
     console.print(t)
 
 
-def digits_block(experiment: Path) -> dict | None:
-    """The yaml's `influence:` block when it asks for the digits task (`task: digits`), else
-    None (an LLM influence study); FactlabError for a missing or unreadable file."""
+class DigitsTask(_Strict):
+    """The `influence:` block of a digits experiment: the task and its settings, nothing else
+    (the LLM study's keys, e.g. `lr`, do not apply here)."""
+
+    task: Literal["digits"]
+    digits: DigitsSpec
+
+
+class DigitsExperiment(_Strict):
+    """A whole digits experiment file: everything the task reads, and nothing it would ignore."""
+
+    name: str | None = None
+    """Names the output folder <output_dir>/<name>-digits (default: the file's name)."""
+    output_dir: str | None = None
+    """Parent of the output folder, relative to the file (default: runs/ in the current folder;
+    `factlab influence -o DIR` overrides it)."""
+    influence: DigitsTask
+
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, v: str | None) -> str | None:
+        from factlab.config import check_run_name
+
+        return None if v is None else check_run_name(v)
+
+
+def _schema_error(e: ValidationError, experiment: Path) -> FactlabError:
+    from factlab.config import format_validation_error
+
+    first = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
+    loc = [str(x) for x in first["loc"]]
+    if first["type"] == "extra_forbidden" and len(loc) <= 2 and loc[:1] != ["digits"]:
+        from factlab.config import non_ascii_letter
+
+        odd = non_ascii_letter(loc[-1])
+        hint = f"it holds {odd}; retype it" if odd else "remove it, or put the CNN's settings under influence.digits"
+        return FactlabError(f"config error in {experiment}: {'.'.join(loc)}: unknown key for the digits task (it reads "
+                            f"name, output_dir, influence.task and influence.digits); {hint}")
+    return FactlabError(format_validation_error(e, str(experiment)))
+
+
+def digits_block(experiment: Path) -> DigitsExperiment | None:
+    """The experiment file validated as a digits experiment when its `influence:` block asks
+    for the digits task (`task: digits`), else None (an LLM influence study, validated as an
+    Experiment); FactlabError for a missing or unreadable file, or any key or value the
+    digits schema does not accept."""
     import yaml
 
     from factlab.config import load_yaml
@@ -394,26 +441,37 @@ def digits_block(experiment: Path) -> dict | None:
     except yaml.YAMLError as e:
         raise FactlabError(f"{experiment} is not valid YAML: {str(e).splitlines()[0]}") from None
     infl = doc.get("influence") if isinstance(doc, dict) else None
-    if not isinstance(infl, dict) or infl.get("task") != "digits":
+    if not isinstance(infl, dict) or "task" not in infl:
         return None
+    if infl["task"] != "digits":
+        raise FactlabError(f"{experiment}: influence.task {infl['task']!r} is not a task; write `task: digits` for the "
+                           "small-CNN experiment, or leave task out for an LLM influence study")
     if "digits" not in infl:
         raise FactlabError(f"{experiment}: influence.task is digits but there is no influence.digits block; "
                            "add `digits: {}` for the defaults")
-    return {"name": doc.get("name", experiment.stem), "digits": infl["digits"]}
+    if infl["digits"] is None:
+        infl["digits"] = {}
+    try:
+        return DigitsExperiment.model_validate(doc)
+    except ValidationError as e:
+        raise _schema_error(e, experiment) from None
 
 
 def run_digits_file(experiment: Path, out: Path | None, console, parent: Path | None = None) -> Path:
     """Run the digits block of an experiment file into `out`, or into <parent>/<name>-digits
-    (parent: runs/ by default, as `factlab influence -o PARENT` gives it)."""
-    block = digits_block(experiment)
-    if block is None:
+    (parent: `factlab influence -o PARENT`, else the file's output_dir, else runs/)."""
+    exp = digits_block(experiment)
+    if exp is None:
         raise FactlabError(f"{experiment} has no influence block with task: digits; add "
                            "`influence: {task: digits, digits: {}}`")
-    spec = load_spec(block["digits"])
-    out = out or Path(parent or "runs") / f"{block['name']}-digits"
+    if parent is None and exp.output_dir is not None:
+        parent = Path(experiment).parent / Path(exp.output_dir).expanduser()  # relative to the file, like every path in it
+    out = out or Path(parent or "runs") / f"{exp.name or Path(experiment).stem}-digits"
+    if out.exists() and not out.is_dir():
+        raise FactlabError(f"{out} is a file; the digits result is a folder: move the file or give another output folder")
     if (out / "digits.json").exists():
         raise FactlabError(f"{out} already holds a digits result; pass another output folder or remove it")
-    run_digits(spec, out, console)
+    run_digits(exp.influence.digits, out, console)
     console.print(f"wrote {out}/digits.json, digits-eif.npz, digits-eif.png")
     return out
 

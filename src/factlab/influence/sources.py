@@ -21,6 +21,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factlab.config import InfluenceSamples
 from factlab.data.io import iter_jsonl
@@ -121,12 +124,61 @@ def probe_columns(paths: list[str]) -> list[Sample]:
 
 
 def _statement(relation: str, lang: str, s: str, o: str, pid: str, fact: str, **meta) -> Sample:
-    from factlab.data.synth import prefix, relation_templates
+    from factlab.data.templates import prefix, relation_templates
     from factlab.evaluate.probes import Probe
 
     template = relation_templates(relation, lang).doc[0]
     probe = Probe(id=pid, kind="recall", prompt=prefix(template, "o", s=s).rstrip(), target=o, fact=fact)
     return probe_sample(probe, {"structure": True, **meta})
+
+
+class WorldSummary(BaseModel):
+    """What the influence study reads from a synth world's ``world.json`` (data/synth.py writes
+    more: counts and notes, which are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    kind: Literal["world", "chain", "containment"] = "world"
+    lang: str = "en"
+
+
+class WorldFact(BaseModel):
+    """One line of a synth world's ``facts.jsonl`` (data.synth.Fact), as the structure columns read it."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str = Field(min_length=1)
+    subject: str = Field(min_length=1)
+    relation: str = Field(min_length=1)
+    object: str = Field(min_length=1)
+
+
+def _read_world(root: Path) -> tuple[WorldSummary, list[WorldFact]]:
+    """world.json and facts.jsonl of a synth world, each checked against its schema: a file
+    that is not JSON, a summary of an unknown kind, no facts, or a fact without its subject is
+    one FactlabError naming the file (before any model is loaded)."""
+    from factlab.config import format_validation_error
+    from factlab.data.io import read_text
+
+    path = root / "world.json"
+    again = f"write the world again with `factlab data synth -o {root}`"
+    try:
+        raw = json.loads(read_text(path, "world summary"))
+    except json.JSONDecodeError as e:
+        raise FactlabError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); {again}") from None
+    if not isinstance(raw, dict):
+        raise FactlabError(f"{path} must be a JSON object (kind, lang, counts), got {type(raw).__name__}; {again}")
+    try:
+        summary = WorldSummary.model_validate(raw)
+    except ValidationError as e:
+        raise FactlabError(f"{format_validation_error(e, str(path))}; {again}") from None
+    facts, facts_path = [], root / "facts.jsonl"
+    for lineno, obj in iter_jsonl(facts_path, "world facts file"):
+        try:
+            facts.append(WorldFact.model_validate(obj))
+        except ValidationError as e:
+            raise FactlabError(f"{format_validation_error(e, f'{facts_path}:{lineno}')}; {again}") from None
+    if not facts:
+        raise FactlabError(f"{facts_path} has no facts; {again}")
+    return summary, facts
 
 
 def _world(folder: str, kinds: list[str]) -> SampleSet:
@@ -136,9 +188,9 @@ def _world(folder: str, kinds: list[str]) -> SampleSet:
     summary_path = root / "world.json"
     if not summary_path.is_file():
         raise FactlabError(f"{root} is not a synth world (no world.json); write one with `factlab data synth -o {root}`")
-    summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    kind, lang = summary.get("kind", "world"), summary.get("lang", "en")
-    facts = [obj for _, obj in iter_jsonl(root / "facts.jsonl", "world facts file")]
+    summary, facts = _read_world(root)
+    kind, lang = summary.kind, summary.lang
+    facts = [f.model_dump() for f in facts]
     by_id = {f["id"]: f for f in facts}
     samples = []
     for p in load_probes(root / "probes.jsonl"):
@@ -158,10 +210,10 @@ def _world(folder: str, kinds: list[str]) -> SampleSet:
                 structure.append(_statement("causes", lang, nodes[v], nodes[u], f"chain:{v}>{u}", None,
                                             direction="backward", path=path, u=u, v=v))
     elif kind == "containment":
-        from factlab.data.synth import relation_templates
+        from factlab.data.templates import relation_templates
 
         rev = relation_templates("is_in", lang).reverse_probe  # "{o} contains {s}."
-        from factlab.data.synth import prefix
+        from factlab.data.templates import prefix
         from factlab.evaluate.probes import Probe
 
         def contains(container: str, member: str, pid: str, fid: str, **meta) -> Sample:

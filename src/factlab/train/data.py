@@ -28,6 +28,8 @@ class StageInputs:
     """A distill stage's facts and Q&A (factlab.train.distill.DistillInputs)."""
     anchor_docs: list[str] = field(default_factory=list)
     """General text for train.anchor (factlab.train.anchor)."""
+    edit: object = None
+    """An edit stage's facts (factlab.train.edit.EditInputs); its covariance text is replay_docs."""
 
 
 def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
@@ -38,6 +40,14 @@ def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
     factlab.data.replay.replay_documents_for's text once the model is loaded).
     `substitute` rewrites every document (CPT text and replay) as it is read."""
     extra = None
+    if stage.kind == "edit":
+        from factlab.train.edit import load_edit_inputs
+
+        edit = load_edit_inputs(stage.edit)
+        cov_docs = _source_documents(stage.edit.cov_source, corpus, "edit.cov_source", general)
+        if substitute:
+            cov_docs = [swap(d, substitute)[0] for d in cov_docs]
+        return StageInputs(edit.facts, cov_docs, edit=edit)
     if stage.kind in ("cpt", "distill"):
         if not corpus:
             raise FactlabError(f"a {stage.kind} stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
@@ -103,6 +113,8 @@ class StageExamples(list):
     sources: int = 0
     anchor_blocks: torch.Tensor | None = None
     """(n, train.anchor.seq_len) token ids of the anchor's general text, when the stage has one."""
+    general_docs: list[str] | None = None
+    """An edit stage's covariance text (edit.cov_source)."""
 
 
 def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: int = 0) -> StageExamples:
@@ -110,6 +122,13 @@ def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: i
     with replay blocks appended (the Trainer shuffles). A distill stage's are its distillation
     items (factlab.train.distill.distill_items), which prepare_stage completes with the
     teacher's targets once the stage's starting model is at hand."""
+    if stage.kind == "edit":
+        from factlab.train.edit import edit_requests
+
+        examples = StageExamples(edit_requests(stage.edit, data.edit))
+        examples.sources = len(data.main)
+        examples.general_docs = data.replay_docs  # the key covariance's text
+        return examples
     if stage.kind == "distill":
         from factlab.train.distill import distill_items
 

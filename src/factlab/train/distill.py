@@ -91,7 +91,8 @@ class DistillInputs:
 def load_distill_inputs(spec: DistillSpec, qa: str | None) -> DistillInputs:
     """Read distill.facts (fact table or synth world), distill.relations and the Q&A file;
     the one-line errors of a misconfigured distill stage are raised here."""
-    from factlab.data.augment import load_facts_input, load_relations_file
+    from factlab.data.augment import load_facts_input
+    from factlab.data.templates import load_relations_file
     from factlab.data.sft import load_conversations
 
     out = DistillInputs()
@@ -178,8 +179,8 @@ def _question_items(tokenizer, spec: DistillSpec, inputs: DistillInputs, docs, c
                     cache: TokenCache) -> list[dict]:
     """Forward and reverse cloze questions from the facts (training wordings only) and chat
     questions from the Q&A conversations."""
-    from factlab.data.augment import relation_wordings  # the registry / user / generic wordings augment uses
-    from factlab.data.synth import invertible_relations, prefix
+    from factlab.data.render import invertible_relations
+    from factlab.data.templates import prefix, relation_wordings  # the registry / user / generic wordings augment uses
 
     corpus = "\n".join(docs)
     known = spec.answers == "known"

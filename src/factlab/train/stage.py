@@ -135,6 +135,12 @@ class StageResult:
     """The device type it trained on (cpu, cuda, mps)."""
     processes: int = 1
     """Data-parallel processes that trained it (accelerate launch); batch_size is their total."""
+    edit: dict | None = None
+    """A `kind: edit` stage's record (factlab.train.edit): method, layers, modules, facts, the
+    covariance's tokens and cache use, per batch the value optimisation and update norms,
+    seconds_per_fact. For an edit, first/final_loss are the objects' mean NLL per token after
+    the edit prompts before / after the edit, steps the batches, trainable_params the edited
+    weights."""
 
 
 @dataclass
@@ -200,6 +206,10 @@ def train_stage(
     `out_dir` is written through a `.partial` sibling and renamed at the end, so a stage that
     fails leaves no half-written folder and earlier stages' folders untouched.
     """
+    if stage.kind == "edit":  # no training: a closed-form change of the weights (factlab.train.edit)
+        from factlab.train.edit import edit_stage
+
+        return edit_stage(model, tokenizer, stage, name, out_dir, examples, seed, console or Console(stderr=True))
     prepared = prepare_stage(model, tokenizer, stage, name, out_dir, examples, seed, console or Console(stderr=True))
     measured = fit(prepared)
     return save_stage(prepared, measured, tokenizer)
