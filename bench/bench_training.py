@@ -153,7 +153,8 @@ def worker(mode: str, a: argparse.Namespace) -> dict:
 
         from factlab.config import load_experiment
         from factlab.experiment.runner import _stage_inputs
-        from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
+        from factlab.train.data import build_stage_examples, load_stage_data
+        from factlab.train.stage import train_stage
 
         exp = load_experiment(ROOT / "examples/demo.yaml")
         st = exp.stages[0]

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from factlab.testing import tiny_model
 from factlab.train import bf16_probe as probe
-from factlab.train.stage import cpu_precision
+from factlab.train.precision import cpu_precision
 
 
 def fake_records(shapes, ratio: float) -> list[dict]:

@@ -117,7 +117,8 @@ def test_chat_answers_a_taught_fact(tmp_path):
     # Teach a tiny model one fact by SFT, then ask it in the chat: the tuned model says it, the
     # untrained one does not.
     from factlab.config import StageSpec
-    from factlab.train.stage import StageInputs, build_stage_examples, train_stage
+    from factlab.train.data import StageInputs, build_stage_examples
+    from factlab.train.stage import train_stage
 
     tok = tiny_tokenizer()
     base = tiny_model("llama", vocab_size=len(tok))

@@ -99,7 +99,7 @@ def test_load_conversations_formats_and_errors(tmp_path):
 
 def test_replay_ratio_and_determinism(tok):
     from factlab.config import StageSpec
-    from factlab.train.stage import StageInputs, build_stage_examples
+    from factlab.train.data import StageInputs, build_stage_examples
 
     convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(20)]
     docs = ["Marta Ilvane runs the press line. " * 3, "Jonas Perl leads the night shift. " * 3]
@@ -117,7 +117,7 @@ def test_replay_ratio_and_determinism(tok):
 def test_replay_source_corpus_needs_a_corpus(tmp_path):
     from factlab.config import StageSpec
     from factlab.errors import FactlabError
-    from factlab.train.stage import load_stage_data
+    from factlab.train.data import load_stage_data
 
     st = StageSpec.model_validate({"kind": "sft", "data": {"replay": {"source": "corpus", "ratio": 0.5}}})
     qa = tmp_path / "qa.jsonl"

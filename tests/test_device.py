@@ -13,7 +13,7 @@ from factlab.errors import FactlabError
 from factlab.models import device as dev
 from factlab.train import bf16_probe
 from factlab.train import stage as stage_mod
-from factlab.train.stage import stage_precision, use_bf16
+from factlab.train.precision import stage_precision, use_bf16
 
 
 @pytest.fixture()

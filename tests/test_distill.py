@@ -295,7 +295,7 @@ def test_config_defaults_and_paths(tmp_path):
 
 
 def test_missing_inputs_are_reported_before_any_model(tmp_path):
-    from factlab.train.stage import load_stage_data
+    from factlab.train.data import load_stage_data
 
     (tmp_path / "d.txt").write_text(DOCS[0])
     corpus = [str(tmp_path / "d.txt")]

@@ -39,7 +39,7 @@ def project(tmp_path: Path, tiny_dir: Path) -> Path:
 
 def test_two_processes_train_what_one_process_trains_and_only_rank_0_writes(tmp_path, tiny_dir):
     from factlab.config import load_experiment
-    from factlab.experiment.runner import run_experiment
+    from factlab.experiment.runner import RunOptions, run_experiment
     from factlab.experiment.store import RunStore
 
     exp_path = project(tmp_path, tiny_dir)
@@ -56,7 +56,7 @@ def test_two_processes_train_what_one_process_trains_and_only_rank_0_writes(tmp_
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    one = run_experiment(load_experiment(exp_path), run_dir=tmp_path / "one" / "run")
+    one = run_experiment(load_experiment(exp_path), RunOptions(run_dir=tmp_path / "one" / "run"))
 
     (two,) = [p for p in (tmp_path / "two").iterdir() if p.is_dir()]  # rank 1 made no folder of its own
     assert not list((tmp_path / "two").rglob("*.partial"))

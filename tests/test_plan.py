@@ -98,7 +98,7 @@ def test_documents_stage_flattens_and_keeps_each_document_apart():
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     from factlab.methods import method_info
-    from factlab.train.stage import stage_collator
+    from factlab.train.collators import stage_collator
 
     tok = tiny_tokenizer()
     model = tiny_model().eval()
@@ -128,7 +128,7 @@ def test_stages_that_must_pad_get_the_padding_collator():
 
     from factlab.config import StageSpec
     from factlab.methods import method_info
-    from factlab.train.stage import stage_collator
+    from factlab.train.collators import stage_collator
 
     tok, model = tiny_tokenizer(), tiny_model()
     padded = DataCollatorForSeq2Seq
@@ -143,7 +143,7 @@ def test_flattening_check_fails_for_a_model_that_attends_across_documents():
     """A model that ignores position ids (here: a wrapper dropping them) must not be flattened."""
     import torch
 
-    from factlab.train.stage import flattening_keeps_documents_apart
+    from factlab.train.collators import flattening_keeps_documents_apart
 
     model = tiny_model()
 
@@ -166,7 +166,7 @@ def test_documents_that_fill_the_rows_pad_instead_of_one_long_row():
     """The flattening collator pads a batch when one row of all its tokens would cost more
     attention than the padding saves (long documents), and flattens short mixed ones."""
     from factlab.methods import method_info
-    from factlab.train.stage import FlattenDocuments, stage_collator
+    from factlab.train.collators import FlattenDocuments, stage_collator
 
     tok = tiny_tokenizer()
     model = tiny_model().eval()

@@ -3,7 +3,7 @@
 from factlab.config import StageSpec
 from factlab.data.corpus import builtin_replay_documents
 from factlab.testing import tiny_tokenizer
-from factlab.train.stage import build_stage_examples, load_stage_data
+from factlab.train.data import build_stage_examples, load_stage_data
 
 
 def test_general_replay_text_ships_and_is_not_the_perplexity_text():

@@ -132,7 +132,7 @@ def test_a_run_of_another_model_replays_its_own_text(monkeypatch, tiny_dir, tmp_
     """The runner's `general` source for a model that is not SmolLM2: the model's sampled text."""
     from factlab.config import experiment_from_dict
     from factlab.experiment.runner import _general_replay, _stage_inputs
-    from factlab.train.stage import load_stage_data
+    from factlab.train.data import load_stage_data
 
     monkeypatch.setenv("FACTLAB_CACHE", str(tmp_path / "cache"))
     (tmp_path / "qa.jsonl").write_text('{"question": "Who runs the press line?", "answer": "Marta Ilvane."}\n')

@@ -40,13 +40,15 @@ def mark_stage(folder, stage) -> None:
 
 def test_two_workers_give_what_one_after_another_gives(tmp_path, tiny_dir, monkeypatch):
     from factlab.config import load_experiment
-    from factlab.experiment.sweep import run_sweep
+    from factlab.experiment.events import SweepEvents
+    from factlab.experiment.sweep import SweepOptions, run_sweep
 
     monkeypatch.setattr(sweep_mod, "available_cpus", lambda: 2)  # 2 processes of 1 thread, as this test runs
     exp_path = sweep_project(tmp_path, tiny_dir)
     done = []
-    par = run_sweep(load_experiment(exp_path, [f"output_dir={tmp_path / 'par'}"]), RunStore(tmp_path / "par.db"), workers=2,
-                    on_stage=mark_stage, on_done=lambda folder, results, run_id: done.append(folder.path))
+    par = run_sweep(load_experiment(exp_path, [f"output_dir={tmp_path / 'par'}"]), RunStore(tmp_path / "par.db"),
+                    SweepOptions(workers=2),
+                    SweepEvents(on_stage=mark_stage, on_done=lambda folder, results, run_id: done.append(folder.path)))
     # One after another with the workers' thread count: the thread count changes the order of
     # float sums, and the comparison below is exact.
     threads = torch.get_num_threads()

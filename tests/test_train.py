@@ -155,7 +155,8 @@ def test_heldout_split_and_early_stopping(tmp_path, tok):
 def test_train_loss_after_is_the_clean_mean_loss_on_the_training_examples(tmp_path, tok):
     """With a held-out share, the stage also scores its own training examples once trained,
     in eval mode: no NEFTune noise (alpha 50 here would move the loss a lot), no dropout."""
-    from factlab.train.stage import split_heldout, train_stage
+    from factlab.train.data import split_heldout
+    from factlab.train.stage import train_stage
 
     blocks = [b for b in pack_documents(tok, DOCS * 6, 16) if len(b["input_ids"]) == 16]
     spec = stage("cpt", ("mlp",), max_steps=3, eval_fraction=0.25, neftune_alpha=50.0)

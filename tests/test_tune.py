@@ -170,6 +170,52 @@ def test_study_prunes_resumes_after_sigkill_and_reports_the_front(tmp_path, tiny
     assert list(pruned["summaries"]) == ["base", "cpt1"]  # stopped before the second stage
 
 
+def test_the_objective_runs_a_trial_with_typed_options_and_the_study_s_events(tmp_path):
+    """TrialObjective (the objective Optuna calls) on its own, with a run that only writes a
+    results.json: the run gets the trial's experiment and RunOptions, the events it gets call
+    the study's on_stage (the caller's presentation) and leave the study's own untouched, the
+    values land in the trial's user attributes, and an objective the selection probes cannot
+    give fails the trial by name."""
+    import optuna
+
+    from factlab.experiment.events import TuneEvents
+    from factlab.experiment.run_folder import EvalRecord, RunFolder, RunResults, StageRecord
+    from factlab.experiment.store import RunStore
+    from factlab.experiment.tune import TrialObjective
+
+    exp = load_experiment(project(tmp_path))
+    names = exp.stage_names()
+    shown, seen = [], {}
+
+    def run(texp, options, events):
+        seen.update(lr=texp.stages[0].train.lr, options=options, events=events)
+        folder = RunFolder(options.run_dir)
+        folder.path.mkdir(parents=True)
+        results = RunResults(name=texp.name)
+        results.add(EvalRecord(names[-1], forgetting={"damage": 0.25}))
+        folder.write_results(results)
+        for name in names:
+            events.stage_done(folder, StageRecord(name, name))
+        return folder.path
+
+    study_events = TuneEvents(on_stage=lambda folder, stage: shown.append(stage.name))
+    objective = TrialObjective(exp, RunStore(tmp_path / "runs" / "factlab.db"), "st", study_events, run,
+                               sel_ids={"s1", "s2"}, rep_ids={"r1", "l1"}, prune_ids={"s1", "s2"},
+                               prune_metric="damage")
+    study = optuna.create_study(directions=["minimize", "maximize"])
+    trial = study.ask()
+    with pytest.raises(FactlabError, match=r"trial 0: paraphrase.accuracy could not be computed on the selection probes"):
+        objective(trial)
+    options = seen["options"]
+    assert options.run_dir == tmp_path / "runs" / "st" / "trial-000" and options.sweep == "st"
+    assert options.point == {"trial": 0, **trial.params} and options.label.startswith("trial 0: ")
+    assert options.cache is objective.cache and seen["lr"] == trial.params["stages.0.train.lr"]
+    assert shown == names  # the caller's on_stage saw every stage
+    assert seen["events"] is not study_events and study_events.on_stage is not seen["events"].on_stage
+    assert trial.user_attrs["select"] == {"damage": 0.25, "paraphrase.accuracy": None}
+    assert trial.user_attrs["run_dir"] == str(options.run_dir)
+
+
 def test_ctrl_c_inside_a_trial_is_one_line_and_leaves_no_trial_folder(tmp_path, tiny_dir):
     """SIGINT while trial 0 runs (held after its first stage by tests/tune_worker.py until the
     test acts: no sleep decides when): exit 130, the one `interrupted; ...` line and no

@@ -20,8 +20,9 @@ def main() -> None:
 
     real = runner.run_experiment
 
-    def gated(texp, *args, on_stage=None, point=None, **kwargs):
-        number = point["trial"]
+    def gated(texp, options, events):
+        number = options.point["trial"]
+        on_stage = events.on_stage
 
         def held(folder, record):
             if on_stage is not None:
@@ -31,7 +32,8 @@ def main() -> None:
                 while not (gate / f"go-{number}").exists():
                     time.sleep(0.05)
 
-        return real(texp, *args, on_stage=held, point=point, **kwargs)
+        events.on_stage = held  # events: the trial's own copy (experiment.tune.TrialObjective)
+        return real(texp, options, events)
 
     runner.run_experiment = gated  # run_tune imports it at call time
     from factlab import cli

@@ -210,7 +210,8 @@ def run(
     mlflow: MlflowOpt = False,
 ) -> None:
     """Run an experiment: score, train each stage, merge, score again; write a run folder."""
-    from factlab.experiment.runner import run_experiment
+    from factlab.experiment.events import RunEvents
+    from factlab.experiment.runner import RunOptions, run_experiment
 
     if output_dir is not None:
         _check_out_dir(output_dir, "--output-dir")
@@ -222,7 +223,7 @@ def run(
     from factlab.train import distributed
 
     try:
-        run_experiment(exp, console=err, store=run_store, mlflow=mlflow, on_stage=on_stage, on_done=on_done)
+        run_experiment(exp, RunOptions(store=run_store, mlflow=mlflow), RunEvents(err, on_stage, on_done))
     finally:
         distributed.stop()
 
@@ -282,7 +283,8 @@ def sweep(
     skips finished points, and an earlier stage shared by several points is trained once
     (once per worker with --workers)."""
     from factlab.experiment.preflight import preflight_sweep
-    from factlab.experiment.sweep import expand_sweep, run_sweep
+    from factlab.experiment.events import SweepEvents
+    from factlab.experiment.sweep import SweepOptions, expand_sweep, run_sweep
 
     _one_process("sweep")
     if workers < 1:
@@ -311,7 +313,7 @@ def sweep(
         return
     on_interrupt(_note_new_folders(Path(exp.output_dir) / exp.name))
     on_stage, on_done = _presenters()
-    run_sweep(exp, sweep_store, console=err, mlflow=mlflow, on_stage=on_stage, on_done=on_done, workers=workers)
+    run_sweep(exp, sweep_store, SweepOptions(workers=workers, mlflow=mlflow), SweepEvents(err, on_stage, on_done))
     Console().print(f"sweep {exp.name}: {len(points)} runs; report with: factlab report {exp.name} -o report.html")
 
 
@@ -328,6 +330,7 @@ def tune(
     """Search the `tune:` space with Optuna (multi-objective TPE or NSGA-II); every trial is a
     run in the store; a killed study resumes; prints the Pareto front. With --storage, start
     it on several machines (or once per GPU) to share one study."""
+    from factlab.experiment.events import TuneEvents
     from factlab.experiment.tune import check_storage_url, front_table, run_tune
 
     _one_process("tune")
@@ -350,7 +353,7 @@ def tune(
     run_store = _store(store, exp.output_dir)
     where = f"study {name} in " + (storage_label(storage) if storage else str(storage_path(run_store, name)))
     with optuna_errors(where):  # Optuna's and SQLAlchemy's exceptions: one line
-        study = run_tune(exp, run_store, console=err, on_stage=on_stage, on_done=on_done,
+        study = run_tune(exp, run_store, TuneEvents(err, on_stage, on_done),
                          storage=storage, study_name=study_name, heartbeat=heartbeat)
         Console().print(front_table(study))
     Console().print(f"report with: factlab report {name} -o report.html" + (" --storage URL" if storage else ""))

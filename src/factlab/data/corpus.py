@@ -6,7 +6,7 @@ Two packings (`train.packing`):
   handful of blocks, so few optimizer steps).
 - `documents` (the default): one document per example (a document longer than `seq_len` is cut
   into pieces of at most `seq_len`); the Trainer lays a batch's documents end to end in one
-  row without padding (train.stage.stage_collator), no token ever attends across documents,
+  row without padding (train.collators.stage_collator), no token ever attends across documents,
   and every fact starts at a document start, as it will in a question.
 """
 

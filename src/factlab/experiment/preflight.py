@@ -99,7 +99,7 @@ def preflight(exp: Experiment, shapes: ModelShape | None = None) -> None:
     from factlab.experiment.evaluation import load_probe_files
     from factlab.models.targets import resolve_targets
     from factlab.methods import check_stage_order
-    from factlab.train.stage import load_stage_data
+    from factlab.train.data import load_stage_data
 
     from factlab.models.device import check_training_device, resolve_device
 

@@ -4,8 +4,10 @@ its layout and records).
 
 Everything that can be checked without training (data files, probes, layer groups, chat
 template) is checked before the first write, so bad input never leaves a half-made run.
-Presentation (tables, loss plots) is the caller's: it passes `on_stage` / `on_done`
-callbacks (the CLI plugs in report/), so this module never imports the report.
+Presentation is the caller's: the runner reports each step to a RunEvents
+(experiment.events: a line each on its console by default; the CLI adds tables and loss
+plots from report/ through `on_stage` / `on_done`) and prints nothing itself. Where the run
+goes and what it shares with others is one typed RunOptions.
 
 The model lives on the experiment's `device` (factlab.models.device); training, scoring and
 generation follow it. Under `accelerate launch` with several processes (factlab.train.
@@ -16,7 +18,7 @@ rank 0 evaluates and writes the run folder and the store, the others wait for it
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -24,20 +26,55 @@ from rich.console import Console
 from factlab.config import Experiment, dump_experiment
 from factlab.data.sft import require_chat_template
 from factlab.errors import FactlabError
+from factlab.experiment.events import RunEvents
 from factlab.experiment.evaluation import Evaluator, forgetting, load_probe_files
 from factlab.experiment.run_folder import BASE, CONTEXT, EvalRecord, RunFolder, RunResults, StageRecord
 from factlab.experiment.store import RunStore
-from factlab.experiment.sweep import SweepCache
+from factlab.experiment.sweep_cache import SweepCache
 from factlab.models.device import check_training_device, resolve_device
 from factlab.models.loading import load_model, resolve_model
 from factlab.models.targets import resolve_targets
 from factlab.methods import check_stage_order
 from factlab.train import distributed
-from factlab.train.stage import build_stage_examples, load_stage_data, train_stage
+from factlab.train.data import build_stage_examples, load_stage_data
+from factlab.train.stage import train_stage
 
 
-StageCallback = Callable[[RunFolder, StageRecord], None]
-RunCallback = Callable[[RunFolder, RunResults, "str | None"], None]
+@dataclass
+class RunOptions:
+    """Where a run goes and what it is part of; the defaults are a plain `factlab run`."""
+
+    run_dir: Path | None = None
+    """The run folder (default: a new time-stamped folder under the experiment's output_dir)."""
+    store: RunStore | None = None
+    """The run store that indexes the run: `running`, then `done` with its metrics or `failed`."""
+    sweep: str | None = None
+    """The sweep (or tune study) the run is a point of, as the store records it."""
+    point: dict | None = None
+    """The point's overrides (a trial: its number and parameters)."""
+    label: str | None = None
+    mlflow: bool = False
+    """Also log the run to MLflow."""
+    cache: SweepCache | None = None
+    """The sweep's reuse cache: work shared by its points (see SweepCache)."""
+
+
+@dataclass
+class RunInputs:
+    """What the preflight made ready for the run: the model and everything checked against it."""
+
+    model: object
+    tokenizer: object
+    model_path: Path
+    probes: list
+    raw_data: list
+    """Each stage's StageInputs (factlab.train.data)."""
+    stage_examples: list
+    """Each stage's tokenized examples."""
+    context: str | None
+    """The corpus as one prompt text, for eval.in_context."""
+    names: list[str]
+    """The stages' names."""
 
 
 def _stage_inputs(exp: Experiment, i: int) -> tuple[list[str] | None, str | None]:
@@ -76,36 +113,70 @@ def _sft_conversations(exp: Experiment, raw_data: list) -> list | None:
     return next((raw.main for st, raw in zip(exp.stages, raw_data) if st.kind == "sft"), None)
 
 
-def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Path | None = None,
-                   store: RunStore | None = None, sweep: str | None = None, point: dict | None = None,
-                   label: str | None = None, mlflow: bool = False, cache: SweepCache | None = None,
-                   on_stage: StageCallback | None = None, on_done: RunCallback | None = None) -> Path:
-    """Run every stage of `exp`; return the run folder. With a `store`, the run is indexed
-    there: `running` when its folder is created, `done` with its metrics at the end, `failed`
-    with the error if it raises. A sweep passes its `cache` (work shared by its points).
-    `on_stage(folder, stage)` is called after each stage is saved and evaluated, `on_done(folder,
-    results, mlflow_run_id)` once the run is complete and logged (the CLI prints tables there,
-    and with `mlflow` adds the report to that MLflow run)."""
-    console = console or Console(stderr=True)
-    names = exp.stage_names()
+def run_experiment(exp: Experiment, options: RunOptions | None = None, events: RunEvents | None = None) -> Path:
+    """Run every stage of `exp`; return the run folder. With `options.store`, the run is
+    indexed there: `running` when its folder is created, `done` with its metrics at the end,
+    `failed` with the error if it raises. A sweep passes its `options.cache` (work shared by
+    its points). `events` is told of every step (experiment.events.RunEvents; its on_stage /
+    on_done are the caller's presentation, and with `mlflow` the CLI's on_done adds the
+    report to that MLflow run)."""
+    options = options or RunOptions()
+    events = events or RunEvents()
     main = distributed.is_main()
     if not main:  # the other processes of a launch train quietly; rank 0 speaks for them
-        console = Console(stderr=True, quiet=True)
+        events = RunEvents(Console(stderr=True, quiet=True))
     device = resolve_device(exp.device)
     if exp.stages:
         check_training_device(device)
     if distributed.processes() > 1:
-        if cache is not None or sweep is not None:
+        if options.cache is not None or options.sweep is not None:
             raise FactlabError("several processes run one experiment (factlab run); run sweeps with --workers instead")
-        for st, name in zip(exp.stages, names):
+        for st, name in zip(exp.stages, exp.stage_names()):
             distributed.per_process_batch(st.train.batch_size, name)
     distributed.start(device)
+    inputs = _preflight(exp, options, events.console, device)
 
-    # --- preflight: everything a user can get wrong, before any write ------------------------
-    if mlflow:
+    # --- the run ------------------------------------------------------------------------------
+    if not main:
+        # Rank 0 names the folder (its name has a time stamp): the others need it for the
+        # stages' checkpoints, which early stopping reloads in every process.
+        folder = RunFolder(Path(distributed.broadcast(None)))
+        _train_along(exp, inputs, folder)
+        return folder.path
+    folder = RunFolder(options.run_dir) if options.run_dir is not None else RunFolder.create(Path(exp.output_dir), exp.name)
+    folder.path.mkdir(parents=True, exist_ok=True)
+    distributed.broadcast(str(folder.path))
+    store = options.store
+    if store is not None:
+        store.start(folder.path, exp.name, exp.model_dump(mode="json"), sweep=options.sweep, point=options.point,
+                    label=options.label)
+    try:
+        results = _run(exp, inputs, folder, options.cache, events)
+    except BaseException as e:
+        if store is not None:
+            store.fail(folder.path, f"{type(e).__name__}: {e}")
+        raise
+    if store is not None:
+        store.finish(folder.path, results)
+    mlflow_run = None
+    if options.mlflow:
+        from factlab.experiment.mlflow_log import log_run
+
+        mlflow_run = log_run(folder.path, exp.model_dump(mode="json"), results, experiment=options.sweep or exp.name,
+                             label=options.label)
+    events.run_done(folder, results, mlflow_run)
+    distributed.barrier()
+    return folder.path
+
+
+def _preflight(exp: Experiment, options: RunOptions, console: Console, device) -> RunInputs:
+    """Everything a user can get wrong, before any write: data files, probes, the model (loaded
+    here, onto `device`), chat templates, probe lengths, layer groups, the in-context corpus."""
+    if options.mlflow:
         from factlab.experiment.mlflow_log import require_mlflow
 
         require_mlflow()
+    main = distributed.is_main()
     check_stage_order(exp.stages)  # a stage after a prompt method (cannot merge) fails here, not after training
     probes = load_probe_files(exp.eval.probes)
     raw_data = [load_stage_data(st, *_stage_inputs(exp, i), substitute=st.data.substitute or exp.data.substitute)
@@ -135,44 +206,14 @@ def run_experiment(exp: Experiment, console: Console | None = None, run_dir: Pat
         resolve_targets(model, list(st.peft.targets), st.peft.layers)  # unknown groups fail here
         stage_examples.append(build_stage_examples(st, tokenizer, raw, seed=st.train.seed if st.train.seed is not None else exp.seed))
     check_in_context_length(context, tokenizer, model)
-
-    # --- the run ------------------------------------------------------------------------------
-    if not main:
-        # Rank 0 names the folder (its name has a time stamp): the others need it for the
-        # stages' checkpoints, which early stopping reloads in every process.
-        folder = RunFolder(Path(distributed.broadcast(None)))
-        _train_along(exp, model, tokenizer, stage_examples, names, folder)
-        return folder.path
-    folder = RunFolder(run_dir) if run_dir is not None else RunFolder.create(Path(exp.output_dir), exp.name)
-    folder.path.mkdir(parents=True, exist_ok=True)
-    distributed.broadcast(str(folder.path))
-    if store is not None:
-        store.start(folder.path, exp.name, exp.model_dump(mode="json"), sweep=sweep, point=point, label=label)
-    try:
-        results = _run(exp, console, folder, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
-                       cache, on_stage)
-    except BaseException as e:
-        if store is not None:
-            store.fail(folder.path, f"{type(e).__name__}: {e}")
-        raise
-    if store is not None:
-        store.finish(folder.path, results)
-    mlflow_run = None
-    if mlflow:
-        from factlab.experiment.mlflow_log import log_run
-
-        mlflow_run = log_run(folder.path, exp.model_dump(mode="json"), results, experiment=sweep or exp.name, label=label)
-    if on_done is not None:
-        on_done(folder, results, mlflow_run)
-    console.print(f"results: {folder.results_path}")
-    distributed.barrier()
-    return folder.path
+    return RunInputs(model, tokenizer, model_path, probes, raw_data, stage_examples, context, exp.stage_names())
 
 
-def _train_along(exp: Experiment, model, tokenizer, stage_examples, names, folder: RunFolder) -> None:
+def _train_along(exp: Experiment, inputs: RunInputs, folder: RunFolder) -> None:
     """A process other than rank 0 of a data-parallel launch: train every stage with the
     others (train_stage writes nothing here), and wait while rank 0 evaluates."""
     quiet = Console(stderr=True, quiet=True)
+    model, tokenizer, stage_examples, names = inputs.model, inputs.tokenizer, inputs.stage_examples, inputs.names
     distributed.barrier()  # rank 0: the base evaluation(s)
     for i, (st, name) in enumerate(zip(exp.stages, names)):
         model, _ = train_stage(model, tokenizer, st, name, folder.stage_path(i, name), stage_examples[i], exp.seed, quiet)
@@ -180,14 +221,14 @@ def _train_along(exp: Experiment, model, tokenizer, stage_examples, names, folde
     distributed.barrier()  # rank 0: results, store, report
 
 
-def _reuse_or_evaluate(cache: SweepCache | None, key: str | None, label: str, folder: RunFolder, console: Console,
+def _reuse_or_evaluate(cache: SweepCache | None, key: str | None, label: str, folder: RunFolder, events: RunEvents,
                        evaluate: Callable[[], EvalRecord]) -> EvalRecord:
     """An untrained-model evaluation from the sweep cache (its score files copied over), or
     made now and kept there."""
     hit = cache.evaluation(key) if cache is not None and key is not None else None
     if hit is not None:
         source, ev = hit
-        console.print(f"[dim]{label} evaluation reused from {source.path} (same model, probes and settings)[/dim]")
+        events.evaluation_reused(label, source)
         folder.copy_scores(source, label)
         return ev
     ev = evaluate()
@@ -196,18 +237,19 @@ def _reuse_or_evaluate(cache: SweepCache | None, key: str | None, label: str, fo
     return ev
 
 
-def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, raw_data, stage_examples, context, names,
-         cache: SweepCache | None = None, on_stage: StageCallback | None = None) -> RunResults:
-    """The run proper, after preflight: evaluations and stages, each recorded in the results
+def _run(exp: Experiment, inputs: RunInputs, folder: RunFolder, cache: SweepCache | None, events: RunEvents) -> RunResults:
+    """The run proper, after preflight: evaluations and stages, each recorded in results.json
     as soon as it is done; returns the complete RunResults.
 
     With a sweep's `cache`, work the points share is reused (see SweepCache): a reused
     stage's folder is hard-linked from the run that trained it, its model loaded from its
     merged/ folder, and its record says `reused_from`."""
+    model, tokenizer, model_path, context = inputs.model, inputs.tokenizer, inputs.model_path, inputs.context
+    stage_examples, console = inputs.stage_examples, events.console
     folder.write_config(dump_experiment(exp))
-    console.print(f"run folder: [bold]{folder.path}[/bold]  (model {model_path})")
-    sft_convs = _sft_conversations(exp, raw_data)
-    evaluator = Evaluator(exp.eval, probes, tokenizer, seed=exp.seed, folder=folder, console=console,
+    events.run_started(folder, model_path)
+    sft_convs = _sft_conversations(exp, inputs.raw_data)
+    evaluator = Evaluator(exp.eval, inputs.probes, tokenizer, seed=exp.seed, folder=folder, console=console,
                           conversations=sft_convs)
     results = RunResults(name=exp.name, model=str(model_path), seed=exp.seed)
 
@@ -216,15 +258,15 @@ def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, 
         folder.write_results(results)
 
     key = SweepCache.base_key(exp, model_path, sft_convs) if cache is not None else None
-    base_eval = _reuse_or_evaluate(cache, key, BASE, folder, console, lambda: evaluator.evaluate(BASE, model))
+    base_eval = _reuse_or_evaluate(cache, key, BASE, folder, events, lambda: evaluator.evaluate(BASE, model))
     record(base_eval)
     if context is not None:
         # keyed on the context text itself: a sweep over a stage's corpus changes it
         ctx_key = SweepCache.context_key(key, context) if key is not None else None
-        record(_reuse_or_evaluate(cache, ctx_key, BASE + CONTEXT, folder, console,
+        record(_reuse_or_evaluate(cache, ctx_key, BASE + CONTEXT, folder, events,
                                   lambda: evaluator.evaluate(BASE + CONTEXT, model, context=context, with_perplexity=False)))
     distributed.barrier()  # the other processes of a launch wait here (see _train_along)
-    for i, (st, name) in enumerate(zip(exp.stages, names)):
+    for i, (st, name) in enumerate(zip(exp.stages, inputs.names)):
         out = folder.stage_path(i, name)
         skey = SweepCache.stage_key(key, exp, i, stage_examples) if key is not None and i < len(exp.stages) - 1 else None
         hit = cache.stage(skey) if cache is not None and skey is not None else None
@@ -236,21 +278,10 @@ def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, 
             device = next(model.parameters()).device
             del model
             model, _ = load_model(folder.merged_model(stage), device=device)
-            console.print(f"[dim]stage {name} reused from {source.path} (same model, settings, data and seed)[/dim]")
+            events.stage_reused(name, source)
         else:
             model, res = train_stage(model, tokenizer, st, name, out, stage_examples[i], exp.seed, console)
-            where = "" if res.device == "cpu" and res.processes == 1 else \
-                f" on {res.device}" + (f" x {res.processes} processes" if res.processes > 1 else "")
-            if res.edit is not None:
-                console.print(f"stage {name}: {res.method} edit of {res.edit['facts']} facts, target NLL "
-                              f"{res.first_loss:.3f} → {res.final_loss:.3f}, {res.edit['seconds_per_fact']:.1f} s per fact, "
-                              f"{res.seconds:.0f} s{where}")
-            else:
-                console.print(
-                    f"stage {name}: {res.steps} steps, loss {res.first_loss:.3f} → {res.final_loss:.3f}, "
-                    f"{res.tokens_per_second:,.0f} tok/s{f' ({res.precision})' if res.precision != 'fp32' else ''}{where}, "
-                    f"{res.seconds:.0f} s"
-                )
+            events.stage_trained(name, res)
             stage = StageRecord(name, RunFolder.stage_folder_name(i, name),
                                 metrics={k: v for k, v in asdict(res).items() if k not in ("name", "loss_history")})
             ev = evaluator.evaluate(name, model)
@@ -258,8 +289,7 @@ def _run(exp, console, folder: RunFolder, model, tokenizer, model_path, probes, 
         ev = replace(ev, forgetting=forgetting(base_eval, ev))
         record(ev)
         distributed.barrier()  # the other processes of a launch wait for this evaluation
-        if on_stage is not None:
-            on_stage(folder, stage)
+        events.stage_done(folder, stage)
         if hit is None and skey is not None and stage.merged:
             cache.keep_stage(skey, folder, stage, ev)
     return results

@@ -38,6 +38,7 @@ taken.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -46,19 +47,20 @@ import socket
 import time
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from factlab.config import Experiment, TuneParam, apply_override, experiment_from_dict
 from factlab.errors import FactlabError
 from factlab.evaluate.facts import summarize
 from factlab.evaluate.probes import PROBE_KINDS, load_probes
+from factlab.experiment.events import RunEvents, TuneEvents
 from factlab.experiment.run_folder import RunFolder
 from factlab.experiment.store import RunStore
-from factlab.experiment.sweep import SweepCache
+from factlab.experiment.sweep_cache import SweepCache
 
 RATE_STATS = ("accuracy", "greedy_match", "sample_hit", "eos")
 STAGE_METRICS = ("damage", "priming")
@@ -278,7 +280,7 @@ def _pruner(exp: Experiment, direction: str):
     return optuna.pruners.MedianPruner(n_startup_trials=t.prune_startup_trials, n_warmup_steps=0)
 
 
-def _recover(study, pstudy, store: RunStore, console: Console) -> None:
+def _recover(study, pstudy, store: RunStore, events: TuneEvents) -> None:
     """Trials left `running` by a killed process: failed in Optuna and in the store, and their
     parameters enqueued again."""
     from optuna.trial import TrialState
@@ -289,7 +291,7 @@ def _recover(study, pstudy, store: RunStore, console: Console) -> None:
         if run_dir:
             store.mark(Path(run_dir), "failed", "killed while running; retried")
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-        console.print(f"[yellow]trial {t.number} was interrupted: marked failed and queued again[/yellow]")
+        events.trial_requeued(t.number)
     if pstudy is not None:
         for t in pstudy.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pstudy.tell(t.number, state=TrialState.FAIL)
@@ -316,11 +318,11 @@ class _StaleTrial:
     RetryHeartbeatStaleTrialCallback (params, user attrs; the original number in
     system_attrs["failed_trial"])."""
 
-    def __init__(self, store: RunStore, console: Console):
+    def __init__(self, store: RunStore, events: TuneEvents):
         from optuna.exceptions import ExperimentalWarning
         from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-        self.store, self.console, self.pstudy = store, console, None
+        self.store, self.events, self.pstudy = store, events, None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             self.retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES)
@@ -333,8 +335,7 @@ class _StaleTrial:
             self.pstudy.tell(shadow, state=TrialState.FAIL, skip_if_finished=True)
         _mark_local_runs([trial], self.store, "its worker stopped (no heartbeat); retried")
         self.retry(study, trial)
-        where = trial.user_attrs.get("host", "?")
-        self.console.print(f"[yellow]trial {trial.number} (on {where}) lost its worker: marked failed and queued again[/yellow]")
+        self.events.trial_lost(trial.number, trial.user_attrs.get("host", "?"))
 
 
 def _shared_storage(url: str, heartbeat: int | None, on_stale: _StaleTrial | None, read_only: bool = False):
@@ -372,21 +373,25 @@ def _same_attr(study, key: str, value, where: str, name: str) -> None:
                            "experiment file, or another --study-name to start a new study")
 
 
-def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, on_stage=None, on_done=None,
-             storage: str | None = None, study_name: str | None = None, heartbeat: int = HEARTBEAT_SECONDS):
-    """Run (or resume) the study of `exp.tune`; returns the Optuna study. `on_stage` and
-    `on_done` are the runner's presentation callbacks (see run_experiment), passed to every trial.
+def run_tune(exp: Experiment, store: RunStore, events: TuneEvents | None = None, storage: str | None = None,
+             study_name: str | None = None, heartbeat: int = HEARTBEAT_SECONDS):
+    """Run (or resume) the study of `exp.tune`; returns the Optuna study. `events` is told of
+    every trial and, through each trial's run_experiment, of its run (experiment.events; its
+    on_stage / on_done are the runner's presentation callbacks, passed to every trial).
     `storage`: an RDB URL shared by several workers (default: a SQLite file beside `store`,
     one process at a time); `study_name` (default: the experiment's name) also names the
     trials' sweep and run folders' parent."""
     import optuna
     from optuna.trial import TrialState
 
+    # Imported here, not at the top: the runner loads torch and transformers, which the
+    # readers of a study (factlab report, load_study) do not need.
     from factlab.experiment.runner import run_experiment
 
-    console = console or Console(stderr=True)
+    events = events or TuneEvents()
+    console = events.console
     t = exp.tune
-    from factlab.experiment.tune_guard import discard_interrupted_trial, preflight_tune
+    from factlab.experiment.tune_guard import preflight_tune
 
     # before the study's storage, the run store or any run folder exists (see tune_guard)
     sel_ids, rep_ids = preflight_tune(exp, store, storage, study_name, console)
@@ -400,7 +405,7 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
         db.parent.mkdir(parents=True, exist_ok=True)
         where, url = str(db), _storage_url(db)
     else:
-        where, on_stale = storage_label(storage), _StaleTrial(store, console)
+        where, on_stale = storage_label(storage), _StaleTrial(store, events)
         url = _shared_storage(storage, heartbeat, on_stale)
     study = optuna.create_study(storage=url, study_name=name, directions=directions, load_if_exists=True,
                                 sampler=_samplers(t.sampler, seed))
@@ -428,7 +433,7 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
     pstudy = (optuna.create_study(storage=url, study_name=f"{name}:prune", direction=prune_dir, load_if_exists=True,
                                   pruner=_pruner(exp, prune_dir)) if t.prune else None)
     if storage is None:
-        _recover(study, pstudy, store, console)
+        _recover(study, pstudy, store, events)
     else:
         on_stale.pstudy = pstudy
         # this machine's runs of trials that failed while it was away: failed in its store too
@@ -451,16 +456,53 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
 
     finished, running = taken()
     remaining = None if t.trials is None else max(0, t.trials - finished - running)
-    root = Path(exp.output_dir) / name
-    cache = SweepCache()  # the untrained model's evaluation is shared by every trial
     # the cheap early signal: the first prune_probes selection probes (default: all of them)
     select_order = [p.id for f in t.select_probes for p in load_probes(f)]
-    prune_ids = set(select_order[: t.prune_probes]) if t.prune_probes else sel_ids
+    objective = TrialObjective(
+        exp, store, name, events, run_experiment, sel_ids=sel_ids, rep_ids=rep_ids,
+        prune_ids=set(select_order[: t.prune_probes]) if t.prune_probes else sel_ids,
+        prune_metric=prune_metric, pstudy=pstudy, optuna_study=study)
 
-    def objective(trial):
+    if remaining == 0:
+        events.budget_taken(name, finished, running, t.trials)
+    else:
+        t0 = time.perf_counter()
+        study.optimize(objective, n_trials=remaining, timeout=t.timeout_minutes * 60 if t.timeout_minutes else None,
+                       catch=(), callbacks=[budget])
+        events.study_ran(name, time.perf_counter() - t0)
+    return study
+
+
+
+
+class TrialObjective:
+    """The objective of a study (Optuna calls it with each trial): the trial's values applied
+    to the experiment, its run made by `run` (experiment.runner.run_experiment) in the study's
+    folder and store, reported after each stage to the shadow pruning trial of `pstudy`, and
+    its objectives computed on the selection probes (the same metrics on the report probes
+    stored as user attributes)."""
+
+    def __init__(self, exp: Experiment, store: RunStore, study: str, events: RunEvents, run: Callable[..., Path], *,
+                 sel_ids: set[str], rep_ids: set[str], prune_ids: set[str], prune_metric: str, pstudy=None,
+                 optuna_study=None):
+        self.exp, self.store, self.study, self.events, self.run = exp, store, study, events, run
+        self.sel_ids, self.rep_ids, self.prune_ids = sel_ids, rep_ids, prune_ids
+        self.prune_metric, self.pstudy = prune_metric, pstudy
+        self.optuna_study = optuna_study
+        """The study the trials belong to (an interrupted trial is queued again there)."""
+        self.root = Path(exp.output_dir) / study
+        self.cache = SweepCache()  # the untrained model's evaluation is shared by every trial
+
+    def __call__(self, trial) -> float | tuple[float, ...]:
+        import optuna
+        from optuna.trial import TrialState
+
+        from factlab.experiment.runner import RunOptions
+
+        exp, t, store, pstudy = self.exp, self.exp.tune, self.store, self.pstudy
         values = {k: suggest(trial, k, dim) for k, dim in t.space.items()}
         texp = trial_experiment(exp, values)
-        run_dir = root / f"trial-{trial.number:03d}"
+        run_dir = self.root / f"trial-{trial.number:03d}"
         if run_dir.exists():  # left by an interrupted invocation
             shutil.rmtree(run_dir)
         trial.set_user_attr("run_dir", str(run_dir))
@@ -475,47 +517,63 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
         if shadow is not None:
             trial.set_user_attr("prune_trial", shadow.number)
 
-        def trial_on_stage(folder: RunFolder, record) -> None:
-            if on_stage is not None:
-                on_stage(folder, record)
-            if shadow is None:
-                return
-            stage = record.name
-            i = texp.stage_names().index(stage)
-            results = folder.read_results().to_json()
-            rows = [r for r in folder.read_scores(stage) if r["id"] in prune_ids]
-            v = metric_value(prune_metric, rows, results, stage)
-            if v is None or math.isnan(v):
-                return
-            shadow.report(v, i)
-            trial.set_user_attr(f"intermediate.{i}", v)
-            # Pruning after the last stage would save nothing and drop a finished trial (which
-            # may still be on the front through its other objectives): only earlier stages.
-            if i < len(texp.stages) - 1 and shadow.should_prune():
-                raise optuna.TrialPruned(f"after stage {stage}: {prune_metric} = {v:.4g}")
-
-        console.rule(f"trial {trial.number}: {_label(exp, trial.number, values).split(': ', 1)[1]}")
+        label = _label(exp, trial.number, values)
+        self.events.trial_started(trial.number, label.split(": ", 1)[1])
+        options = RunOptions(run_dir=run_dir, store=store, sweep=self.study, point={"trial": trial.number, **values},
+                             label=label, cache=self.cache)
+        events = copy.copy(self.events)  # the study's presentation, with this trial's hook after each stage
+        events.on_stage = lambda folder, record: self.stage_done(trial, shadow, texp, folder, record)
         try:
-            run_experiment(texp, console=console, run_dir=run_dir, store=store, sweep=name,
-                           point={"trial": trial.number, **values}, label=_label(exp, trial.number, values),
-                           cache=cache, on_stage=trial_on_stage, on_done=on_done)
+            self.run(texp, options, events)
         except optuna.TrialPruned as e:
             store.mark(run_dir, "pruned", str(e))
             pstudy.tell(shadow, state=TrialState.PRUNED)
-            console.print(f"[yellow]trial {trial.number} pruned {e}[/yellow]")
+            self.events.trial_pruned(trial.number, str(e))
             raise
         except BaseException as e:
             if shadow is not None:
                 pstudy.tell(shadow, state=TrialState.FAIL)
             if isinstance(e, KeyboardInterrupt):
-                discard_interrupted_trial(study, trial, run_dir, store)
+                from factlab.experiment.tune_guard import discard_interrupted_trial
+
+                discard_interrupted_trial(self.optuna_study, trial, run_dir, store)
             raise
+        return self.finish(trial, shadow, texp, run_dir)
+
+    def stage_done(self, trial, shadow, texp: Experiment, folder: RunFolder, record) -> None:
+        """After each stage: the study's stage_done (the caller's on_stage), then the prune metric reported to the
+        shadow trial, which may stop the trial (optuna.TrialPruned)."""
+        import optuna
+
+        self.events.stage_done(folder, record)
+        if shadow is None:
+            return
+        stage = record.name
+        i = texp.stage_names().index(stage)
+        results = folder.read_results().to_json()
+        rows = [r for r in folder.read_scores(stage) if r["id"] in self.prune_ids]
+        v = metric_value(self.prune_metric, rows, results, stage)
+        if v is None or math.isnan(v):
+            return
+        shadow.report(v, i)
+        trial.set_user_attr(f"intermediate.{i}", v)
+        # Pruning after the last stage would save nothing and drop a finished trial (which
+        # may still be on the front through its other objectives): only earlier stages.
+        if i < len(texp.stages) - 1 and shadow.should_prune():
+            raise optuna.TrialPruned(f"after stage {stage}: {self.prune_metric} = {v:.4g}")
+
+    def finish(self, trial, shadow, texp: Experiment, run_dir: Path) -> float | tuple[float, ...]:
+        """A finished trial's objectives on the selection probes (and the report probes' values
+        as user attributes) from its run folder."""
+        from optuna.trial import TrialState
+
+        t, pstudy = self.exp.tune, self.pstudy
         folder = RunFolder(run_dir)
         results = folder.read_results().to_json()
         last = texp.stage_names()[-1]
         rows = folder.read_scores(last)
-        sel = [r for r in rows if r["id"] in sel_ids]
-        rep = [r for r in rows if r["id"] in rep_ids]
+        sel = [r for r in rows if r["id"] in self.sel_ids]
+        rep = [r for r in rows if r["id"] in self.rep_ids]
         chosen = [metric_value(o.metric, sel, results, last) for o in t.objectives]
         reported = [metric_value(o.metric, rep, results, last) for o in t.objectives]
         trial.set_user_attr("report", {o.metric: v for o, v in zip(t.objectives, reported)})
@@ -523,7 +581,7 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
         trial.set_user_attr("select_kinds", {k: s["accuracy"]["rate"] for k, s in summarize(sel).items()} if sel else {})
         trial.set_user_attr("select", {o.metric: v for o, v in zip(t.objectives, chosen)})
         if shadow is not None:
-            pv = metric_value(prune_metric, [r for r in rows if r["id"] in prune_ids], results, last)
+            pv = metric_value(self.prune_metric, [r for r in rows if r["id"] in self.prune_ids], results, last)
             pstudy.tell(shadow, pv if pv is not None and not math.isnan(pv) else None,
                         state=None if pv is not None and not math.isnan(pv) else TrialState.FAIL)
         if any(v is None for v in chosen):
@@ -531,16 +589,6 @@ def run_tune(exp: Experiment, store: RunStore, console: Console | None = None, o
             raise FactlabError(f"trial {trial.number}: {', '.join(missing)} could not be computed on the selection probes "
                                f"(see {RunFolder(run_dir).results_path})")
         return tuple(chosen) if len(chosen) > 1 else chosen[0]
-
-    if remaining == 0:
-        busy = f" and {running} running" if running else ""
-        console.print(f"[dim]study {name} already has {finished} finished{busy} trials (tune.trials = {t.trials})[/dim]")
-    else:
-        t0 = time.perf_counter()
-        study.optimize(objective, n_trials=remaining, timeout=t.timeout_minutes * 60 if t.timeout_minutes else None,
-                       catch=(), callbacks=[budget])
-        console.print(f"[dim]study {name}: {time.perf_counter() - t0:.0f} s this invocation[/dim]")
-    return study
 
 
 def front_table(study) -> Table:

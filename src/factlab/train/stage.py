@@ -8,8 +8,10 @@
   save_stage      save adapter / merged model (factlab.train.merge), write train.json, and
                   move the finished folder into place                        -> (model, StageResult)
 
-The stage's data comes first, apart from any model: `load_stage_data` reads the files (so bad
-files are reported before anything is loaded) and `build_stage_examples` tokenizes them.
+The stage's data comes first, apart from any model (factlab.train.data: `load_stage_data`
+reads the files, so bad files are reported before anything is loaded, and
+`build_stage_examples` tokenizes them); its batches are built by factlab.train.collators and
+its precision is resolved by factlab.train.precision.
 
 The Trainer is used (not a hand-written loop) so that gradient accumulation, schedulers,
 held-out evaluation, early stopping and `accelerate launch` scale-out come from the
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import resource
 import shutil
 import time
@@ -39,8 +40,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from transformers import (
-    DataCollatorForSeq2Seq,
-    DataCollatorWithFlattening,
     EarlyStoppingCallback,
     PrinterCallback,
     TrainerCallback,
@@ -49,220 +48,24 @@ from transformers import (
 )
 
 from factlab.config import StageSpec, TrainSpec
-from factlab.data.corpus import builtin_replay_documents, cpt_examples, load_documents, pack_documents
-from factlab.data.sft import build_sft_examples, load_conversations
-from factlab.data.substitute import substitute as swap
+from factlab.data.corpus import builtin_replay_documents
 from factlab.errors import FactlabError
 from factlab.methods import MethodInfo, method_info
-from factlab.models.device import check_training_device, gpu_has_bf16
+from factlab.models.device import check_training_device
 from factlab.models.targets import TargetSpec
 from factlab.train.anchor import Anchor, anchor_blocks
-from factlab.train.bf16_probe import CpuChoice, cpu_bf16_choice, cpu_has_bf16, first_time, linear_shapes  # noqa: F401
+from factlab.train.bf16_probe import first_time
+from factlab.train.collators import stage_collator
 from factlab.train.compiling import compiled_blocks
 from factlab.train.loss import LossPath, fused_loss, loss_path
 from factlab.train.merge import SavedStage, save_trained
 from factlab.train.plan import StepPlan, plan_stage, warning as plan_warning
 from factlab.train.peft_methods import align_virtual_token_logits, build_peft_model, is_peft_model
-from factlab.train.precision import frozen_weights_in_bf16
+from factlab.train.data import StageExamples, split_heldout
+from factlab.train.precision import frozen_weights_in_bf16, resolve_precision
 from factlab.train.progress import RichProgress, peak_rss_mb, reset_peak_rss
 from factlab.train.regularizers import L2ToBase, RegularizedTrainer, UpdateNormCap, neftune
 from factlab.train import distributed
-
-
-def cpu_precision(setting: bool | str, model=None) -> CpuChoice:
-    """`train.bf16` resolved on the CPU. true / false as given; `auto`: fp32 without native
-    bf16, else bf16 where a short probe at `model`'s Linear shapes (cached per CPU and model)
-    finds it faster by a margin (factlab.train.bf16_probe); without a model, by the flag alone.
-    With several processes the first one decides (one measurement, one precision for all)."""
-    if setting != "auto":
-        return CpuChoice(bool(setting), f"train.bf16: {str(bool(setting)).lower()}", "setting")
-    shapes = linear_shapes(model) if model is not None else None
-    if distributed.processes() > 1 and shapes:
-        choice = distributed.broadcast(cpu_bf16_choice(shapes) if distributed.is_main() else None)
-        if choice is not None:
-            return choice
-    return cpu_bf16_choice(shapes)
-
-
-def use_bf16(setting: bool | str, model=None) -> bool:
-    """`train.bf16` resolved on the CPU (see cpu_precision)."""
-    return cpu_precision(setting, model).bf16
-
-
-def resolve_precision(setting: bool | str, device: torch.device, model=None) -> tuple[str, str | None]:
-    """`train.bf16` resolved for the device the model is on: ("bf16", "fp16" or "fp32", why or
-    None). The weights stay fp32; bf16 and fp16 are autocast. CPU: as cpu_precision (the
-    reason says why). GPU: bf16 where the GPU computes it; `auto` falls back to fp16 autocast
-    (with loss scaling) elsewhere; false is fp32."""
-    if device.type == "cpu":
-        choice = cpu_precision(setting, model)
-        return ("bf16" if choice.bf16 else "fp32"), choice.reason
-    if setting is False:
-        return "fp32", None
-    if gpu_has_bf16(device):
-        return "bf16", None
-    if setting == "auto":
-        return "fp16", None
-    raise FactlabError(f"train.bf16: true, but this {device.type} device does not compute bf16; "
-                       "set bf16: auto (fp16 autocast there) or false")
-
-
-def stage_precision(setting: bool | str, device: torch.device, model=None) -> str:
-    """"bf16", "fp16" or "fp32": resolve_precision without the reason."""
-    return resolve_precision(setting, device, model)[0]
-
-
-# ---------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass
-class StageInputs:
-    """A stage's raw inputs: documents (cpt) or conversations (sft), and replay documents."""
-
-    main: list
-    replay_docs: list[str] = field(default_factory=list)
-    distill: object = None
-    """A distill stage's facts and Q&A (factlab.train.distill.DistillInputs)."""
-    anchor_docs: list[str] = field(default_factory=list)
-    """General text for train.anchor (factlab.train.anchor)."""
-    edit: object = None
-    """An edit stage's facts (factlab.train.edit.EditInputs); its covariance text is replay_docs."""
-
-
-def load_stage_data(stage: StageSpec, corpus: list[str] | None, qa: str | None,
-                    substitute: dict[str, str] | None = None, general: list[str] | None = None) -> StageInputs:
-    """Read a stage's raw data; needs no model, so bad files are reported before anything is
-    loaded or written. `corpus` is also what a replay source named "corpus" means, `general`
-    what the source "general" means (default: the builtin replay text; the runner passes
-    factlab.data.replay.replay_documents_for's text once the model is loaded).
-    `substitute` rewrites every document (CPT text and replay) as it is read."""
-    extra = None
-    if stage.kind == "edit":
-        from factlab.train.edit import load_edit_inputs
-
-        edit = load_edit_inputs(stage.edit)
-        cov_docs = _source_documents(stage.edit.cov_source, corpus, "edit.cov_source", general)
-        if substitute:
-            cov_docs = [swap(d, substitute)[0] for d in cov_docs]
-        return StageInputs(edit.facts, cov_docs, edit=edit)
-    if stage.kind in ("cpt", "distill"):
-        if not corpus:
-            raise FactlabError(f"a {stage.kind} stage needs text: set data.corpus (or the stage's data.corpus) to .txt/.jsonl files")
-        main = load_documents(corpus)
-        if stage.kind == "distill":
-            from factlab.train.distill import load_distill_inputs
-
-            extra = load_distill_inputs(stage.distill, qa)
-    else:
-        if not qa:
-            raise FactlabError("an sft stage needs Q&A: set data.qa (or the stage's data.qa) to a JSONL file")
-        main = load_conversations(qa)
-    rp = stage.data.replay
-    replay_docs = _source_documents(rp.source, corpus, "replay", general) if rp and rp.ratio > 0 else []
-    anchor = stage.train.anchor
-    anchor_docs = _source_documents(anchor.source, corpus, "train.anchor", general) if anchor else []
-    if substitute:
-        if stage.kind in ("cpt", "distill"):
-            main = [swap(d, substitute)[0] for d in main]
-        replay_docs = [swap(d, substitute)[0] for d in replay_docs]
-        anchor_docs = [swap(d, substitute)[0] for d in anchor_docs]
-    return StageInputs(main, replay_docs, extra, anchor_docs)
-
-
-def _source_documents(sources: list[str], corpus: list[str] | None, what: str,
-                      general: list[str] | None = None) -> list[str]:
-    """The documents of a replay or anchor `source` list: `corpus`, `general` (`general` if
-    given: the model's own sampled text, see factlab.data.replay; else the builtin text),
-    files/folders."""
-    docs: list[str] = []
-    for src in sources:
-        if src == "corpus":
-            if not corpus:
-                raise FactlabError(f"{what} source 'corpus' needs data.corpus; set it or name text files instead")
-            docs += load_documents(corpus)
-        elif src == "general":
-            docs += builtin_replay_documents() if general is None else general
-        else:
-            docs += load_documents([src])
-    return docs
-
-
-def replay_blocks(tokenizer, docs: list[str], n_examples: int, ratio: float, seq_len: int, seed: int) -> list[dict]:
-    """round(ratio * n_examples) packed LM blocks of `docs` (at least one when ratio > 0),
-    drawn without replacement while they last, then again, with a seeded RNG."""
-    if ratio <= 0 or not docs:
-        return []
-    blocks = pack_documents(tokenizer, docs, seq_len)
-    want = max(1, round(ratio * n_examples))
-    rng = random.Random(seed)
-    out: list[dict] = []
-    while len(out) < want:
-        out += rng.sample(blocks, min(len(blocks), want - len(out)))
-    return out
-
-
-class StageExamples(list):
-    """A stage's tokenized examples (a plain list to every caller: the Trainer, the sweep's
-    hashing), which also says how many of them are replay and how many documents or
-    conversations they came from, for the stage's step plan."""
-
-    replay: int = 0
-    sources: int = 0
-    anchor_blocks: torch.Tensor | None = None
-    """(n, train.anchor.seq_len) token ids of the anchor's general text, when the stage has one."""
-    general_docs: list[str] | None = None
-    """An edit stage's covariance text (edit.cov_source)."""
-
-
-def build_stage_examples(stage: StageSpec, tokenizer, data: StageInputs, seed: int = 0) -> StageExamples:
-    """Tokenized training examples ({input_ids, attention_mask, labels}) from load_stage_data(),
-    with replay blocks appended (the Trainer shuffles). A distill stage's are its distillation
-    items (factlab.train.distill.distill_items), which prepare_stage completes with the
-    teacher's targets once the stage's starting model is at hand."""
-    if stage.kind == "edit":
-        from factlab.train.edit import edit_requests
-
-        examples = StageExamples(edit_requests(stage.edit, data.edit))
-        examples.sources = len(data.main)
-        examples.general_docs = data.replay_docs  # the key covariance's text
-        return examples
-    if stage.kind == "distill":
-        from factlab.train.distill import distill_items
-
-        tr = stage.train
-        replay = []
-        if stage.data.replay:
-            replay = replay_blocks(tokenizer, data.replay_docs, len(data.main), stage.data.replay.ratio, tr.seq_len, seed)
-        examples = StageExamples(distill_items(tokenizer, stage.distill, data.main, data.distill, tr.seq_len, replay))
-        examples.sources, examples.replay = len(data.main), len(replay)
-        return examples
-    if stage.kind == "cpt":
-        examples = StageExamples(cpt_examples(tokenizer, data.main, stage.train.seq_len, stage.train.packing))
-    else:
-        examples = StageExamples(build_sft_examples(tokenizer, data.main, stage.train.seq_len))
-    examples.sources = len(data.main)
-    if stage.data.replay:
-        replay = replay_blocks(tokenizer, data.replay_docs, len(examples), stage.data.replay.ratio,
-                               stage.train.seq_len, seed)
-        examples += replay
-        examples.replay = len(replay)
-    if stage.train.anchor:
-        examples.anchor_blocks = anchor_blocks(tokenizer, data.anchor_docs, stage.train.anchor.seq_len)
-    return examples
-
-
-def split_heldout(examples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded random split into (train, held-out); at least one example stays in each part."""
-    if fraction <= 0:
-        return examples, []
-    if len(examples) < 2:
-        raise FactlabError(f"train.eval_fraction={fraction} needs at least 2 examples, the stage has {len(examples)}")
-    idx = list(range(len(examples)))
-    random.Random(seed).shuffle(idx)
-    n_eval = min(len(idx) - 1, max(1, round(fraction * len(idx))))
-    held = set(idx[:n_eval])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -526,103 +329,6 @@ def _distill_targets(model, tokenizer, stage: StageSpec, method: MethodInfo, ite
     console.print(f"distill teacher: {describe(examples)} examples, top-{stage.distill.top_k} targets "
                   f"in {time.perf_counter() - t0:.1f} s", markup=False, highlight=False)
     return examples
-
-
-def stage_collator(model, tokenizer, stage: StageSpec, method: MethodInfo):
-    """The batch builder of a stage.
-
-    CPT with `packing: documents` puts a batch's documents one after the other in a single row
-    without padding (transformers' DataCollatorWithFlattening: position ids restart at every
-    document, the first token of each gets no label), and the model's attention mask keeps
-    every token inside its own document (transformers builds that block-diagonal causal mask
-    from the position ids). The step plan and the loss stay those of one padded example per
-    document; the compute on padding goes: a batch of short fact documents mixed with full
-    replay blocks was mostly padding (measured in the README's step-aware training section).
-    A batch whose documents are long enough that one row's attention would cost more than the
-    padding pads instead (FlattenDocuments.flattens).
-
-    Everything else pads (DataCollatorForSeq2Seq): SFT, `packing: blocks`, the prompt methods
-    (their virtual tokens shift every position), NEFTune (its noise scale depends on the padded
-    length), and any model for which flattening_keeps_documents_apart() fails.
-    """
-    if stage.kind == "distill":
-        from factlab.train.distill import DistillCollator
-
-        return DistillCollator(tokenizer)
-    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    tr = stage.train
-    if stage.kind != "cpt" or tr.packing != "documents" or not method.merges or tr.neftune_alpha:
-        return padded
-    if not flattening_keeps_documents_apart(model):
-        return padded
-    config = getattr(model, "config", None)
-    hidden, layers = getattr(config, "hidden_size", None), getattr(config, "num_hidden_layers", None)
-    if not (hidden and layers):
-        return FlattenDocuments()
-    return FlattenDocuments(padded=padded, token_flops=2 * sum(p.numel() for p in model.parameters()),
-                            pair_flops=4 * hidden * layers)
-
-
-class FlattenDocuments(DataCollatorWithFlattening):
-    """transformers' flattening collator, plus `use_cache=False` in every batch: with a KV cache
-    (which the models create in training mode too unless told not to) transformers skips the
-    packed-sequence mask, and the documents of a row would attend to each other.
-
-    With `padded` (a padding collator) and the model's cost per token and per attended pair of
-    positions, each batch goes the cheaper way. Flattening saves the padding but makes one row
-    of all the batch's tokens, and the attention of a row is computed (and, for the backward,
-    kept) over every pair of its positions, documents apart or not: 8 full blocks of 256
-    tokens flattened cost 8x the attention of the padded batch and, on SmolLM2 in fp32, trained
-    1.7x as long as the same batches padded (177 vs 106 s for 6 steps in bench/bench_training.py,
-    before this choice). Short
-    documents of mixed lengths (facts, the recommended recipe) stay flattened; a batch of
-    documents that fill seq_len pads. Both give the same loss (tests/test_train.py)."""
-
-    def __init__(self, *args, padded=None, token_flops: float = 0.0, pair_flops: float = 0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.padded, self.token_flops, self.pair_flops = padded, token_flops, pair_flops
-
-    def flattens(self, lengths: list[int]) -> bool:
-        """Whether a batch of documents of these lengths is cheaper as one flattened row than
-        padded: forward FLOPs of the matmuls (per token) plus attention (per pair of positions
-        in a row: scores and weighted values)."""
-        if self.padded is None:
-            return True
-        total, longest = sum(lengths), max(lengths)
-        flat = total * self.token_flops + total * total * self.pair_flops
-        pad = len(lengths) * longest * (self.token_flops + longest * self.pair_flops)
-        return flat < pad
-
-    def __call__(self, features, return_tensors=None, separator_id=None):
-        if not self.flattens([len(f["input_ids"]) for f in features]):
-            return self.padded(features, return_tensors)
-        batch = super().__call__(features, return_tensors, separator_id)
-        batch["use_cache"] = False
-        return batch
-
-
-def flattening_keeps_documents_apart(model) -> bool:
-    """True if `model`, fed a FlattenDocuments batch of two short documents, gives each
-    document the logits it gives alone: the attention of this architecture honours the packed
-    position ids. Two tiny forward passes in eval mode (dropout off; with use_cache=False the
-    mask is built as in training), no gradients."""
-    vocab = model.get_input_embeddings().weight.shape[0]
-    docs = [[min(i, vocab - 1) for i in (11, 12, 13, 14)], [min(i, vocab - 1) for i in (15, 16, 17)]]
-    device = next(model.parameters()).device
-    batch = FlattenDocuments()([{"input_ids": d, "labels": d} for d in docs])
-    batch.pop("labels")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            together = model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}).logits[0]
-            alone = torch.cat([model(input_ids=torch.tensor([d], device=device), use_cache=False).logits[0]
-                               for d in docs])
-    except (TypeError, ValueError, RuntimeError):
-        return False
-    finally:
-        model.train(was_training)
-    return bool(torch.allclose(together.float(), alone.float(), atol=1e-3, rtol=1e-3))
 
 
 def _training_arguments(tr: TrainSpec, ckpt_dir: Path, seed: int, precision: str, has_eval: bool,
