@@ -126,3 +126,23 @@ class LanguageModel(Protocol):
     def tokenize_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
         """(context ids, continuation ids) of each pair, as ``loglikelihood`` scores it."""
         ...
+
+
+def generate_by_complete(model: LanguageModel, prompts: Sequence[str], *, max_new_tokens: int, n: int = 1,
+                         temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, **complete_kw) -> list[list[Generation]]:
+    """``generate`` in terms of ``complete`` (prompts only), for every backend: ``n`` answers per
+    prompt, greedy (one) at temperature <= 0, else ``n`` samples; `complete_kw` goes to complete."""
+    from factlab.errors import FactlabError
+
+    if max_new_tokens < 1:
+        raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    greedy = temperature <= 0
+    if greedy and n != 1:
+        raise FactlabError("greedy decoding gives one answer per prompt; set temperature > 0 for n > 1 samples")
+    if not greedy and n < 1:
+        raise FactlabError(f"n must be at least 1, got {n}")
+    requests = [PromptRequest(p, greedy_tokens=max_new_tokens if greedy else 0, samples=0 if greedy else n)
+                for p in prompts]
+    out = model.complete(requests, temperature=temperature if not greedy else 1.0, top_p=top_p,
+                         sample_tokens=max_new_tokens, seed=seed, **complete_kw)
+    return [[c.greedy] if greedy else c.samples for c in out]  # type: ignore[list-item]

@@ -39,6 +39,7 @@ from factlab.evaluate.interface import (
     LogLik,
     PromptRequest,
     RollingLogLik,
+    generate_by_complete,
 )
 from factlab.evaluate.rolling import rolling, rolling_windows
 from factlab.evaluate.tokens import TokenCache, encode
@@ -231,18 +232,8 @@ class LM:
         that at a fraction of its speed unless there are a few hundred rows. This is
         ``complete`` with prompts only.
         """
-        if max_new_tokens < 1:
-            raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        greedy = temperature <= 0
-        if greedy and n != 1:
-            raise FactlabError("greedy decoding gives one answer per prompt; set temperature > 0 for n > 1 samples")
-        if not greedy and n < 1:
-            raise FactlabError(f"n must be at least 1, got {n}")
-        requests = [PromptRequest(p, greedy_tokens=max_new_tokens if greedy else 0, samples=0 if greedy else n)
-                    for p in prompts]
-        out = self.complete(requests, temperature=temperature if not greedy else 1.0, top_p=top_p,
-                            sample_tokens=max_new_tokens, seed=seed, gen_batch=batch_size)
-        return [[c.greedy] if greedy else c.samples for c in out]  # type: ignore[list-item]
+        return generate_by_complete(self, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature,
+                                    top_p=top_p, seed=seed, gen_batch=batch_size)
 
     # -- complete: candidates, a greedy answer and samples per prompt, in one pass -----------
 

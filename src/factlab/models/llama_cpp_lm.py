@@ -36,6 +36,7 @@ from transformers import BatchEncoding
 
 from factlab.errors import FactlabError
 from factlab.evaluate.decoding import prompt_seed
+from factlab.evaluate.interface import generate_by_complete
 from factlab.evaluate.lm import Completion, Generation, LogLik, PromptRequest, RollingLogLik, rolling_windows
 from factlab.evaluate.tokens import TokenCache, encode, prefix_id
 from factlab.models.llama_cpp import LlamaCpp
@@ -235,18 +236,8 @@ class LlamaCppLM:
     def generate(self, prompts: Sequence[str], *, max_new_tokens: int, n: int = 1, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, batch_size: int | None = None) -> list[list[Generation]]:
         """``n`` generations per prompt (``LM.generate``), in llama.cpp."""
-        if max_new_tokens < 1:
-            raise FactlabError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        greedy = temperature <= 0
-        if greedy and n != 1:
-            raise FactlabError("greedy decoding gives one answer per prompt; set temperature > 0 for n > 1 samples")
-        if not greedy and n < 1:
-            raise FactlabError(f"n must be at least 1, got {n}")
-        requests = [PromptRequest(p, greedy_tokens=max_new_tokens if greedy else 0, samples=0 if greedy else n)
-                    for p in prompts]
-        out = self.complete(requests, temperature=temperature if not greedy else 1.0, top_p=top_p,
-                            sample_tokens=max_new_tokens, seed=seed)
-        return [[c.greedy] if greedy else c.samples for c in out]  # type: ignore[list-item]
+        return generate_by_complete(self, prompts, max_new_tokens=max_new_tokens, n=n, temperature=temperature,
+                                    top_p=top_p, seed=seed)
 
     def complete(self, requests: Sequence[PromptRequest], *, temperature: float = 1.0, top_p: float = 1.0,
                  sample_tokens: int = 24, seed: int = 0, gen_batch: int | None = None) -> list[Completion]:
