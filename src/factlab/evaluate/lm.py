@@ -41,8 +41,8 @@ from factlab.evaluate.interface import (
     RollingLogLik,
     generate_by_complete,
 )
-from factlab.evaluate.rolling import rolling, rolling_windows
-from factlab.evaluate.tokens import TokenCache, encode
+from factlab.evaluate.rolling import rolling, rolling_plan, rolling_windows
+from factlab.evaluate.tokens import TokenCache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -197,20 +197,8 @@ class LM:
         rounding. Raises ``ValueError`` for a bad seq_len/stride and ``FactlabError`` for a
         seq_len beyond the model's context or a text of fewer than 2 tokens.
         """
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-        stride = seq_len if stride is None else stride
-        if not 1 <= stride <= seq_len:
-            raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
         batch_size = self.batch_size if batch_size is None else _check_batch_size(batch_size)
-        max_len = self.max_length
-        if max_len is not None and seq_len > max_len:
-            raise FactlabError(f"seq_len {seq_len} is longer than the model's context ({max_len} tokens); "
-                               f"use seq_len <= {max_len}")
-        streams = [encode(self.tokenizer, t) if isinstance(t, str) else list(t) for t in texts]
-        plans = [rolling_windows(len(ids), seq_len, stride) for ids in streams]
-        if any(not windows for windows in plans):
-            raise FactlabError("text is too short to score (needs at least 2 tokens); give a longer text")
+        streams, plans = rolling_plan(self.tokenizer, texts, seq_len, stride, self.max_length, "the model's")
         with eval_mode(self.model):
             return [rolling(self.hf, ids, windows, batch_size) for ids, windows in zip(streams, plans)]
 

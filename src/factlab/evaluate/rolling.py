@@ -12,6 +12,30 @@ from factlab.evaluate.hfmodel import HFModel
 from factlab.evaluate.interface import RollingLogLik
 
 
+def rolling_plan(tokenizer, texts, seq_len: int, stride: int | None, context: int | None,
+                 runtime: str) -> tuple[list[list[int]], list[list[tuple[int, int, int]]]]:
+    """(token streams, windows of each) for ``loglikelihood_rolling`` of any backend: the
+    checks of its arguments (ValueError for a bad seq_len/stride, FactlabError for a seq_len
+    beyond the `context` of `runtime` or a text of fewer than 2 tokens), then the texts'
+    tokens (a text given as ids is taken as it is) and ``rolling_windows`` of each."""
+    from factlab.errors import FactlabError
+    from factlab.evaluate.tokens import encode
+
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    stride = seq_len if stride is None else stride
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    if context is not None and seq_len > context:
+        raise FactlabError(f"seq_len {seq_len} is longer than {runtime} context ({context} tokens); "
+                           f"use seq_len <= {context}")
+    streams = [encode(tokenizer, t) if isinstance(t, str) else list(t) for t in texts]
+    plans = [rolling_windows(len(ids), seq_len, stride) for ids in streams]
+    if any(not windows for windows in plans):
+        raise FactlabError("text is too short to score (needs at least 2 tokens); give a longer text")
+    return streams, plans
+
+
 def rolling_windows(n: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """``(start, end, score_from)`` for a stream of n tokens: window [start, end) scores
     tokens [score_from, end), predicting each from the window's earlier tokens."""

@@ -37,7 +37,8 @@ from transformers import BatchEncoding
 from factlab.errors import FactlabError
 from factlab.evaluate.decoding import prompt_seed
 from factlab.evaluate.interface import generate_by_complete
-from factlab.evaluate.lm import Completion, Generation, LogLik, PromptRequest, RollingLogLik, rolling_windows
+from factlab.evaluate.lm import Completion, Generation, LogLik, PromptRequest, RollingLogLik
+from factlab.evaluate.rolling import rolling_plan
 from factlab.evaluate.tokens import TokenCache, encode, prefix_id
 from factlab.models.llama_cpp import LlamaCpp
 
@@ -194,18 +195,7 @@ class LlamaCppLM:
                               batch_size: int | None = None) -> list[RollingLogLik]:
         """Log-likelihood of each whole text in windows of ``seq_len`` tokens (``LM.loglikelihood_rolling``:
         the same windows and the same tokens scored), in llama.cpp."""
-        if seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-        stride = seq_len if stride is None else stride
-        if not 1 <= stride <= seq_len:
-            raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
-        if seq_len > self.n_ctx:
-            raise FactlabError(f"seq_len {seq_len} is longer than llama.cpp's context ({self.n_ctx} tokens); "
-                               f"use seq_len <= {self.n_ctx}")
-        streams = [encode(self.tokenizer, t) if isinstance(t, str) else list(t) for t in texts]
-        plans = [rolling_windows(len(ids), seq_len, stride) for ids in streams]
-        if any(not windows for windows in plans):
-            raise FactlabError("text is too short to score (needs at least 2 tokens); give a longer text")
+        streams, plans = rolling_plan(self.tokenizer, texts, seq_len, stride, self.n_ctx, "llama.cpp's")
         out = []
         for ids, windows in zip(streams, plans):
             total, count = 0.0, 0
